@@ -1,0 +1,114 @@
+"""The interface every hypergradient estimator implements."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+ParamDict = Mapping[str, torch.Tensor]
+LossFn = Callable[[ParamDict, Any], torch.Tensor]
+
+
+@dataclass
+class HypergradientResult:
+    """What one hypergradient estimate returns.
+
+    Args:
+        grads (`tuple[torch.Tensor, ...]`): one tensor per meta-parameter, shaped like it.
+        meta_loss (`torch.Tensor`): the detached meta (validation) loss the estimate differentiated.
+    """
+
+    grads: tuple[torch.Tensor, ...]
+    meta_loss: torch.Tensor
+
+
+class HypergradientEstimator:
+    """Base class of hypergradient estimators.
+
+    An estimator sees the base weights `theta` as a dict of tensors (constants: it never changes them), the
+    meta-parameters `lambda` as a list of leaf tensors with `requires_grad=True`, and two losses written as
+    functions of a weight dict and a batch. It returns `d meta_loss / d lambda` without touching any `.grad`.
+
+    Subclasses implement [`~HypergradientEstimator.estimate`] and validate their options in `__init__`,
+    raising `ValueError` that names the option.
+    """
+
+    name: str = ""
+
+    def __init__(self) -> None:
+        """Estimators without options take none; subclasses declare theirs as keyword arguments."""
+
+    def estimate(
+        self,
+        params: ParamDict,
+        meta_params: Sequence[torch.Tensor],
+        train_loss: LossFn,
+        meta_loss: LossFn,
+        train_batch: Any = None,
+        meta_batch: Any = None,
+        lr: float | None = None,
+    ) -> HypergradientResult:
+        raise NotImplementedError
+
+    def hypergradient(
+        self,
+        params: ParamDict,
+        meta_params: Sequence[torch.Tensor],
+        train_loss: LossFn,
+        meta_loss: LossFn,
+        train_batch: Any = None,
+        meta_batch: Any = None,
+        lr: float | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """Estimates `d meta_loss / d meta_params`.
+
+        Args:
+            params (`Mapping[str, torch.Tensor]`):
+                Base weights `theta`, treated as constants.
+            meta_params (`Sequence[torch.Tensor]`):
+                Meta-parameters `lambda`, leaf tensors with `requires_grad=True`.
+            train_loss (`Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]`):
+                Scalar training loss of a weight dict and `train_batch`; depends on `meta_params`.
+            meta_loss (`Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]`):
+                Scalar meta (validation) loss of a weight dict and `meta_batch`.
+            train_batch (`Any`, *optional*): passed to `train_loss`.
+            meta_batch (`Any`, *optional*): passed to `meta_loss`.
+            lr (`float`, *optional*): inner step size, required by lookahead estimators.
+
+        Returns:
+            `tuple[torch.Tensor, ...]`: one gradient per meta-parameter, shaped like it.
+        """
+        return self.estimate(params, meta_params, train_loss, meta_loss, train_batch, meta_batch, lr).grads
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to checkpoint; stateless estimators return an empty dict."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} is stateless but got state keys {sorted(state)}.")
+
+    def _check_lr(self, lr: float | None) -> float:
+        if lr is None or not lr > 0:
+            raise ValueError(f"The `{self.name}` estimator needs the inner step size `lr` > 0, got lr={lr!r}.")
+        return float(lr)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({opts})"
+
+
+def grads_or_zeros(output: torch.Tensor, inputs: Sequence[torch.Tensor], **kwargs: Any) -> tuple[torch.Tensor, ...]:
+    """`torch.autograd.grad` that returns zeros for inputs the output does not depend on."""
+    if not output.requires_grad:
+        return tuple(torch.zeros_like(x) for x in inputs)
+    grads = torch.autograd.grad(output, list(inputs), allow_unused=True, **kwargs)
+    return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
+
+
+def leaves(params: ParamDict) -> dict[str, torch.Tensor]:
+    """Detached copies of `params` that require grad, to differentiate the training loss w.r.t. `theta`."""
+    return {name: p.detach().requires_grad_(True) for name, p in params.items()}

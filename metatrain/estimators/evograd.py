@@ -1,0 +1,76 @@
+"""EvoGrad: first-order hypergradients from an evolutionary inner step."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ._base import HypergradientEstimator, HypergradientResult, LossFn, ParamDict, grads_or_zeros
+
+NOISE_TYPES = ("sign", "gaussian")
+
+
+class EvoGrad(HypergradientEstimator):
+    """EvoGrad (Bohdal, Yang, Hospedales, "EvoGrad: Efficient Gradient-Based Meta-Learning and Hyperparameter
+    Optimization", NeurIPS 2021), Eq. 3-5.
+
+    `K` perturbed copies `theta_k = theta + eps_k` are scored with the training loss (weights detached,
+    meta-parameters in the graph), `w = softmax(-l / temperature)`, and the meta loss is evaluated at the
+    affine combination `theta* = sum_k w_k theta_k`. The hypergradient reaches `lambda` only through the
+    softmax weights, so no second-order graph is ever built. The unperturbed weights are not in the population.
+
+    Args:
+        population (`int`, *optional*, defaults to 2):
+            Number of perturbed copies `K` (at least 2).
+        sigma (`float`, *optional*, defaults to 0.001):
+            Perturbation scale. The hypergradient scales roughly with `sigma`: pick it so that the perturbation
+            changes the training loss by about `temperature` (see the README).
+        temperature (`float`, *optional*, defaults to 0.05):
+            Softmax temperature `tau`.
+        noise (`str`, *optional*, defaults to `"sign"`):
+            `"sign"` for `sigma * sign(N(0, I))` as the official code, `"gaussian"` for `sigma * N(0, I)`.
+    """
+
+    name = "evograd"
+
+    def __init__(self, population: int = 2, sigma: float = 0.001, temperature: float = 0.05, noise: str = "sign"):
+        if isinstance(population, bool) or not isinstance(population, int) or population < 2:
+            raise ValueError(f"EvoGrad option `population` must be an integer >= 2, got population={population!r}.")
+        for option, value in (("sigma", sigma), ("temperature", temperature)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"EvoGrad option `{option}` must be a number > 0, got {option}={value!r}.")
+        if noise not in NOISE_TYPES:
+            raise ValueError(f"EvoGrad option `noise` must be one of {NOISE_TYPES}, got noise={noise!r}.")
+        self.population = population
+        self.sigma = float(sigma)
+        self.temperature = float(temperature)
+        self.noise = noise
+
+    def _perturbation(self, p: torch.Tensor) -> torch.Tensor:
+        eps = torch.randn((self.population, *p.shape), device=p.device, dtype=p.dtype)
+        return self.sigma * (eps.sign() if self.noise == "sign" else eps)
+
+    def estimate(
+        self,
+        params: ParamDict,
+        meta_params: Sequence[torch.Tensor],
+        train_loss: LossFn,
+        meta_loss: LossFn,
+        train_batch: Any = None,
+        meta_batch: Any = None,
+        lr: float | None = None,
+    ) -> HypergradientResult:
+        theta = {name: p.detach() for name, p in params.items()}
+        eps = {name: self._perturbation(p) for name, p in theta.items()}
+        losses = torch.stack(
+            [
+                train_loss({name: p + eps[name][k] for name, p in theta.items()}, train_batch).reshape(())
+                for k in range(self.population)
+            ]
+        )
+        weights = torch.softmax(-losses.float() / self.temperature, dim=0)
+        theta_star = {name: p + torch.tensordot(weights.to(p.dtype), eps[name], dims=1) for name, p in theta.items()}
+        loss = meta_loss(theta_star, meta_batch)
+        return HypergradientResult(grads_or_zeros(loss, meta_params), loss.detach())
