@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from .estimators import ESTIMATORS, HypergradientEstimator, create_estimator
+from .trainer import MetaTrainer
+from .training_args import MetaTrainingArguments
 
 __version__ = "0.1.0"
 
-__all__ = ["ESTIMATORS", "HypergradientEstimator", "__version__", "create_estimator"]
+__all__ = [
+    "ESTIMATORS",
+    "HypergradientEstimator",
+    "MetaTrainer",
+    "MetaTrainingArguments",
+    "__version__",
+    "create_estimator",
+]

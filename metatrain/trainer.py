@@ -1,0 +1,401 @@
+"""`MetaTrainer`: a `transformers.Trainer` that learns meta-parameters between ordinary optimizer steps."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from transformers import PreTrainedModel, Trainer
+
+from .estimators import create_estimator
+from .losses import per_sample_cross_entropy, weighted_mean
+from .modules import LossWeighter
+from .training_args import MetaTrainingArguments
+
+logger = logging.getLogger(__name__)
+
+META_STATE_NAME = "meta_trainer_state.pt"
+META_MODULE_NAME = "meta_module.safetensors"
+
+
+class EpochSeededSampler(torch.utils.data.Sampler[int]):
+    """Shuffles `range(size)` with a permutation seeded by `seed + epoch`, so any epoch can be replayed on resume
+    without touching the global RNG."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _logits(outputs: Any) -> torch.Tensor:
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, dict):
+        return outputs["logits"]
+    if hasattr(outputs, "logits"):
+        return outputs.logits
+    return outputs[0]
+
+
+class MetaTrainer(Trainer):
+    """A [`~transformers.Trainer`] that, once per optimizer step, estimates the hypergradient of a meta (validation)
+    loss with respect to the parameters of `meta_module` and steps a separate meta-optimizer.
+
+    The training loop is Trainer's own: the meta step lives in [`~MetaTrainer.training_step`], runs through
+    `torch.func.functional_call` on the unwrapped model with cloned buffers (BatchNorm running statistics are not
+    touched), and never writes a `.grad` of the model. Meta-parameters are kept `requires_grad=False`, so the base
+    optimizer, DDP, clipping and `grad_norm` never see them.
+
+    Args:
+        model (`PreTrainedModel` or `nn.Module`):
+            A `transformers` model (dict batches with `labels`) or a plain module such as a timm model, called with
+            the batch's `model_input_names` as positional arguments and returning logits.
+        args (`MetaTrainingArguments`):
+            Training and meta-learning options.
+        meta_dataset (`datasets.Dataset` or `torch.utils.data.Dataset`):
+            Clean held-out examples for the meta loss; batched like the train set, shuffled, sharded across processes.
+        meta_module (`nn.Module`):
+            Holds the meta-parameters. Either a [`~metatrain.modules.LossWeighter`] outside the model (it then weights
+            the per-sample training losses), or a module attached inside the model (its parameters must all be
+            parameters of the model).
+        per_sample_loss (`Callable[[torch.Tensor, torch.Tensor], torch.Tensor]`, *optional*):
+            Maps logits and labels to per-example losses `[B]`; defaults to cross-entropy (token classification
+            averaged per example).
+        model_input_names (`list[str]`, *optional*):
+            For plain modules, the batch keys passed positionally to `forward`; defaults to `["pixel_values"]`.
+            `transformers` models get every non-label key as keyword arguments.
+        **kwargs: passed to [`~transformers.Trainer`].
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | None = None,
+        args: MetaTrainingArguments | None = None,
+        *trainer_args: Any,
+        meta_dataset: Any = None,
+        meta_module: nn.Module | None = None,
+        per_sample_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        model_input_names: list[str] | None = None,
+        **kwargs: Any,
+    ):
+        if not isinstance(args, MetaTrainingArguments):
+            raise ValueError(
+                f"MetaTrainer needs `args` to be a MetaTrainingArguments, got {type(args).__name__}: build it with "
+                "`metatrain.MetaTrainingArguments(output_dir=..., hypergradient=...)`."
+            )
+        if meta_dataset is None:
+            raise ValueError(
+                "MetaTrainer needs `meta_dataset`: the clean held-out set the hypergradient is computed on. Pass e.g. "
+                "`meta_dataset=splits['meta']` (see `metatrain.data.make_noisy_label_splits`)."
+            )
+        if meta_module is None or not isinstance(meta_module, nn.Module):
+            raise ValueError(
+                f"MetaTrainer needs `meta_module`, an nn.Module holding the meta-parameters, got {meta_module!r}."
+            )
+        if model is None:
+            raise ValueError("MetaTrainer needs `model`; `model_init` is not supported.")
+        self.meta_params = list(meta_module.parameters())
+        if not self.meta_params:
+            raise ValueError(
+                f"No meta-parameters found: `meta_module` ({type(meta_module).__name__}) has no parameters. "
+                "Attach the meta-module before building the trainer and pass the module that owns the parameters."
+            )
+        if len(meta_module.state_dict()) > len(dict(meta_module.named_parameters())):
+            logger.info("meta_module buffers are saved with the meta state but not learned.")
+        if args.label_names is None:
+            args.label_names = ["labels"]
+
+        names_in_model = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+        found = [names_in_model.get(id(p)) for p in self.meta_params]
+        if all(found):
+            self.meta_param_names: list[str] | None = found
+        elif any(found):
+            raise ValueError(
+                "Some but not all parameters of `meta_module` are parameters of the model: "
+                f"{[n for n in found if n]}. Attach the whole meta-module to the model or keep it outside."
+            )
+        else:
+            if not isinstance(meta_module, LossWeighter):
+                raise ValueError(
+                    f"Meta-parameters not found in the model: `meta_module` ({type(meta_module).__name__}) is neither "
+                    "attached to the model nor a `metatrain.modules.LossWeighter`. Attach it to the model first (e.g. "
+                    "with the module's `attach_*` function) or subclass LossWeighter for a loss-weighting net."
+                )
+            self.meta_param_names = None
+        for p in self.meta_params:
+            p.requires_grad_(False)
+
+        super().__init__(model, args, *trainer_args, **kwargs)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                "MetaTrainer does not support DeepSpeed or FSDP yet: they shard parameters, so the functional "
+                "calls of the meta step are not viable. Use DDP (`accelerate launch` / `torchrun`) or a single device."
+            )
+        # compute_loss returns a per-batch mean: Trainer divides it by the accumulation steps and must not pass
+        # `num_items_in_batch` to the model (transformers issue 37766)
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+
+        self.meta_dataset = meta_dataset
+        self.meta_module = meta_module
+        self.loss_weighter = meta_module if self.meta_param_names is None else None
+        if self.loss_weighter is not None:
+            self.loss_weighter.to(self.args.device)
+        self.per_sample_loss = per_sample_loss or per_sample_cross_entropy
+        self.model_input_names = model_input_names or ["pixel_values"]
+        self.estimator = create_estimator(self.args.hypergradient, **self.args.hypergradient_kwargs)
+        self.meta_optimizer: torch.optim.Optimizer | None = None
+        self.meta_steps_skipped = 0
+        self._meta_data_state = {"epoch": 0, "consumed": 0}
+        self._meta_loader = None
+        self._meta_sampler: EpochSeededSampler | None = None
+        self._meta_iter = None
+        self._at_window_start = True
+        self._meta_log: dict[str, Any] = {"count": 0, "meta_loss": 0.0, "hypergradient_norm": 0.0, "seconds": 0.0}
+
+    # ----------------------------------------------------------------------------------------------- model calls
+    def _is_transformers_model(self) -> bool:
+        return isinstance(self.model, PreTrainedModel)
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None and not self._is_transformers_model():
+            self._signature_columns = list(self.model_input_names) + list(self.args.label_names)
+        super()._set_signature_columns_if_needed()
+
+    def _split_inputs(self, inputs: dict[str, Any]) -> tuple[tuple, dict[str, Any], torch.Tensor]:
+        labels = inputs[self.args.label_names[0]]
+        if self._is_transformers_model():
+            return (), {k: v for k, v in inputs.items() if k not in self.args.label_names}, labels
+        missing = [k for k in self.model_input_names if k not in inputs]
+        if missing:
+            raise ValueError(
+                f"Batch has no {missing} for the model (keys: {sorted(inputs)}). Set `model_input_names=` on "
+                "MetaTrainer to the keys that `model.forward` takes positionally."
+            )
+        return tuple(inputs[k] for k in self.model_input_names), {}, labels
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Per-sample loss of the batch, reduced by the loss weighter in training and by the mean otherwise."""
+        args, kwargs, labels = self._split_inputs(inputs)
+        logits = _logits(model(*args, **kwargs))
+        losses = self.per_sample_loss(logits, labels)
+        if self.loss_weighter is not None and model.training:
+            loss = self.loss_weighter.weighted_loss(losses)
+        else:
+            loss = losses.mean()
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    # ------------------------------------------------------------------------------------------------ optimizers
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        meta_ids = {id(p) for p in self.meta_params}
+        if any(id(p) in meta_ids for group in optimizer.param_groups for p in group["params"]):
+            raise ValueError("The base optimizer holds meta-parameters; only the meta-optimizer may step them.")
+        self.create_meta_optimizer()
+        return optimizer
+
+    def create_meta_optimizer(self) -> torch.optim.Optimizer:
+        """Builds the plain torch meta-optimizer from `meta_optimizer`, `meta_learning_rate` and friends (once)."""
+        if self.meta_optimizer is None:
+            a = self.args
+            if a.meta_optimizer == "sgd":
+                self.meta_optimizer = torch.optim.SGD(
+                    self.meta_params, a.meta_learning_rate, momentum=a.meta_momentum, nesterov=a.meta_nesterov,
+                    weight_decay=a.meta_weight_decay,
+                )  # fmt: skip
+            else:
+                cls = torch.optim.Adam if a.meta_optimizer == "adam" else torch.optim.AdamW
+                self.meta_optimizer = cls(
+                    self.meta_params, a.meta_learning_rate, betas=(a.meta_adam_beta1, a.meta_adam_beta2),
+                    weight_decay=a.meta_weight_decay,
+                )  # fmt: skip
+        return self.meta_optimizer
+
+    # ------------------------------------------------------------------------------------------------- meta data
+    def get_meta_dataloader(self):
+        """Shuffled, sharded loader over `meta_dataset` (Trainer's `_get_dataloader` with an epoch-seeded sampler)."""
+        self._meta_sampler = EpochSeededSampler(len(self.meta_dataset), self.args.seed)
+        loader = self._get_dataloader(
+            self.meta_dataset,
+            description="meta",
+            batch_size=self.args.meta_batch_size or self.args.per_device_train_batch_size,
+            sampler_fn=lambda _: self._meta_sampler,
+            is_training=True,
+        )
+        if len(loader) == 0:
+            raise ValueError(
+                f"The meta dataloader is empty: meta_dataset has {len(self.meta_dataset)} examples for "
+                f"meta_batch_size {self.args.meta_batch_size} with "
+                f"dataloader_drop_last={self.args.dataloader_drop_last}: lower meta_batch_size."
+            )
+        return loader
+
+    def _next_meta_batch(self) -> dict[str, Any]:
+        if self._meta_loader is None:
+            self._meta_loader = self.get_meta_dataloader()
+        state = self._meta_data_state
+        while True:
+            if self._meta_iter is None:
+                # creating (and fast-forwarding) an iterator must not move the global RNG, or resume would diverge
+                with torch.random.fork_rng(devices=[]):
+                    self._meta_sampler.set_epoch(state["epoch"])
+                    self._meta_iter = iter(self._meta_loader)
+                    for _ in range(state["consumed"]):
+                        next(self._meta_iter)
+            try:
+                batch = next(self._meta_iter)
+            except StopIteration:
+                state["epoch"], state["consumed"], self._meta_iter = state["epoch"] + 1, 0, None
+                continue
+            state["consumed"] += 1
+            return self._prepare_inputs(batch)
+
+    # ------------------------------------------------------------------------------------------------- meta step
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Trainer's step plus one meta step per optimizer step (every `meta_interval` steps)."""
+        due = self.state.global_step % self.args.meta_interval == 0
+        if self.args.meta_step_position == "before" and self._at_window_start and due:
+            self.meta_step(self._prepare_inputs(inputs))
+        self._at_window_start = False
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:
+            if self.args.meta_step_position == "after" and due:
+                self.meta_step(self._prepare_inputs(inputs))
+            self._at_window_start = True
+        return loss
+
+    def meta_step(self, train_batch: dict[str, Any]) -> bool:
+        """Estimates the hypergradient on `train_batch` and a meta batch and steps the meta-optimizer.
+
+        Returns `False` (and changes no weight) when the hypergradient is not finite; the skip is counted in
+        `meta_steps_skipped` and logged.
+        """
+        start = time.perf_counter()
+        model = self.model
+        model.train()
+        meta_batch = self._next_meta_batch()
+        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        buffers = dict(model.named_buffers())
+        leaves = [p.detach().requires_grad_(True) for p in self.meta_params]
+        embedded = dict(zip(self.meta_param_names, leaves)) if self.meta_param_names is not None else {}
+        weighter_params = (
+            dict(zip([n for n, _ in self.loss_weighter.named_parameters()], leaves)) if self.loss_weighter else {}
+        )
+
+        def per_sample(weights: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
+            args, kwargs, labels = self._split_inputs(batch)
+            substituted = {**{n: b.clone() for n, b in buffers.items()}, **embedded, **weights}
+            with self.accelerator.autocast():
+                outputs = functional_call(model, substituted, args, kwargs)
+            return self.per_sample_loss(_logits(outputs), labels)
+
+        def train_loss(weights, batch):
+            losses = per_sample(weights, batch)
+            if self.loss_weighter is None:
+                return losses.mean()
+            return weighted_mean(losses, functional_call(self.loss_weighter, weighter_params, (losses,)))
+
+        def meta_loss(weights, batch):
+            return per_sample(weights, batch).mean()
+
+        lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else self.args.learning_rate
+        result = self.estimator.estimate(params, leaves, train_loss, meta_loss, train_batch, meta_batch, lr)
+        grads, loss = result.grads, result.meta_loss
+        if self.accelerator.num_processes > 1:
+            grads = tuple(self.accelerator.reduce(g, reduction="mean") for g in grads)
+            loss = self.accelerator.reduce(loss, reduction="mean")
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        if not (torch.isfinite(norm) and torch.isfinite(loss)):
+            self.meta_steps_skipped += 1
+            logger.warning(
+                f"Non-finite hypergradient or meta loss at step {self.state.global_step} (meta loss {loss.item()}, "
+                f"hypergradient norm {norm.item()}): meta step skipped, no weight changed "
+                f"({self.meta_steps_skipped} skipped so far)."
+            )
+            return False
+        if self.args.meta_max_grad_norm is not None and norm > self.args.meta_max_grad_norm:
+            grads = tuple(g * (self.args.meta_max_grad_norm / (norm + 1e-6)) for g in grads)
+        optimizer = self.create_meta_optimizer()
+        for p, g in zip(self.meta_params, grads):
+            p.grad = g.to(p.dtype)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self._meta_log["count"] += 1
+        self._meta_log["meta_loss"] += loss.float()
+        self._meta_log["hypergradient_norm"] += norm
+        self._meta_log["seconds"] += time.perf_counter() - start
+        return True
+
+    # ------------------------------------------------------------------------------------------------- logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the mean meta loss, hypergradient norm and meta step time since the last log to training logs."""
+        if "loss" in logs:
+            stats = self._meta_log
+            if stats["count"]:
+                n = stats["count"]
+                logs["meta_loss"] = round(float(stats["meta_loss"]) / n, 6)
+                logs["hypergradient_norm"] = float(stats["hypergradient_norm"]) / n
+                logs["meta_step_seconds"] = round(stats["seconds"] / n, 6)
+            logs["meta_steps_skipped"] = self.meta_steps_skipped
+            self._meta_log = {"count": 0, "meta_loss": 0.0, "hypergradient_norm": 0.0, "seconds": 0.0}
+        super().log(logs, start_time)
+
+    # ---------------------------------------------------------------------------------------------- checkpoints
+    def meta_state_dict(self) -> dict[str, Any]:
+        """Everything of the meta step a checkpoint needs to continue the same run."""
+        return {
+            "meta_module": self.meta_module.state_dict(),
+            "meta_optimizer": self.create_meta_optimizer().state_dict(),
+            "estimator": self.estimator.state_dict(),
+            "meta_data": dict(self._meta_data_state),
+            "meta_steps_skipped": self.meta_steps_skipped,
+        }
+
+    def load_meta_state_dict(self, state: dict[str, Any]) -> None:
+        self.meta_module.load_state_dict(state["meta_module"])
+        self.create_meta_optimizer().load_state_dict(state["meta_optimizer"])
+        self.estimator.load_state_dict(state["estimator"])
+        self._meta_data_state = dict(state["meta_data"])
+        self.meta_steps_skipped = state["meta_steps_skipped"]
+        self._meta_iter = None
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            torch.save(self.meta_state_dict(), os.path.join(output_dir, META_STATE_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, META_STATE_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"Checkpoint {checkpoint} has no {META_STATE_NAME}: it was not written by MetaTrainer (or with "
+                "`save_only_model=True`), so the meta-module and meta-optimizer cannot be restored."
+            )
+        self.load_meta_state_dict(torch.load(path, map_location=self.args.device, weights_only=False))
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.loss_weighter is not None and self.args.should_save:
+            from safetensors.torch import save_file
+
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            tensors = {k: v.detach().contiguous().cpu() for k, v in self.loss_weighter.state_dict().items()}
+            save_file(tensors, os.path.join(output_dir, META_MODULE_NAME))

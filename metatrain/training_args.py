@@ -1,0 +1,92 @@
+"""`MetaTrainingArguments`: `TrainingArguments` plus the meta-learning options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+META_OPTIMIZERS = ("adam", "adamw", "sgd")
+META_STEP_POSITIONS = ("before", "after")
+
+
+@dataclass
+class MetaTrainingArguments(TrainingArguments):
+    """[`~transformers.TrainingArguments`] with the options of the meta step that [`MetaTrainer`] runs between
+    ordinary optimizer steps. Defaults follow Meta-Weight-Net and EvoGrad (Adam at 1e-3 with weight decay 1e-4
+    for the meta-parameters, one meta step per optimizer step, meta step before the base step).
+    """
+
+    hypergradient: str = field(
+        default="evograd",
+        metadata={"help": "Hypergradient estimator: one of `metatrain.estimators.ESTIMATORS` (evograd, t1t2, ...)."},
+    )
+    hypergradient_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Options of the estimator, as a dict or a JSON string, e.g. "
+            '\'{"population": 2, "sigma": 0.01, "temperature": 0.05}\' for EvoGrad.'
+        },
+    )
+    meta_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the meta-optimizer."})
+    meta_optimizer: str = field(
+        default="adam", metadata={"help": f"Meta-optimizer: one of {META_OPTIMIZERS} (plain torch optimizers)."}
+    )
+    meta_weight_decay: float = field(default=1e-4, metadata={"help": "Weight decay of the meta-optimizer."})
+    meta_momentum: float = field(default=0.9, metadata={"help": "Momentum of the `sgd` meta-optimizer."})
+    meta_nesterov: bool = field(default=False, metadata={"help": "Nesterov momentum for the `sgd` meta-optimizer."})
+    meta_adam_beta1: float = field(default=0.9, metadata={"help": "beta1 of the `adam`/`adamw` meta-optimizer."})
+    meta_adam_beta2: float = field(default=0.999, metadata={"help": "beta2 of the `adam`/`adamw` meta-optimizer."})
+    meta_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Per-device meta (validation) batch size; defaults to per_device_train_batch_size."},
+    )
+    meta_interval: int = field(
+        default=1, metadata={"help": "Run the meta step every `meta_interval` optimizer steps (1 = every step)."}
+    )
+    meta_step_position: str = field(
+        default="before",
+        metadata={
+            "help": "`before`: the meta step runs on the first micro-batch of an optimizer step, so the base update "
+            "already uses the new meta-parameters (Meta-Weight-Net's order). `after`: it runs once the base "
+            "gradients of the last micro-batch are computed, so the base update uses the old meta-parameters. "
+            "Both differentiate at the weights before the base update."
+        },
+    )
+    meta_max_grad_norm: float | None = field(
+        default=None, metadata={"help": "Clip the hypergradient to this global norm before the meta-optimizer step."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        import json
+
+        from .estimators import ESTIMATORS
+
+        if self.hypergradient not in ESTIMATORS:
+            raise ValueError(f"Unknown `hypergradient={self.hypergradient!r}`: choose one of {sorted(ESTIMATORS)}.")
+        if isinstance(self.hypergradient_kwargs, str):
+            try:
+                self.hypergradient_kwargs = json.loads(self.hypergradient_kwargs)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"`hypergradient_kwargs={self.hypergradient_kwargs!r}` is not valid JSON ({err}); pass e.g. "
+                    "'{\"sigma\": 0.01}'."
+                ) from err
+        if self.hypergradient_kwargs is None:
+            self.hypergradient_kwargs = {}
+        if not isinstance(self.hypergradient_kwargs, dict):
+            raise ValueError(f"`hypergradient_kwargs` must be a dict, got {self.hypergradient_kwargs!r}.")
+        if self.meta_optimizer not in META_OPTIMIZERS:
+            raise ValueError(f"Unknown `meta_optimizer={self.meta_optimizer!r}`: choose one of {META_OPTIMIZERS}.")
+        if self.meta_step_position not in META_STEP_POSITIONS:
+            raise ValueError(
+                f"Unknown `meta_step_position={self.meta_step_position!r}`: choose one of {META_STEP_POSITIONS}."
+            )
+        if self.meta_interval < 1:
+            raise ValueError(f"`meta_interval` must be >= 1, got {self.meta_interval}.")
+        if self.meta_learning_rate < 0:
+            raise ValueError(f"`meta_learning_rate` must be >= 0, got {self.meta_learning_rate}.")
+        if self.meta_batch_size is not None and self.meta_batch_size < 1:
+            raise ValueError(f"`meta_batch_size` must be >= 1 or None, got {self.meta_batch_size}.")
