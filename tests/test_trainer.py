@@ -1,0 +1,263 @@
+"""MetaTrainer: wiring of the meta step, errors, logging, NaN skips, resume, transformers and plain models."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import datasets
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from transformers import TrainerCallback
+
+from metatrain import MetaTrainer, MetaTrainingArguments
+from metatrain.losses import weighted_mean
+from metatrain.modules import MetaWeightNet
+
+
+def image_dataset(n: int, seed: int, nan: bool = False) -> datasets.Dataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    if nan:
+        x[:] = float("nan")
+    y = torch.randint(0, 3, (n,), generator=g)
+    return datasets.Dataset.from_dict({"pixel_values": x.numpy(), "labels": y.numpy()}).with_format("torch")
+
+
+def bn_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3)
+    )  # fmt: skip
+
+
+def make_args(tmp_path, **overrides) -> MetaTrainingArguments:
+    options = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        max_steps=4,
+        learning_rate=0.1,
+        logging_steps=2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    options.update(overrides)
+    return MetaTrainingArguments(**options)
+
+
+def make_trainer(tmp_path, model=None, meta_module=None, meta_nan=False, **overrides) -> MetaTrainer:
+    torch.manual_seed(1)
+    return MetaTrainer(
+        model=model if model is not None else bn_model(),
+        args=make_args(tmp_path, **overrides),
+        train_dataset=image_dataset(64, seed=1),
+        meta_dataset=image_dataset(20, seed=2, nan=meta_nan),
+        meta_module=meta_module if meta_module is not None else MetaWeightNet(),
+    )
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_meta_step_matches_unrolled_reference_and_touches_nothing_else(tmp_path):
+    trainer = make_trainer(
+        tmp_path, hypergradient="t1t2", meta_optimizer="sgd", meta_learning_rate=1.0, meta_momentum=0.0,
+        meta_weight_decay=0.0,
+    )  # fmt: skip
+    trainer.create_optimizer()
+    model, mwn = trainer.model, trainer.meta_module
+    train_batch = next(iter(trainer.get_train_dataloader()))
+    meta_batch = next(iter(trainer.get_meta_dataloader()))
+    model_before, mwn_before = snapshot(model), snapshot(mwn)
+    # reference: unroll one SGD step by hand, with its own copies of weights and buffers
+    theta = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    lam = {n: p.detach().clone().requires_grad_() for n, p in mwn.named_parameters()}
+    bufs = lambda: {n: b.clone() for n, b in model.named_buffers()}  # noqa: E731
+    ce = nn.functional.cross_entropy(
+        functional_call(model, {**theta, **bufs()}, (train_batch["pixel_values"],)), train_batch["labels"],
+        reduction="none",
+    )  # fmt: skip
+    inner = weighted_mean(ce, functional_call(mwn, lam, (ce,)))
+    g = torch.autograd.grad(inner, list(theta.values()), create_graph=True)
+    stepped = {n: p - 0.1 * gi for (n, p), gi in zip(theta.items(), g)}
+    outer = nn.functional.cross_entropy(
+        functional_call(model, {**stepped, **bufs()}, (meta_batch["pixel_values"],)), meta_batch["labels"]
+    )
+    expected = dict(zip(lam, torch.autograd.grad(outer, list(lam.values()))))
+
+    trainer._meta_loader = None  # the trainer draws the same first meta batch
+    assert trainer.meta_step(train_batch)
+    for name, p in mwn.named_parameters():  # SGD with lr 1: the update is minus the hypergradient
+        torch.testing.assert_close(mwn_before[name] - p.detach(), expected[name], rtol=1e-4, atol=1e-7)
+        assert not p.requires_grad and p.grad is None
+    for name, value in snapshot(model).items():  # weights and BatchNorm running statistics untouched
+        assert torch.equal(value, model_before[name]), name
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("estimator", ["evograd", "t1t2", "first_order"])
+def test_train_runs_logs_and_keeps_meta_params_out_of_base_optimizer(tmp_path, estimator):
+    trainer = make_trainer(tmp_path, hypergradient=estimator, hypergradient_kwargs='{"sigma": 0.01}'
+                           if estimator == "evograd" else None)  # fmt: skip
+    before = snapshot(trainer.meta_module)
+    trainer.train()
+    base_ids = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not base_ids & {id(p) for p in trainer.meta_module.parameters()}
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        assert {"meta_loss", "hypergradient_norm", "meta_step_seconds", "meta_steps_skipped"} <= set(entry)
+        assert entry["meta_loss"] > 0 and entry["meta_steps_skipped"] == 0
+    changed = any(not torch.equal(before[k], v) for k, v in snapshot(trainer.meta_module).items())
+    # first-order has no direct term here: only the meta-optimizer's weight decay moves the weighting net
+    assert changed
+    if estimator == "first_order":
+        assert all(entry["hypergradient_norm"] == 0.0 for entry in logs)
+    else:
+        assert all(entry["hypergradient_norm"] > 0.0 for entry in logs)
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_one_meta_step_per_optimizer_step_with_accumulation(tmp_path, position, monkeypatch):
+    trainer = make_trainer(
+        tmp_path, gradient_accumulation_steps=3, max_steps=4, meta_interval=2, meta_step_position=position
+    )
+    calls = []
+    real = trainer.meta_step
+    monkeypatch.setattr(trainer, "meta_step", lambda batch: calls.append(trainer.state.global_step) or real(batch))
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert calls == [0, 2]
+
+
+def test_non_finite_hypergradient_skips_meta_step(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, meta_nan=True, hypergradient="t1t2")
+    before = snapshot(trainer.meta_module)
+    with caplog.at_level(logging.WARNING, logger="metatrain.trainer"):
+        trainer.train()
+    assert trainer.meta_steps_skipped == 4
+    assert "meta step skipped" in caplog.text
+    for k, v in snapshot(trainer.meta_module).items():
+        assert torch.equal(v, before[k])
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert trainer.state.log_history[-2]["meta_steps_skipped"] == 4
+
+
+class StopAfter(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+            control.should_save = True
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    common = dict(max_steps=6, save_strategy="steps", save_steps=3, hypergradient="evograd",
+                  hypergradient_kwargs={"sigma": 0.01, "population": 3})  # fmt: skip
+    full = make_trainer(tmp_path / "full", **common)
+    full.train()
+    assert os.path.isfile(tmp_path / "full" / "out" / "checkpoint-3" / "meta_trainer_state.pt")
+    assert os.path.isfile(tmp_path / "full" / "out" / "checkpoint-3" / "meta_module.safetensors")
+
+    first = make_trainer(tmp_path / "resumed", **common)
+    first.add_callback(StopAfter(3))  # an interrupted run: same schedule, stops right after the checkpoint
+    first.train()
+    assert first.state.global_step == 3
+    resumed = make_trainer(tmp_path / "resumed", **common)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "out" / "checkpoint-3"))
+    assert resumed.state.global_step == 6
+    assert resumed._meta_data_state == full._meta_data_state
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    for a, b in zip(full.meta_module.parameters(), resumed.meta_module.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    exp_avg = lambda t: [s["exp_avg"] for s in t.meta_optimizer.state.values()]  # noqa: E731
+    for a, b in zip(exp_avg(full), exp_avg(resumed)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_bad_input_errors_name_the_fix(tmp_path):
+    args = make_args(tmp_path)
+    with pytest.raises(ValueError, match="meta_dataset"):
+        MetaTrainer(model=bn_model(), args=args, train_dataset=image_dataset(8, 0), meta_module=MetaWeightNet())
+    with pytest.raises(ValueError, match="hypergradient='evgrad'.*evograd"):
+        make_args(tmp_path, hypergradient="evgrad")
+    with pytest.raises(ValueError, match="population"):
+        make_trainer(tmp_path, hypergradient_kwargs={"popsize": 4})
+    with pytest.raises(ValueError, match="meta_optimizer='rmsprop'"):
+        make_args(tmp_path, meta_optimizer="rmsprop")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        make_args(tmp_path, hypergradient_kwargs="{sigma: 1}")
+    with pytest.raises(ValueError, match="Meta-parameters not found"):
+        make_trainer(tmp_path, meta_module=nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="No meta-parameters found"):
+        make_trainer(tmp_path, meta_module=nn.ReLU())
+    with pytest.raises(ValueError, match="MetaTrainingArguments"):
+        MetaTrainer(model=bn_model(), args=None, meta_dataset=image_dataset(8, 0), meta_module=MetaWeightNet())
+
+
+class Scale(nn.Module):
+    """An embedded meta-module: a learnable per-feature scale, attached with a forward hook."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(features))
+
+    def forward(self, module, inputs, output):
+        return output * self.log_scale.exp()
+
+
+def test_embedded_meta_module_on_transformers_model(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, num_labels=3, max_position_embeddings=16)  # fmt: skip
+    model = BertForSequenceClassification(config)
+    scale = Scale(16)
+    model.bert.add_module("meta_scale", scale)
+    handle = model.bert.encoder.layer[0].output.register_forward_hook(scale)
+
+    def text_dataset(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        return datasets.Dataset.from_dict(
+            {"input_ids": torch.randint(1, 50, (n, 8), generator=g).numpy(),
+             "attention_mask": torch.ones(n, 8, dtype=torch.long).numpy(),
+             "labels": torch.randint(0, 3, (n,), generator=g).numpy()}
+        ).with_format("torch")  # fmt: skip
+
+    trainer = MetaTrainer(
+        model=model, args=make_args(tmp_path, hypergradient="t1t2", gradient_accumulation_steps=2),
+        train_dataset=text_dataset(32, 0), meta_dataset=text_dataset(16, 1), meta_module=scale,
+    )  # fmt: skip
+    assert trainer.meta_param_names == ["bert.meta_scale.log_scale"]
+    trainer.train()
+    assert not torch.equal(scale.log_scale, torch.zeros(16))
+    base_ids = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert id(scale.log_scale) not in base_ids
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(entry["hypergradient_norm"] > 0 for entry in logs)
+    # the loss is a per-batch mean whatever the accumulation (no num_items_in_batch doubling)
+    assert 0.5 < logs[0]["loss"] < 2.0
+    metrics = trainer.evaluate(text_dataset(16, 2))
+    assert "eval_loss" in metrics
+    handle.remove()
+
+
+def test_timm_model_with_pixel_values(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=3, in_chans=1)
+    trainer = make_trainer(tmp_path, model=model, max_steps=2, per_device_train_batch_size=4)
+    trainer.train()
+    metrics = trainer.evaluate(image_dataset(8, 5))
+    assert metrics["eval_loss"] > 0
