@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .estimators import ESTIMATORS, HypergradientEstimator, create_estimator
-from .trainer import MetaTrainer
+from .trainer import MetaTrainer, PerSampleLossTrainer
 from .training_args import MetaTrainingArguments
 
 __version__ = "0.1.0"
@@ -13,6 +13,7 @@ __all__ = [
     "HypergradientEstimator",
     "MetaTrainer",
     "MetaTrainingArguments",
+    "PerSampleLossTrainer",
     "__version__",
     "create_estimator",
 ]

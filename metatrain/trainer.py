@@ -52,7 +52,71 @@ def _logits(outputs: Any) -> torch.Tensor:
     return outputs[0]
 
 
-class MetaTrainer(Trainer):
+class PerSampleLossTrainer(Trainer):
+    """A [`~transformers.Trainer`] that computes per-example losses itself, so that plain modules (timm models
+    returning logits) and `transformers` models train the same way, and a subclass can reduce the losses.
+
+    Args:
+        per_sample_loss (`Callable[[torch.Tensor, torch.Tensor], torch.Tensor]`, *optional*):
+            Maps logits and labels to per-example losses `[B]`; defaults to cross-entropy (token classification
+            averaged per example).
+        model_input_names (`list[str]`, *optional*):
+            For plain modules, the batch keys passed positionally to `forward`; defaults to `["pixel_values"]`.
+            `transformers` models get every non-label key as keyword arguments.
+        *args, **kwargs: passed to [`~transformers.Trainer`].
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        per_sample_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        model_input_names: list[str] | None = None,
+        **kwargs: Any,
+    ):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if training_args is not None and training_args.label_names is None:
+            training_args.label_names = ["labels"]
+        super().__init__(*args, **kwargs)
+        # compute_loss returns a per-batch mean: Trainer divides it by the accumulation steps and must not pass
+        # `num_items_in_batch` to the model (transformers issue 37766)
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        self.per_sample_loss = per_sample_loss or per_sample_cross_entropy
+        self.model_input_names = model_input_names or ["pixel_values"]
+
+    def _is_transformers_model(self) -> bool:
+        return isinstance(self.model, PreTrainedModel)
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None and not self._is_transformers_model():
+            self._signature_columns = list(self.model_input_names) + list(self.args.label_names)
+        super()._set_signature_columns_if_needed()
+
+    def _split_inputs(self, inputs: dict[str, Any]) -> tuple[tuple, dict[str, Any], torch.Tensor]:
+        labels = inputs[self.args.label_names[0]]
+        if self._is_transformers_model():
+            return (), {k: v for k, v in inputs.items() if k not in self.args.label_names}, labels
+        missing = [k for k in self.model_input_names if k not in inputs]
+        if missing:
+            raise ValueError(
+                f"Batch has no {missing} for the model (keys: {sorted(inputs)}). Set `model_input_names=` on the "
+                "trainer to the keys that `model.forward` takes positionally."
+            )
+        return tuple(inputs[k] for k in self.model_input_names), {}, labels
+
+    def reduce_loss(self, losses: torch.Tensor, training: bool) -> torch.Tensor:
+        """Reduces per-example losses to the scalar that is back-propagated; the mean here."""
+        return losses.mean()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Per-example losses of the batch, reduced by [`~PerSampleLossTrainer.reduce_loss`]."""
+        args, kwargs, labels = self._split_inputs(inputs)
+        logits = _logits(model(*args, **kwargs))
+        loss = self.reduce_loss(self.per_sample_loss(logits, labels), model.training)
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+
+class MetaTrainer(PerSampleLossTrainer):
     """A [`~transformers.Trainer`] that, once per optimizer step, estimates the hypergradient of a meta (validation)
     loss with respect to the parameters of `meta_module` and steps a separate meta-optimizer.
 
@@ -73,12 +137,7 @@ class MetaTrainer(Trainer):
             Holds the meta-parameters. Either a [`~metatrain.modules.LossWeighter`] outside the model (it then weights
             the per-sample training losses), or a module attached inside the model (its parameters must all be
             parameters of the model).
-        per_sample_loss (`Callable[[torch.Tensor, torch.Tensor], torch.Tensor]`, *optional*):
-            Maps logits and labels to per-example losses `[B]`; defaults to cross-entropy (token classification
-            averaged per example).
-        model_input_names (`list[str]`, *optional*):
-            For plain modules, the batch keys passed positionally to `forward`; defaults to `["pixel_values"]`.
-            `transformers` models get every non-label key as keyword arguments.
+        per_sample_loss, model_input_names: see [`PerSampleLossTrainer`].
         **kwargs: passed to [`~transformers.Trainer`].
     """
 
@@ -117,9 +176,6 @@ class MetaTrainer(Trainer):
             )
         if len(meta_module.state_dict()) > len(dict(meta_module.named_parameters())):
             logger.info("meta_module buffers are saved with the meta state but not learned.")
-        if args.label_names is None:
-            args.label_names = ["labels"]
-
         names_in_model = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
         found = [names_in_model.get(id(p)) for p in self.meta_params]
         if all(found):
@@ -140,24 +196,19 @@ class MetaTrainer(Trainer):
         for p in self.meta_params:
             p.requires_grad_(False)
 
-        super().__init__(model, args, *trainer_args, **kwargs)
+        super().__init__(
+            model, args, *trainer_args, per_sample_loss=per_sample_loss, model_input_names=model_input_names, **kwargs
+        )
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
                 "MetaTrainer does not support DeepSpeed or FSDP yet: they shard parameters, so the functional "
                 "calls of the meta step are not viable. Use DDP (`accelerate launch` / `torchrun`) or a single device."
             )
-        # compute_loss returns a per-batch mean: Trainer divides it by the accumulation steps and must not pass
-        # `num_items_in_batch` to the model (transformers issue 37766)
-        self.model_accepts_loss_kwargs = False
-        self.loss_is_scaled_for_ga = False
-
         self.meta_dataset = meta_dataset
         self.meta_module = meta_module
         self.loss_weighter = meta_module if self.meta_param_names is None else None
         if self.loss_weighter is not None:
             self.loss_weighter.to(self.args.device)
-        self.per_sample_loss = per_sample_loss or per_sample_cross_entropy
-        self.model_input_names = model_input_names or ["pixel_values"]
         self.estimator = create_estimator(self.args.hypergradient, **self.args.hypergradient_kwargs)
         self.meta_optimizer: torch.optim.Optimizer | None = None
         self.meta_steps_skipped = 0
@@ -168,37 +219,11 @@ class MetaTrainer(Trainer):
         self._at_window_start = True
         self._meta_log: dict[str, Any] = {"count": 0, "meta_loss": 0.0, "hypergradient_norm": 0.0, "seconds": 0.0}
 
-    # ----------------------------------------------------------------------------------------------- model calls
-    def _is_transformers_model(self) -> bool:
-        return isinstance(self.model, PreTrainedModel)
-
-    def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None and not self._is_transformers_model():
-            self._signature_columns = list(self.model_input_names) + list(self.args.label_names)
-        super()._set_signature_columns_if_needed()
-
-    def _split_inputs(self, inputs: dict[str, Any]) -> tuple[tuple, dict[str, Any], torch.Tensor]:
-        labels = inputs[self.args.label_names[0]]
-        if self._is_transformers_model():
-            return (), {k: v for k, v in inputs.items() if k not in self.args.label_names}, labels
-        missing = [k for k in self.model_input_names if k not in inputs]
-        if missing:
-            raise ValueError(
-                f"Batch has no {missing} for the model (keys: {sorted(inputs)}). Set `model_input_names=` on "
-                "MetaTrainer to the keys that `model.forward` takes positionally."
-            )
-        return tuple(inputs[k] for k in self.model_input_names), {}, labels
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Per-sample loss of the batch, reduced by the loss weighter in training and by the mean otherwise."""
-        args, kwargs, labels = self._split_inputs(inputs)
-        logits = _logits(model(*args, **kwargs))
-        losses = self.per_sample_loss(logits, labels)
-        if self.loss_weighter is not None and model.training:
-            loss = self.loss_weighter.weighted_loss(losses)
-        else:
-            loss = losses.mean()
-        return (loss, {"logits": logits}) if return_outputs else loss
+    def reduce_loss(self, losses: torch.Tensor, training: bool) -> torch.Tensor:
+        """The loss weighter's `sum(w * l) / sum(w)` in training, the plain mean otherwise."""
+        if self.loss_weighter is not None and training:
+            return self.loss_weighter.weighted_loss(losses)
+        return losses.mean()
 
     # ------------------------------------------------------------------------------------------------ optimizers
     def create_optimizer(self, *args, **kwargs):
