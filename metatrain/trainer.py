@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, Trainer
 from .estimators import create_estimator
 from .losses import per_sample_cross_entropy, weighted_mean
 from .modules import LossWeighter
+from .profiling import MemoryMeter
 from .training_args import MetaTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,11 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         return self.size
+
+
+def _empty_meta_log() -> dict[str, Any]:
+    """Running sums of the meta statistics between two training logs."""
+    return {"count": 0, "meta_loss": 0.0, "hypergradient_norm": 0.0, "seconds": 0.0}
 
 
 def _logits(outputs: Any) -> torch.Tensor:
@@ -217,7 +223,7 @@ class MetaTrainer(PerSampleLossTrainer):
         self._meta_sampler: EpochSeededSampler | None = None
         self._meta_iter = None
         self._at_window_start = True
-        self._meta_log: dict[str, Any] = {"count": 0, "meta_loss": 0.0, "hypergradient_norm": 0.0, "seconds": 0.0}
+        self._meta_log = _empty_meta_log()
 
     def reduce_loss(self, losses: torch.Tensor, training: bool) -> torch.Tensor:
         """The loss weighter's `sum(w * l) / sum(w)` in training, the plain mean otherwise."""
@@ -310,6 +316,15 @@ class MetaTrainer(PerSampleLossTrainer):
         Returns `False` (and changes no weight) when the hypergradient is not finite; the skip is counted in
         `meta_steps_skipped` and logged.
         """
+        if not self.args.meta_profile_memory:
+            return self._meta_step(train_batch)
+        with MemoryMeter(self.args.device) as meter:
+            done = self._meta_step(train_batch)
+        if done:
+            self._meta_log["memory_mb"] = self._meta_log.get("memory_mb", 0.0) + meter.peak_bytes / 2**20
+        return done
+
+    def _meta_step(self, train_batch: dict[str, Any]) -> bool:
         start = time.perf_counter()
         model = self.model
         model.train()
@@ -376,8 +391,10 @@ class MetaTrainer(PerSampleLossTrainer):
                 logs["meta_loss"] = round(float(stats["meta_loss"]) / n, 6)
                 logs["hypergradient_norm"] = float(stats["hypergradient_norm"]) / n
                 logs["meta_step_seconds"] = round(stats["seconds"] / n, 6)
+                if "memory_mb" in stats:
+                    logs["meta_step_memory_mb"] = round(stats["memory_mb"] / n, 4)
             logs["meta_steps_skipped"] = self.meta_steps_skipped
-            self._meta_log = {"count": 0, "meta_loss": 0.0, "hypergradient_norm": 0.0, "seconds": 0.0}
+            self._meta_log = _empty_meta_log()
         super().log(logs, start_time)
 
     # ---------------------------------------------------------------------------------------------- checkpoints

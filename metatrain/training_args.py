@@ -58,6 +58,14 @@ class MetaTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Clip the hypergradient to this global norm before the meta-optimizer step."}
     )
 
+    meta_profile_memory: bool = field(
+        default=False,
+        metadata={
+            "help": "Measure the memory of each meta step (CUDA peak on GPU, bytes saved for backward on CPU; see "
+            "`metatrain.profiling.MemoryMeter`) and log its mean as `meta_step_memory_mb`."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         import json

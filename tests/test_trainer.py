@@ -261,3 +261,23 @@ def test_timm_model_with_pixel_values(tmp_path):
     trainer.train()
     metrics = trainer.evaluate(image_dataset(8, 5))
     assert metrics["eval_loss"] > 0
+
+
+def test_meta_step_memory_is_logged_and_t1t2_costs_more_than_evograd(tmp_path):
+    memory = {}
+    for estimator in ("evograd", "t1t2"):
+        trainer = make_trainer(tmp_path / estimator, hypergradient=estimator, meta_profile_memory=True, max_steps=2)
+        trainer.train()
+        memory[estimator] = trainer.state.log_history[0]["meta_step_memory_mb"]
+    assert 0 < memory["evograd"] < memory["t1t2"]
+
+
+def test_per_sample_loss_trainer_trains_a_plain_module(tmp_path):
+    from metatrain import PerSampleLossTrainer
+
+    trainer = PerSampleLossTrainer(
+        model=bn_model(), args=make_args(tmp_path, max_steps=3), train_dataset=image_dataset(32, 0)
+    )
+    trainer.train()
+    assert trainer.state.global_step == 3 and trainer.args.label_names == ["labels"]
+    assert trainer.evaluate(image_dataset(8, 1))["eval_loss"] > 0
