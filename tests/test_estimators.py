@@ -186,3 +186,41 @@ def test_first_order_is_direct_term_only():
     direct = lambda p, batch: (p["x"] - 0.5) ** 2 + lam**2  # noqa: E731
     (g,) = create_estimator("first_order").hypergradient({"x": torch.tensor(0.2)}, [lam], train_loss, direct)
     assert abs(g.item() - 1.4) < 1e-6
+
+
+@pytest.mark.parametrize("population,sigma", [(2, 0.01), (4, 0.003)])
+def test_evograd_mean_equals_t1t2_at_its_effective_step(population, sigma):
+    """Linearised softmax: E[theta*] = theta - (K-1) sigma^2 / (K tau) grad, so the mean EvoGrad hypergradient is
+    the exact one-step lookahead hypergradient at that step size."""
+    torch.manual_seed(0)
+    model = WeightedMLP().double()
+    xb, yb = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    xm, ym = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    logits = torch.zeros(32, dtype=torch.float64, requires_grad=True)
+
+    def train_loss(p, batch):
+        ce = nn.functional.cross_entropy(functional_call(model, p, (xb,)), yb, reduction="none")
+        return (torch.sigmoid(logits) * ce).mean()
+
+    def meta_loss(p, batch):
+        return nn.functional.cross_entropy(functional_call(model, p, (xm,)), ym)
+
+    params = dict(model.named_parameters())
+    est = create_estimator("evograd", population=population, sigma=sigma, temperature=0.05)
+    (ref,) = create_estimator("t1t2").hypergradient(
+        params, [logits], train_loss, meta_loss, lr=est.effective_lr(sigma)
+    )
+    mean = torch.stack([est.hypergradient(params, [logits], train_loss, meta_loss)[0] for _ in range(1000)]).mean(0)
+    assert nn.functional.cosine_similarity(mean, ref, dim=0) > 0.98
+    assert 0.85 < mean.norm() / ref.norm() < 1.15
+
+
+def test_evograd_auto_sigma_matches_the_learning_rate():
+    est = create_estimator("evograd", population=2, sigma="auto", temperature=0.05)
+    assert abs(est.resolve_sigma(0.1) - 0.1) < 1e-12
+    assert abs(est.effective_lr(est.resolve_sigma(0.03)) - 0.03) < 1e-12
+    lam = torch.tensor(0.5, requires_grad=True)
+    with pytest.raises(ValueError, match="lr"):
+        est.hypergradient({"x": torch.tensor(0.1)}, [lam], *one_dim_problem(lam))
+    with pytest.raises(ValueError, match='sigma.*"auto"'):
+        create_estimator("evograd", sigma="big")

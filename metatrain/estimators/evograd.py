@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,9 +25,12 @@ class EvoGrad(HypergradientEstimator):
     Args:
         population (`int`, *optional*, defaults to 2):
             Number of perturbed copies `K` (at least 2).
-        sigma (`float`, *optional*, defaults to 0.001):
-            Perturbation scale. The hypergradient scales roughly with `sigma`: pick it so that the perturbation
-            changes the training loss by about `temperature` (see the README).
+        sigma (`float` or `"auto"`, *optional*, defaults to 0.001):
+            Perturbation scale. Linearising the softmax for small perturbations gives
+            `E[theta* - theta] = -(K - 1) sigma^2 / (K tau) * grad_theta train_loss`: in expectation EvoGrad is a
+            one-step lookahead with step size `(K - 1) sigma^2 / (K tau)`, so its hypergradient grows with
+            `sigma^2`. `"auto"` picks `sigma = sqrt(K tau lr / (K - 1))` from the inner step size `lr` of each call,
+            matching the lookahead step to the model's learning rate.
         temperature (`float`, *optional*, defaults to 0.05):
             Softmax temperature `tau`.
         noise (`str`, *optional*, defaults to `"sign"`):
@@ -38,19 +42,32 @@ class EvoGrad(HypergradientEstimator):
     def __init__(self, population: int = 2, sigma: float = 0.001, temperature: float = 0.05, noise: str = "sign"):
         if isinstance(population, bool) or not isinstance(population, int) or population < 2:
             raise ValueError(f"EvoGrad option `population` must be an integer >= 2, got population={population!r}.")
-        for option, value in (("sigma", sigma), ("temperature", temperature)):
+        checked = [("temperature", temperature)] + ([] if sigma == "auto" else [("sigma", sigma)])
+        for option, value in checked:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"EvoGrad option `{option}` must be a number > 0, got {option}={value!r}.")
+                allowed = 'a number > 0 or "auto"' if option == "sigma" else "a number > 0"
+                raise ValueError(f"EvoGrad option `{option}` must be {allowed}, got {option}={value!r}.")
         if noise not in NOISE_TYPES:
             raise ValueError(f"EvoGrad option `noise` must be one of {NOISE_TYPES}, got noise={noise!r}.")
         self.population = population
-        self.sigma = float(sigma)
+        self.sigma = sigma if sigma == "auto" else float(sigma)
         self.temperature = float(temperature)
         self.noise = noise
 
-    def _perturbation(self, p: torch.Tensor) -> torch.Tensor:
+    def effective_lr(self, sigma: float) -> float:
+        """Step size of the lookahead that EvoGrad matches in expectation: `(K - 1) sigma^2 / (K tau)`."""
+        return (self.population - 1) * sigma**2 / (self.population * self.temperature)
+
+    def resolve_sigma(self, lr: float | None) -> float:
+        """`sigma`, or for `"auto"` the one whose effective step size equals `lr`."""
+        if self.sigma != "auto":
+            return self.sigma
+        lr = self._check_lr(lr)
+        return math.sqrt(self.population * self.temperature * lr / (self.population - 1))
+
+    def _perturbation(self, p: torch.Tensor, sigma: float) -> torch.Tensor:
         eps = torch.randn((self.population, *p.shape), device=p.device, dtype=p.dtype)
-        return self.sigma * (eps.sign() if self.noise == "sign" else eps)
+        return sigma * (eps.sign() if self.noise == "sign" else eps)
 
     def estimate(
         self,
@@ -62,8 +79,9 @@ class EvoGrad(HypergradientEstimator):
         meta_batch: Any = None,
         lr: float | None = None,
     ) -> HypergradientResult:
+        sigma = self.resolve_sigma(lr)
         theta = {name: p.detach() for name, p in params.items()}
-        eps = {name: self._perturbation(p) for name, p in theta.items()}
+        eps = {name: self._perturbation(p, sigma) for name, p in theta.items()}
         losses = torch.stack(
             [
                 train_loss({name: p + eps[name][k] for name, p in theta.items()}, train_batch).reshape(())
