@@ -1,0 +1,22 @@
+"""Data for meta-learning experiments: synthetic label noise, clean meta splits and small or standard datasets."""
+
+from __future__ import annotations
+
+from .embedded import load_digits_dataset
+from .images import CIFAR_MEAN, CIFAR_STD, ImageClassificationTransform, load_image_classification_dataset
+from .noise import NOISE_TYPES, corrupt_labels, noise_transition_matrix
+from .noisy import make_noisy_label_splits
+from .splits import class_balanced_meta_split
+
+__all__ = [
+    "CIFAR_MEAN",
+    "CIFAR_STD",
+    "NOISE_TYPES",
+    "ImageClassificationTransform",
+    "class_balanced_meta_split",
+    "corrupt_labels",
+    "load_digits_dataset",
+    "load_image_classification_dataset",
+    "make_noisy_label_splits",
+    "noise_transition_matrix",
+]
