@@ -188,8 +188,8 @@ def test_first_order_is_direct_term_only():
     assert abs(g.item() - 1.4) < 1e-6
 
 
-@pytest.mark.parametrize("population,sigma", [(2, 0.01), (4, 0.003)])
-def test_evograd_mean_equals_t1t2_at_its_effective_step(population, sigma):
+@pytest.mark.parametrize("population,sigma,antithetic", [(2, 0.01, False), (4, 0.003, False), (4, 0.007, True)])
+def test_evograd_mean_equals_t1t2_at_its_effective_step(population, sigma, antithetic):
     """Linearised softmax: E[theta*] = theta - (K-1) sigma^2 / (K tau) grad, so the mean EvoGrad hypergradient is
     the exact one-step lookahead hypergradient at that step size."""
     torch.manual_seed(0)
@@ -206,7 +206,7 @@ def test_evograd_mean_equals_t1t2_at_its_effective_step(population, sigma):
         return nn.functional.cross_entropy(functional_call(model, p, (xm,)), ym)
 
     params = dict(model.named_parameters())
-    est = create_estimator("evograd", population=population, sigma=sigma, temperature=0.05)
+    est = create_estimator("evograd", population=population, sigma=sigma, temperature=0.05, antithetic=antithetic)
     (ref,) = create_estimator("t1t2").hypergradient(
         params, [logits], train_loss, meta_loss, lr=est.effective_lr(sigma)
     )
@@ -224,3 +224,18 @@ def test_evograd_auto_sigma_matches_the_learning_rate():
         est.hypergradient({"x": torch.tensor(0.1)}, [lam], *one_dim_problem(lam))
     with pytest.raises(ValueError, match='sigma.*"auto"'):
         create_estimator("evograd", sigma="big")
+
+
+def test_evograd_antithetic_pairs():
+    est = create_estimator("evograd", population=4, sigma=0.5, antithetic=True)
+    eps = est._perturbation(torch.zeros(3, 5), 0.5)
+    assert eps.shape == (4, 3, 5) and torch.equal(eps[:2], -eps[2:]) and torch.all(eps.abs() == 0.5)
+    assert abs(est.effective_lr(0.5) - 0.25 / 0.05) < 1e-12
+    assert (
+        abs(est.effective_lr(create_estimator("evograd", sigma="auto", antithetic=True).resolve_sigma(0.1)) - 0.1)
+        < 1e-9
+    )
+    with pytest.raises(ValueError, match="even `population`"):
+        create_estimator("evograd", population=3, antithetic=True)
+    with pytest.raises(ValueError, match="antithetic"):
+        create_estimator("evograd", antithetic="yes")

@@ -35,13 +35,31 @@ class EvoGrad(HypergradientEstimator):
             Softmax temperature `tau`.
         noise (`str`, *optional*, defaults to `"sign"`):
             `"sign"` for `sigma * sign(N(0, I))` as the official code, `"gaussian"` for `sigma * N(0, I)`.
+        antithetic (`bool`, *optional*, defaults to `False`):
+            Draw the population as `K / 2` pairs `theta + eps`, `theta - eps` (`K` must be even). The even-order
+            terms of the loss (curvature) then cancel in each pair's loss difference, which matters when `sigma` is
+            large, and the effective lookahead step becomes `sigma^2 / tau` for any even `K`.
     """
 
     name = "evograd"
 
-    def __init__(self, population: int = 2, sigma: float = 0.001, temperature: float = 0.05, noise: str = "sign"):
+    def __init__(
+        self,
+        population: int = 2,
+        sigma: float | str = 0.001,
+        temperature: float = 0.05,
+        noise: str = "sign",
+        antithetic: bool = False,
+    ):
         if isinstance(population, bool) or not isinstance(population, int) or population < 2:
             raise ValueError(f"EvoGrad option `population` must be an integer >= 2, got population={population!r}.")
+        if not isinstance(antithetic, bool):
+            raise ValueError(f"EvoGrad option `antithetic` must be True or False, got antithetic={antithetic!r}.")
+        if antithetic and population % 2:
+            raise ValueError(
+                f"EvoGrad option `antithetic=True` needs an even `population` (pairs theta +/- eps), got "
+                f"population={population}."
+            )
         checked = [("temperature", temperature)] + ([] if sigma == "auto" else [("sigma", sigma)])
         for option, value in checked:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -53,21 +71,30 @@ class EvoGrad(HypergradientEstimator):
         self.sigma = sigma if sigma == "auto" else float(sigma)
         self.temperature = float(temperature)
         self.noise = noise
+        self.antithetic = antithetic
+
+    def _step_per_sigma2(self) -> float:
+        """Effective lookahead step divided by `sigma^2`: `1 / tau` for antithetic pairs, else `(K-1) / (K tau)`."""
+        if self.antithetic:
+            return 1.0 / self.temperature
+        return (self.population - 1) / (self.population * self.temperature)
 
     def effective_lr(self, sigma: float) -> float:
-        """Step size of the lookahead that EvoGrad matches in expectation: `(K - 1) sigma^2 / (K tau)`."""
-        return (self.population - 1) * sigma**2 / (self.population * self.temperature)
+        """Step size of the lookahead that EvoGrad matches in expectation: `(K - 1) sigma^2 / (K tau)`, or
+        `sigma^2 / tau` with antithetic pairs."""
+        return sigma**2 * self._step_per_sigma2()
 
     def resolve_sigma(self, lr: float | None) -> float:
         """`sigma`, or for `"auto"` the one whose effective step size equals `lr`."""
         if self.sigma != "auto":
             return self.sigma
-        lr = self._check_lr(lr)
-        return math.sqrt(self.population * self.temperature * lr / (self.population - 1))
+        return math.sqrt(self._check_lr(lr) / self._step_per_sigma2())
 
     def _perturbation(self, p: torch.Tensor, sigma: float) -> torch.Tensor:
-        eps = torch.randn((self.population, *p.shape), device=p.device, dtype=p.dtype)
-        return sigma * (eps.sign() if self.noise == "sign" else eps)
+        draws = self.population // 2 if self.antithetic else self.population
+        eps = torch.randn((draws, *p.shape), device=p.device, dtype=p.dtype)
+        eps = sigma * (eps.sign() if self.noise == "sign" else eps)
+        return torch.cat([eps, -eps]) if self.antithetic else eps
 
     def estimate(
         self,
