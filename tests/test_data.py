@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import datasets
 import numpy as np
 import pytest
@@ -23,37 +21,9 @@ from metatrain.data import (
 K = 10
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-    """Fails any attempt to open an internet connection."""
-
-    def refuse(*args, **kwargs):
-        raise OSError("network access in a test")
-
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_digits_dataset(test_size=0.3, seed=0)
-
-
-@pytest.fixture
-def image_folder(tmp_path):
-    """3 classes x (4 train, 2 test) random 32x32 RGB PNGs in `tmp_path/data/{train,test}/<class>/`."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    root = tmp_path / "data"
-    for split, count in (("train", 4), ("test", 2)):
-        for name in ("cat", "dog", "frog"):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
 
 
 def clean_labels(n: int = 10_000, seed: int = 123) -> np.ndarray:
