@@ -64,13 +64,13 @@ def build_context_copy(destination: Path) -> Path:
         p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")
     ]
     assert not any(p.startswith("!") for p in patterns), "exceptions in .dockerignore are not handled by this test"
-    for path in sorted(ROOT.rglob("*")):
-        relative = path.relative_to(ROOT).as_posix()
-        if path.is_dir() or ignored(relative, patterns):
-            continue
-        target = destination / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, target)
+    for folder, subfolders, files in os.walk(ROOT):
+        base = Path(folder).relative_to(ROOT)
+        subfolders[:] = [d for d in subfolders if not ignored((base / d).as_posix(), patterns)]  # prune .venv, .git
+        for relative in (base / name for name in files):
+            if not ignored(relative.as_posix(), patterns):
+                (destination / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / relative, destination / relative)
     return destination
 
 
