@@ -239,3 +239,36 @@ def test_evograd_antithetic_pairs():
         create_estimator("evograd", population=3, antithetic=True)
     with pytest.raises(ValueError, match="antithetic"):
         create_estimator("evograd", antithetic="yes")
+
+
+def test_evograd_perturbing_a_subset_is_the_lookahead_over_that_subset():
+    """With `perturb`, the mean estimate is T1-T2's lookahead over the matching weights, the others held fixed."""
+    torch.manual_seed(0)
+    model = WeightedMLP().double()
+    xb, yb = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    xm, ym = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    logits = torch.zeros(32, dtype=torch.float64, requires_grad=True)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    head = [name for name in params if name.startswith("net.2.")]
+    assert head and len(head) < len(params)
+
+    def train_loss(p, batch):
+        ce = nn.functional.cross_entropy(functional_call(model, {**params, **p}, (xb,)), yb, reduction="none")
+        return (torch.sigmoid(logits) * ce).mean()
+
+    def meta_loss(p, batch):
+        return nn.functional.cross_entropy(functional_call(model, {**params, **p}, (xm,)), ym)
+
+    est = create_estimator("evograd", population=2, sigma=0.01, temperature=0.05, perturb=r"^net\.2\.")
+    ref_params = {name: params[name] for name in head}
+    (ref,) = create_estimator("t1t2").hypergradient(
+        ref_params, [logits], train_loss, meta_loss, lr=est.effective_lr(0.01)
+    )
+    mean = torch.stack([est.hypergradient(params, [logits], train_loss, meta_loss)[0] for _ in range(1000)]).mean(0)
+    assert nn.functional.cosine_similarity(mean, ref, dim=0) > 0.98
+    assert 0.85 < mean.norm() / ref.norm() < 1.15
+
+    with pytest.raises(ValueError, match="perturb='nope' matches no parameter name"):
+        create_estimator("evograd", perturb="nope").hypergradient(params, [logits], train_loss, meta_loss)
+    with pytest.raises(ValueError, match="perturb"):
+        create_estimator("evograd", perturb="(")
