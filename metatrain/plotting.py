@@ -11,14 +11,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def plot_weighting_functions(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str) -> None:
-    """Learned loss-to-weight mappings, one line per method: `{name: (losses, weights)}`."""
+def plot_weighting_functions(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str,
+    title: str = "Learned weighting function",
+    colors: Mapping[str, str] | None = None,
+) -> None:
+    """Learned loss-to-weight mappings, one line per method: `{name: (losses, weights)}`; `colors` maps a name to a
+    matplotlib color, so one method keeps its color across a recipe's plots."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, (losses, weights) in curves.items():
-        ax.plot(losses, weights, label=name)
+        ax.plot(losses, weights, label=name, color=(colors or {}).get(name))
     ax.set_xlabel("per-sample training loss")
     ax.set_ylabel("weight")
-    ax.set_title("Learned weighting function")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -27,15 +33,21 @@ def plot_weighting_functions(curves: Mapping[str, tuple[Sequence[float], Sequenc
 
 
 def plot_curves(
-    curves: Mapping[str, Sequence[Sequence[float]]], path: str, xlabel: str, ylabel: str, title: str
+    curves: Mapping[str, Sequence[Sequence[float]]],
+    path: str,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    colors: Mapping[str, str] | None = None,
 ) -> None:
-    """Mean and min-max band over seeds of one metric per method: `{name: [[value per x] per seed]}`."""
+    """Mean and min-max band over seeds of one metric per method: `{name: [[value per x] per seed]}`; `colors` as
+    in [`plot_weighting_functions`]."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, runs in curves.items():
         values = np.asarray(runs, dtype=float)
         x = np.arange(1, values.shape[1] + 1)
-        ax.plot(x, values.mean(0), label=name)
-        ax.fill_between(x, values.min(0), values.max(0), alpha=0.2)
+        (line,) = ax.plot(x, values.mean(0), label=name, color=(colors or {}).get(name))
+        ax.fill_between(x, values.min(0), values.max(0), alpha=0.2, color=line.get_color())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
