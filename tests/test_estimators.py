@@ -77,6 +77,21 @@ def test_t1t2_needs_lr():
     lam = torch.tensor(0.5, requires_grad=True)
     with pytest.raises(ValueError, match="lr"):
         create_estimator("t1t2").hypergradient({"x": torch.tensor(0.1)}, [lam], *one_dim_problem(lam))
+    with pytest.raises(ValueError, match="lr` >= 0, got lr=-0.1"):
+        create_estimator("t1t2").hypergradient({"x": torch.tensor(0.1)}, [lam], *one_dim_problem(lam), lr=-0.1)
+
+
+def test_zero_step_lookahead_is_the_direct_term():
+    """lr = 0 (the first step of a warmup) is a valid lookahead: theta' = theta, only the direct term remains."""
+    lam = torch.tensor(0.5, requires_grad=True)
+    train_loss, _ = one_dim_problem(lam)
+    direct = lambda p, batch: (p["x"] - 0.5) ** 2 + lam**2  # noqa: E731
+    x = {"x": torch.tensor(0.2)}
+    (t1t2,) = create_estimator("t1t2").hypergradient(x, [lam], train_loss, direct, lr=0.0)
+    (first,) = create_estimator("first_order").hypergradient(x, [lam], train_loss, direct)
+    assert t1t2.item() == first.item() == 1.0
+    (evo,) = create_estimator("evograd", sigma="auto").hypergradient(x, [lam], train_loss, direct, lr=0.0)
+    assert evo.item() == 1.0
 
 
 class WeightedMLP(nn.Module):

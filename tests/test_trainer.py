@@ -136,6 +136,14 @@ def test_one_meta_step_per_optimizer_step_with_accumulation(tmp_path, position, 
     assert calls == [0, 2]
 
 
+@pytest.mark.parametrize("estimator, options", [("t1t2", None), ("evograd", {"sigma": "auto"})])
+def test_learning_rate_warmup_from_zero(tmp_path, estimator, options):
+    """The lookahead uses the scheduled learning rate, which a warmup starts at 0."""
+    trainer = make_trainer(tmp_path, hypergradient=estimator, hypergradient_kwargs=options, warmup_steps=2)
+    trainer.train()
+    assert trainer.state.global_step == 4 and trainer.meta_steps_skipped == 0
+
+
 def test_non_finite_hypergradient_skips_meta_step(tmp_path, caplog):
     trainer = make_trainer(tmp_path, meta_nan=True, hypergradient="t1t2")
     before = snapshot(trainer.meta_module)

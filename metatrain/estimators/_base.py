@@ -92,8 +92,9 @@ class HypergradientEstimator:
             raise ValueError(f"{type(self).__name__} is stateless but got state keys {sorted(state)}.")
 
     def _check_lr(self, lr: float | None) -> float:
-        if lr is None or not lr > 0:
-            raise ValueError(f"The `{self.name}` estimator needs the inner step size `lr` > 0, got lr={lr!r}.")
+        """The inner step size; 0 is valid (a learning-rate warmup starts there: the lookahead is then theta)."""
+        if lr is None or not lr >= 0:
+            raise ValueError(f"The `{self.name}` estimator needs the inner step size `lr` >= 0, got lr={lr!r}.")
         return float(lr)
 
     def __repr__(self) -> str:
