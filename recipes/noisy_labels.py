@@ -64,9 +64,7 @@ def load_data(args: NoisyLabelsArguments, seed: int):
         base = load_digits_dataset(seed=seed)
     else:
         base = load_image_classification_dataset(args.dataset)
-    num_classes = int(max(base["train"]["labels"])) + 1 if args.dataset == "digits" else None
-    if num_classes is None:
-        num_classes = base["train"].features["labels"].num_classes
+    num_classes = base["train"].features["labels"].num_classes
     splits = make_noisy_label_splits(
         base, num_classes, args.noise_type, args.noise_rate, args.num_meta_per_class, seed=seed
     )

@@ -268,3 +268,31 @@ def test_image_dataset_errors(tmp_path):
     Image.new("RGB", (32, 32)).save(tmp_path / "train" / "a" / "0.png")
     with pytest.raises(ValueError, match=r"\['test'\]"):
         load_image_classification_dataset(str(tmp_path), cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("name, repo, label_column", [("cifar10", "uoft-cs/cifar10", "label"),
+                                                      ("CIFAR100", "uoft-cs/cifar100", "fine_label")])  # fmt: skip
+def test_cifar_from_the_hub_maps_columns(monkeypatch, name, repo, label_column):
+    """The Hub path: `datasets.load_dataset(repo)` is stood in for by local data with CIFAR's own column names."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    calls = []
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        features = datasets.Features({"img": datasets.Image(), label_column: datasets.ClassLabel(num_classes=3),
+                                      "coarse_label": datasets.Value("int64")})  # fmt: skip
+        images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
+        split = {"img": images, label_column: [0, 1, 2, 0], "coarse_label": [0] * 4}
+        return datasets.DatasetDict(
+            {s: datasets.Dataset.from_dict(split, features=features) for s in ("train", "test")}
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    ds = load_image_classification_dataset(name, cache_dir="/tmp/cache")
+    assert calls == [(repo, {"cache_dir": "/tmp/cache"})]
+    assert ds["train"].column_names == ["image", "labels"] and ds["train"].features["labels"].num_classes == 3
+    example = ds["test"][1]
+    assert example["pixel_values"].shape == (3, 32, 32) and example["labels"] == 1
+    assert load_image_classification_dataset(name, image_size=16)["train"][0]["pixel_values"].shape == (3, 16, 16)
