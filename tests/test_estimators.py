@@ -287,3 +287,163 @@ def test_evograd_perturbing_a_subset_is_the_lookahead_over_that_subset():
         create_estimator("evograd", perturb="nope").hypergradient(params, [logits], train_loss, meta_loss)
     with pytest.raises(ValueError, match="perturb"):
         create_estimator("evograd", perturb="(")
+
+
+# ------------------------------------------------------------------------------------- second-order estimators
+def weighted_mlp_problem(seed: int = 0, n: int = 24):
+    """A float64 MLP whose training loss weights each example by `sigmoid(lambda_i)`: `(params, lam, losses)`."""
+    torch.manual_seed(seed)
+    model = WeightedMLP().double()
+    xb, yb = torch.randn(n, 4, dtype=torch.float64), torch.randint(0, 3, (n,))
+    xm, ym = torch.randn(n, 4, dtype=torch.float64), torch.randint(0, 3, (n,))
+    lam = (0.3 * torch.randn(n, dtype=torch.float64)).requires_grad_()
+
+    def train_loss(p, batch):
+        x, y = batch if batch is not None else (xb, yb)
+        ce = nn.functional.cross_entropy(functional_call(model, p, (x,)), y, reduction="none")
+        return (torch.sigmoid(lam[: len(y)]) * ce).mean()
+
+    def meta_loss(p, batch):
+        return nn.functional.cross_entropy(functional_call(model, p, (xm,)), ym)
+
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    return params, lam, train_loss, meta_loss
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_t1t2_fd_is_exact_when_the_training_loss_is_quadratic():
+    for lam_value, x_value in [(0.5, 0.3), (2.0, -1.0), (0.0, 0.7)]:
+        lam = torch.tensor(lam_value, dtype=torch.float64, requires_grad=True)
+        x = {"x": torch.tensor(x_value, dtype=torch.float64)}
+        (fd,) = create_estimator("t1t2_fd").hypergradient(x, [lam], *one_dim_problem(lam), lr=0.1)
+        (exact,) = create_estimator("t1t2").hypergradient(x, [lam], *one_dim_problem(lam), lr=0.1)
+        assert abs(fd.item() - exact.item()) < 1e-10
+
+
+def test_t1t2_fd_matches_t1t2_within_finite_difference_error():
+    params, lam, train_loss, meta_loss = weighted_mlp_problem()
+    (exact,) = create_estimator("t1t2").hypergradient(params, [lam], train_loss, meta_loss, lr=0.5)
+    errors = []
+    for epsilon in (0.1, 0.01):
+        (fd,) = create_estimator("t1t2_fd", epsilon=epsilon).hypergradient(
+            params, [lam], train_loss, meta_loss, lr=0.5
+        )
+        errors.append(relative_error(fd, exact))
+    assert errors[1] < 3e-5
+    assert errors[1] < errors[0] / 50  # central differences: the error falls with epsilon^2
+    with pytest.raises(ValueError, match="epsilon"):
+        create_estimator("t1t2_fd", epsilon=0)
+
+
+def ridge_problem(seed: int = 0):
+    """Strongly convex inner problem with a closed-form solution and implicit hypergradient.
+
+    L_train = mean((X theta - y)^2) / 2 + sum_j exp(lambda_j) theta_j^2 / 2, L_meta = mean((X_v theta - y_v)^2) / 2.
+    theta*(lambda) = H^-1 X^T y / n with H = X^T X / n + diag(exp(lambda)), and
+    d L_meta(theta*) / d lambda_j = -(H^-1 v)_j exp(lambda_j) theta*_j with v = grad L_meta(theta*).
+    """
+    g = torch.Generator().manual_seed(seed)
+    X, Xv = torch.randn(60, 5, generator=g, dtype=torch.float64), torch.randn(40, 5, generator=g, dtype=torch.float64)
+    y, yv = torch.randn(60, generator=g, dtype=torch.float64), torch.randn(40, generator=g, dtype=torch.float64)
+    lam = torch.linspace(-1.0, 0.5, 5, dtype=torch.float64).requires_grad_()
+
+    def train_loss(p, batch):
+        return ((X @ p["theta"] - y) ** 2).mean() / 2 + (torch.exp(lam) * p["theta"] ** 2).sum() / 2
+
+    def meta_loss(p, batch):
+        return ((Xv @ p["theta"] - yv) ** 2).mean() / 2
+
+    with torch.no_grad():
+        H = X.T @ X / 60 + torch.diag(torch.exp(lam))
+        theta = torch.linalg.solve(H, X.T @ y / 60)
+        v = Xv.T @ (Xv @ theta - yv) / 40
+        exact = -torch.linalg.solve(H, v) * torch.exp(lam) * theta
+        lipschitz = torch.linalg.eigvalsh(H).max().item()
+    return {"theta": theta}, lam, train_loss, meta_loss, exact, lipschitz
+
+
+def test_neumann_converges_to_the_implicit_hypergradient():
+    params, lam, train_loss, meta_loss, exact, lipschitz = ridge_problem()
+    errors = []
+    for terms in (0, 5, 20, 200):
+        est = create_estimator("neumann", terms=terms, alpha=1.0 / lipschitz)
+        (g,) = est.hypergradient(params, [lam], train_loss, meta_loss)
+        errors.append(relative_error(g, exact))
+    assert errors[-1] < 1e-10
+    assert errors == sorted(errors, reverse=True) and errors[0] > 0.1
+    # alpha defaults to the inner step size
+    default = create_estimator("neumann", terms=200).hypergradient(params, [lam], train_loss, meta_loss, lr=0.2)[0]
+    assert relative_error(default, exact) < 1e-8
+    for bad in ({"terms": -1}, {"alpha": 0.0}, {"terms": 2.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            create_estimator("neumann", **bad)
+
+
+def test_neumann_with_no_terms_is_the_lookahead_to_first_order():
+    """J = 0: p = alpha v, which is T1-T2's second-order term at step alpha (T1-T2 evaluates v at theta')."""
+    params, lam, train_loss, meta_loss = weighted_mlp_problem()
+    (neu,) = create_estimator("neumann", terms=0).hypergradient(params, [lam], train_loss, meta_loss, lr=1e-4)
+    (t1t2,) = create_estimator("t1t2").hypergradient(params, [lam], train_loss, meta_loss, lr=1e-4)
+    assert relative_error(neu, t1t2) < 1e-3
+
+
+def sgd_trajectory(params, train_loss, batches, lr):
+    """Real SGD steps (no graph), as a trainer takes them."""
+    theta = {k: v.clone() for k, v in params.items()}
+    trajectory = [theta]
+    for batch in batches:
+        leaves_ = {k: v.detach().requires_grad_() for k, v in theta.items()}
+        grads = torch.autograd.grad(train_loss(leaves_, batch), list(leaves_.values()))
+        theta = {k: (v - lr * g).detach() for (k, v), g in zip(leaves_.items(), grads)}
+        trajectory.append(theta)
+    return trajectory
+
+
+def test_reverse_equals_autograd_through_the_unrolled_steps():
+    params, lam, train_loss, meta_loss = weighted_mlp_problem(n=24)
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(24, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (24,), generator=g))
+               for _ in range(4)]  # fmt: skip
+    lr = 0.3
+    trajectory = sgd_trajectory(params, train_loss, batches, lr)
+    est = create_estimator("reverse", horizon=3)
+    estimates = [
+        est.hypergradient(trajectory[t], [lam], train_loss, meta_loss, batches[t], lr=lr)[0] for t in range(4)
+    ]
+
+    # reference: autograd through the last three steps, written out from theta_1
+    theta = {k: v.detach().requires_grad_() for k, v in trajectory[1].items()}
+    for batch in batches[1:4]:
+        grads = torch.autograd.grad(train_loss(theta, batch), list(theta.values()), create_graph=True)
+        theta = {k: v - lr * gr for (k, v), gr in zip(theta.items(), grads)}
+    (reference,) = torch.autograd.grad(meta_loss(theta, None), [lam])
+    assert relative_error(estimates[3], reference) < 1e-12
+    # the first call has no history: one step, which is T1-T2
+    (t1t2,) = create_estimator("t1t2").hypergradient(trajectory[0], [lam], train_loss, meta_loss, batches[0], lr=lr)
+    assert relative_error(estimates[0], t1t2) < 1e-12
+    # horizon 1 is T1-T2 at every call
+    (one,) = create_estimator("reverse", horizon=1).hypergradient(trajectory[2], [lam], train_loss, meta_loss,
+                                                                  batches[2], lr=lr)  # fmt: skip
+    (t1t2,) = create_estimator("t1t2").hypergradient(trajectory[2], [lam], train_loss, meta_loss, batches[2], lr=lr)
+    assert relative_error(one, t1t2) < 1e-12
+
+
+def test_reverse_state_round_trip():
+    params, lam, train_loss, meta_loss = weighted_mlp_problem()
+    batches = [None, None, None]
+    trajectory = sgd_trajectory(params, train_loss, batches, 0.3)
+    est = create_estimator("reverse", horizon=3)
+    for t in range(2):
+        est.hypergradient(trajectory[t], [lam], train_loss, meta_loss, batches[t], lr=0.3)
+    restored = create_estimator("reverse", horizon=3)
+    restored.load_state_dict(est.state_dict())
+    (a,) = est.hypergradient(trajectory[2], [lam], train_loss, meta_loss, lr=0.3)
+    (b,) = restored.hypergradient(trajectory[2], [lam], train_loss, meta_loss, lr=0.3)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="longer horizon"):
+        create_estimator("reverse", horizon=2).load_state_dict(est.state_dict())
+    with pytest.raises(ValueError, match="horizon"):
+        create_estimator("reverse", horizon=0)

@@ -8,12 +8,18 @@ from typing import Any
 from ._base import HypergradientEstimator, HypergradientResult
 from .evograd import EvoGrad
 from .first_order import FirstOrder
+from .neumann import Neumann
+from .reverse import ReverseMode
 from .t1t2 import T1T2
+from .t1t2_fd import T1T2FiniteDifference
 
 ESTIMATORS: dict[str, type[HypergradientEstimator]] = {
     "evograd": EvoGrad,
     "t1t2": T1T2,
+    "t1t2_fd": T1T2FiniteDifference,
     "first_order": FirstOrder,
+    "neumann": Neumann,
+    "reverse": ReverseMode,
 }
 
 
@@ -21,7 +27,8 @@ def create_estimator(name: str, **kwargs: Any) -> HypergradientEstimator:
     """Builds the estimator registered under `name` with its options.
 
     Args:
-        name (`str`): one of `ESTIMATORS` (`"evograd"`, `"t1t2"`, `"first_order"`).
+        name (`str`): one of `ESTIMATORS` (`"evograd"`, `"t1t2"`, `"t1t2_fd"`, `"first_order"`, `"neumann"`,
+            `"reverse"`).
         **kwargs: the estimator's options (for example `population`, `sigma` for EvoGrad).
 
     Raises:
@@ -45,6 +52,9 @@ __all__ = [
     "FirstOrder",
     "HypergradientEstimator",
     "HypergradientResult",
+    "Neumann",
+    "ReverseMode",
     "T1T2",
+    "T1T2FiniteDifference",
     "create_estimator",
 ]
