@@ -243,8 +243,9 @@ def test_evograd_auto_sigma_matches_the_learning_rate():
 
 def test_evograd_antithetic_pairs():
     est = create_estimator("evograd", population=4, sigma=0.5, antithetic=True)
-    eps = est._perturbation(torch.zeros(3, 5), 0.5)
-    assert eps.shape == (4, 3, 5) and torch.equal(eps[:2], -eps[2:]) and torch.all(eps.abs() == 0.5)
+    theta = {"w": torch.zeros(3, 5)}
+    eps = torch.stack([est._noise(theta, ["w"], 0.5, seed=7, k=k)["w"] for k in range(4)])
+    assert torch.equal(eps[:2], -eps[2:]) and torch.all(eps.abs() == 0.5) and not torch.equal(eps[0], eps[1])
     assert abs(est.effective_lr(0.5) - 0.25 / 0.05) < 1e-12
     assert (
         abs(est.effective_lr(create_estimator("evograd", sigma="auto", antithetic=True).resolve_sigma(0.1)) - 0.1)
@@ -447,3 +448,65 @@ def test_reverse_state_round_trip():
         create_estimator("reverse", horizon=2).load_state_dict(est.state_dict())
     with pytest.raises(ValueError, match="horizon"):
         create_estimator("reverse", horizon=0)
+
+
+@pytest.mark.parametrize("options", [{}, {"antithetic": True}, {"perturb": r"^net\.2\."}, {"noise": "gaussian"}])
+def test_evograd_memory_lean_gives_the_same_estimate(options):
+    params, lam, train_loss, meta_loss = weighted_mlp_problem()
+    estimates = []
+    for lean in (False, True):
+        torch.manual_seed(5)
+        est = create_estimator("evograd", population=6, sigma=0.05, memory_lean=lean, **options)
+        estimates.append(est.hypergradient(params, [lam], train_loss, meta_loss)[0])
+    assert estimates[0].norm() > 0
+    torch.testing.assert_close(estimates[1], estimates[0], rtol=1e-9, atol=1e-12)
+
+
+def test_evograd_memory_lean_holds_one_perturbation_at_a_time(monkeypatch):
+    """Live perturbation tensors, tracked by weak references: the default path holds all K copies' noise at once,
+    the lean path one copy's."""
+    import weakref
+
+    params, lam, train_loss, meta_loss = weighted_mlp_problem()
+    live, peak = set(), []
+
+    def tracking(real):
+        def noise(self, *args, **kwargs):
+            out = real(self, *args, **kwargs)
+            for tensor in out.values():
+                key = id(tensor)
+                live.add(key)
+                weakref.finalize(tensor, live.discard, key)
+            peak.append(len(live))
+            return out
+
+        return noise
+
+    monkeypatch.setattr(EvoGrad, "_noise", tracking(EvoGrad._noise))
+    for lean, population in ((False, 8), (True, 8), (True, 32)):
+        live.clear(), peak.clear()
+        create_estimator("evograd", population=population, sigma=0.05, memory_lean=lean).hypergradient(
+            params, [lam], train_loss, meta_loss
+        )
+        per_copy = len(params)
+        assert max(peak) == (per_copy if lean else population * per_copy), (lean, population, max(peak))
+
+
+def test_evograd_noise_is_replayed_from_the_global_rng_and_differs_per_rank(monkeypatch):
+    params, lam, train_loss, meta_loss = weighted_mlp_problem()
+    est = create_estimator("evograd", population=2, sigma=0.05)
+    torch.manual_seed(1)
+    a = est.hypergradient(params, [lam], train_loss, meta_loss)[0]
+    torch.manual_seed(1)
+    b = est.hypergradient(params, [lam], train_loss, meta_loss)[0]
+    assert torch.equal(a, b)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    torch.manual_seed(1)
+    other_rank = est.hypergradient(params, [lam], train_loss, meta_loss)[0]
+    assert not torch.equal(a, other_rank)
+    torch.manual_seed(1)
+    shared = create_estimator("evograd", population=2, sigma=0.05, per_rank_noise=False)
+    assert torch.equal(shared.hypergradient(params, [lam], train_loss, meta_loss)[0], a)
+    with pytest.raises(ValueError, match="memory_lean"):
+        create_estimator("evograd", memory_lean=1)

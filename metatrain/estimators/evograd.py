@@ -46,6 +46,19 @@ class EvoGrad(HypergradientEstimator):
             alone (the layer-subset approximation of FaMUS, Xu et al., CVPR 2021). A random projection in fewer
             dimensions is far less noisy: perturbing only a classifier head often recovers most of the signal.
             Defaults to every weight.
+        memory_lean (`bool`, *optional*, defaults to `False`):
+            Process the copies one at a time and regenerate each perturbation from its seed instead of holding all
+            `K` of them: peak memory is about two copies of the perturbed weights whatever `K` (plus `K` gradients
+            of the training loss w.r.t. the meta-parameters, which are small). Same estimate as the default path
+            for the same seed; costs one backward of each copy's training loss to the meta-parameters, which the
+            default path does in one go.
+        per_rank_noise (`bool`, *optional*, defaults to `True`):
+            Under `torch.distributed`, offset the noise seed by the process rank, so each rank draws its own
+            population and the averaged hypergradient (MetaTrainer averages across ranks) uses `K x world_size`
+            copies. With `False` every rank draws the same population.
+
+    The noise of each call comes from a seed drawn from the global torch RNG, so a checkpoint of the RNG state (as
+    `transformers.Trainer` saves) replays it; copy `k` is generated from `seed + k`.
     """
 
     name = "evograd"
@@ -58,11 +71,18 @@ class EvoGrad(HypergradientEstimator):
         noise: str = "sign",
         antithetic: bool = False,
         perturb: str | None = None,
+        memory_lean: bool = False,
+        per_rank_noise: bool = True,
     ):
         if isinstance(population, bool) or not isinstance(population, int) or population < 2:
             raise ValueError(f"EvoGrad option `population` must be an integer >= 2, got population={population!r}.")
-        if not isinstance(antithetic, bool):
-            raise ValueError(f"EvoGrad option `antithetic` must be True or False, got antithetic={antithetic!r}.")
+        for option, value in (
+            ("antithetic", antithetic),
+            ("memory_lean", memory_lean),
+            ("per_rank_noise", per_rank_noise),
+        ):
+            if not isinstance(value, bool):
+                raise ValueError(f"EvoGrad option `{option}` must be True or False, got {option}={value!r}.")
         if antithetic and population % 2:
             raise ValueError(
                 f"EvoGrad option `antithetic=True` needs an even `population` (pairs theta +/- eps), got "
@@ -89,6 +109,8 @@ class EvoGrad(HypergradientEstimator):
         self.noise = noise
         self.antithetic = antithetic
         self.perturb = perturb
+        self.memory_lean = memory_lean
+        self.per_rank_noise = per_rank_noise
 
     def _step_per_sigma2(self) -> float:
         """Effective lookahead step divided by `sigma^2`: `1 / tau` for antithetic pairs, else `(K-1) / (K tau)`."""
@@ -119,11 +141,31 @@ class EvoGrad(HypergradientEstimator):
             )
         return names
 
-    def _perturbation(self, p: torch.Tensor, sigma: float) -> torch.Tensor:
-        draws = self.population // 2 if self.antithetic else self.population
-        eps = torch.randn((draws, *p.shape), device=p.device, dtype=p.dtype)
-        eps = sigma * (eps.sign() if self.noise == "sign" else eps)
-        return torch.cat([eps, -eps]) if self.antithetic else eps
+    def _softmax_weights(self, losses: torch.Tensor) -> torch.Tensor:
+        """`softmax(-losses / tau)`, in at least float32 (half-precision losses are promoted, float64 kept)."""
+        return torch.softmax(-losses.to(torch.promote_types(losses.dtype, torch.float32)) / self.temperature, dim=0)
+
+    def _base_seed(self) -> int:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        if self.per_rank_noise and torch.distributed.is_available() and torch.distributed.is_initialized():
+            seed += 1_000_003 * torch.distributed.get_rank()
+        return seed
+
+    def _noise(
+        self, theta: ParamDict, names: Sequence[str], sigma: float, seed: int, k: int
+    ) -> dict[str, torch.Tensor]:
+        """The perturbation of copy `k`, regenerated from `seed`: antithetic copy `k >= K / 2` is minus copy
+        `k - K / 2`."""
+        half = self.population // 2
+        sign = -1.0 if self.antithetic and k >= half else 1.0
+        generator = torch.Generator().manual_seed(seed + (k % half if self.antithetic else k))
+        noise = {}
+        for name in names:
+            p = theta[name]
+            eps = torch.randn(p.shape, generator=generator, dtype=torch.float32)
+            eps = eps.sign() if self.noise == "sign" else eps
+            noise[name] = (sign * sigma * eps).to(device=p.device, dtype=p.dtype)
+        return noise
 
     def estimate(
         self,
@@ -137,16 +179,54 @@ class EvoGrad(HypergradientEstimator):
     ) -> HypergradientResult:
         sigma = self.resolve_sigma(lr)
         theta = {name: p.detach() for name, p in params.items()}
-        eps = {name: self._perturbation(theta[name], sigma) for name in self._perturbed_names(theta)}
+        names, seed = self._perturbed_names(theta), self._base_seed()
 
-        def copy(k: int) -> dict[str, torch.Tensor]:
-            return {name: p + eps[name][k] if name in eps else p for name, p in theta.items()}
+        def noise(k: int) -> dict[str, torch.Tensor]:
+            return self._noise(theta, names, sigma, seed, k)
 
-        losses = torch.stack([train_loss(copy(k), train_batch).reshape(()) for k in range(self.population)])
-        weights = torch.softmax(-losses.float() / self.temperature, dim=0)
-        theta_star = {
-            name: p + torch.tensordot(weights.to(p.dtype), eps[name], dims=1) if name in eps else p
-            for name, p in theta.items()
-        }
+        if self.memory_lean:
+            return self._estimate_lean(
+                theta, names, noise, meta_params, train_loss, meta_loss, train_batch, meta_batch
+            )
+        eps = [noise(k) for k in range(self.population)]
+        losses = torch.stack(
+            [train_loss({**theta, **{n: theta[n] + e[n] for n in names}}, train_batch).reshape(()) for e in eps]
+        )
+        weights = self._softmax_weights(losses)
+        theta_star = dict(theta)
+        for name in names:
+            stacked = torch.stack([e[name] for e in eps])
+            theta_star[name] = theta[name] + torch.tensordot(weights.to(stacked.dtype), stacked, dims=1)
         loss = meta_loss(theta_star, meta_batch)
         return HypergradientResult(grads_or_zeros(loss, meta_params), loss.detach())
+
+    def _estimate_lean(self, theta, names, noise, meta_params, train_loss, meta_loss, train_batch, meta_batch):
+        """One copy at a time: `d L_meta / d lambda = direct - (1 / tau) sum_k w_k (c_k - c_bar) d l_k / d lambda`,
+        with `c_k = grad L_meta(theta*) . eps_k` and `c_bar = sum_k w_k c_k` (the chain rule through the softmax)."""
+        losses, loss_grads = [], []
+        for k in range(self.population):
+            eps = noise(k)
+            loss_k = train_loss({**theta, **{n: theta[n] + e for n, e in eps.items()}}, train_batch).reshape(())
+            losses.append(loss_k.detach())
+            loss_grads.append(grads_or_zeros(loss_k, meta_params))
+            del eps, loss_k
+        weights = self._softmax_weights(torch.stack(losses))
+        moved = {name: theta[name].clone() for name in names}
+        for k in range(self.population):
+            eps = noise(k)
+            for name in names:
+                moved[name].add_(eps[name], alpha=weights[k].item())
+            del eps  # before the next copy is drawn
+        theta_star = {**theta, **{name: p.requires_grad_() for name, p in moved.items()}}
+        loss = meta_loss(theta_star, meta_batch)
+        grads = grads_or_zeros(loss, [*moved.values(), *meta_params])
+        g_star, direct = dict(zip(names, grads[: len(names)])), grads[len(names) :]
+        c = torch.stack(
+            [sum((g_star[n].double() * e.double()).sum() for n, e in noise(k).items()) for k in range(self.population)]
+        )
+        coefficient = -(weights.double() * (c - (weights.double() * c).sum())) / self.temperature
+        hyper = tuple(
+            d + sum(coefficient[k].to(d.dtype) * loss_grads[k][i] for k in range(self.population))
+            for i, d in enumerate(direct)
+        )
+        return HypergradientResult(hyper, loss.detach())
