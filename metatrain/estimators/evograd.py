@@ -158,11 +158,12 @@ class EvoGrad(HypergradientEstimator):
         `k - K / 2`."""
         half = self.population // 2
         sign = -1.0 if self.antithetic and k >= half else 1.0
-        generator = torch.Generator().manual_seed(seed + (k % half if self.antithetic else k))
+        device = theta[names[0]].device  # drawn where the weights live: no host-to-device copy per step
+        generator = torch.Generator(device=device).manual_seed(seed + (k % half if self.antithetic else k))
         noise = {}
         for name in names:
             p = theta[name]
-            eps = torch.randn(p.shape, generator=generator, dtype=torch.float32)
+            eps = torch.randn(p.shape, generator=generator, device=device, dtype=torch.float32)
             eps = eps.sign() if self.noise == "sign" else eps
             noise[name] = (sign * sigma * eps).to(device=p.device, dtype=p.dtype)
         return noise
