@@ -125,7 +125,7 @@ def test_train_runs_logs_and_keeps_meta_params_out_of_base_optimizer(tmp_path, e
 
 @pytest.mark.parametrize(
     "estimator, options",
-    [("t1t2_fd", None), ("neumann", {"terms": 3}), ("reverse", {"horizon": 2}),
+    [("t1t2_fd", None), ("neumann", {"terms": 3}), ("reverse", {"horizon": 2}), ("hyperdistill", None),
      ("evograd", {"memory_lean": True, "population": 4, "sigma": "auto"})],
 )  # fmt: skip
 def test_every_estimator_trains(tmp_path, estimator, options):
@@ -182,10 +182,13 @@ class StopAfter(TrainerCallback):
 
 
 @pytest.mark.parametrize(
-    "estimator, options", [("evograd", {"sigma": 0.01, "population": 3}), ("reverse", {"horizon": 3})]
-)
+    "estimator, options",
+    [("evograd", {"sigma": 0.01, "population": 3}), ("reverse", {"horizon": 3}),
+     ("hyperdistill", {"gamma": 0.9, "pi": None, "horizon": 2, "estimation_period": 2})],
+)  # fmt: skip
 def test_resume_continues_the_same_run(tmp_path, estimator, options):
-    """EvoGrad's noise comes from the RNG state; reverse mode carries its remembered steps in the checkpoint."""
+    """EvoGrad's noise comes from the RNG state; reverse mode and HyperDistill carry their running state (remembered
+    steps; running average, distilled batch, generator and refit window) in the checkpoint."""
     common = dict(max_steps=6, save_strategy="steps", save_steps=3, hypergradient=estimator,
                   hypergradient_kwargs=options)  # fmt: skip
     full = make_trainer(tmp_path / "full", **common)

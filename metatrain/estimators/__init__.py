@@ -8,6 +8,7 @@ from typing import Any
 from ._base import HypergradientEstimator, HypergradientResult
 from .evograd import EvoGrad
 from .first_order import FirstOrder
+from .hyperdistill import HyperDistill
 from .neumann import Neumann
 from .reverse import ReverseMode
 from .t1t2 import T1T2
@@ -20,6 +21,7 @@ ESTIMATORS: dict[str, type[HypergradientEstimator]] = {
     "first_order": FirstOrder,
     "neumann": Neumann,
     "reverse": ReverseMode,
+    "hyperdistill": HyperDistill,
 }
 
 
@@ -28,7 +30,7 @@ def create_estimator(name: str, **kwargs: Any) -> HypergradientEstimator:
 
     Args:
         name (`str`): one of `ESTIMATORS` (`"evograd"`, `"t1t2"`, `"t1t2_fd"`, `"first_order"`, `"neumann"`,
-            `"reverse"`).
+            `"reverse"`, `"hyperdistill"`).
         **kwargs: the estimator's options (for example `population`, `sigma` for EvoGrad).
 
     Raises:
@@ -51,6 +53,7 @@ __all__ = [
     "EvoGrad",
     "FirstOrder",
     "HypergradientEstimator",
+    "HyperDistill",
     "HypergradientResult",
     "Neumann",
     "ReverseMode",
