@@ -1,0 +1,222 @@
+"""`compare_estimators`, its reports and table, and the standalone loss closures of `model_losses`."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from metatrain.diagnostics import EstimatorReport, compare_estimators, format_table, model_losses
+from metatrain.estimators import ESTIMATORS, HypergradientEstimator, HypergradientResult, create_estimator
+from metatrain.modules import MetaWeightNet
+
+LR = 0.3
+
+
+def per_sample_ce64(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per example in the logits' dtype (the default loss computes in float32)."""
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def tiny_problem(model: nn.Module | None = None, per_sample_loss=per_sample_ce64) -> dict[str, Any]:
+    """A float64 MLP classifier with a Meta-Weight-Net, batches of 16 whose per-sample losses spread out."""
+    torch.manual_seed(0)
+    model = model or nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    weighter = MetaWeightNet(hidden_size=16).double()
+    params, train_loss, meta_loss = model_losses(model, weighter, per_sample_loss)
+    return {
+        "params": params,
+        "meta_params": list(weighter.parameters()),
+        "train_loss": train_loss,
+        "meta_loss": meta_loss,
+        "train_batch": (3 * torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))),
+        "meta_batch": (3 * torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))),
+        "lr": LR,
+    }
+
+
+def flat(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def test_t1t2_against_itself_and_first_order_has_no_direction():
+    problem = tiny_problem()
+    t1t2, first = compare_estimators(**problem, estimators=["t1t2", "first_order"], repeats=2)
+    assert isinstance(t1t2, EstimatorReport) and (t1t2.name, first.name) == ("t1t2", "first_order")
+    for value in (t1t2.cosine, t1t2.cosine_of_mean, t1t2.norm_ratio, t1t2.norm_ratio_of_mean):
+        assert abs(value - 1) < 1e-10
+    expected = flat(create_estimator("t1t2").hypergradient(**problem))
+    torch.testing.assert_close(t1t2.hypergradient, expected, rtol=1e-12, atol=0)
+    assert t1t2.norm > 0 and t1t2.reference_norm == pytest.approx(t1t2.norm, rel=1e-12)
+    assert t1t2.reference == first.reference == "t1t2"
+
+    # the meta loss of a loss weighter does not depend on it directly: the first-order estimate is exactly zero,
+    # whose cosine is undefined (NaN), not orthogonal (0)
+    assert first.norm == 0 and first.norm_ratio == 0 and first.norm_ratio_of_mean == 0
+    assert math.isnan(first.cosine) and math.isnan(first.cosine_of_mean)
+
+    for report in (t1t2, first):
+        assert report.seconds > 0 and report.repeats == 2 and report.memory_kind == "cpu_saved_for_backward"
+        assert math.isfinite(report.meta_loss)
+    # T1-T2 keeps a second-order graph; first-order builds none here, so it saves nothing for backward
+    assert t1t2.memory_bytes > first.memory_bytes >= 0
+
+
+def test_evograd_mean_tracks_t1t2_when_its_step_is_the_learning_rate():
+    """`sigma="auto"` sets EvoGrad's effective lookahead step to `lr`: the mean over repeats points where T1-T2
+    does, while single estimates of a small population are much noisier."""
+    problem = tiny_problem()
+    large, small = compare_estimators(
+        **problem,
+        estimators=[("evograd", {"population": 32, "sigma": "auto"}), ("evograd", {"population": 4, "sigma": "auto"})],
+        repeats=8,
+    )
+    assert large.label == "evograd(population=32, sigma='auto')"
+    assert large.cosine_of_mean > 0.9 and large.cosine > 0.8
+    assert small.cosine_of_mean > 0.9 and small.cosine < small.cosine_of_mean - 0.1
+    assert large.memory_bytes > small.memory_bytes > 0 and large.seconds > 0 and small.seconds > 0
+
+
+def test_batch_norm_statistics_and_weights_are_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)).double().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    problem = tiny_problem(model, per_sample_loss=None)  # MetaTrainer's default loss
+    reports = compare_estimators(
+        **problem, estimators=["t1t2", "first_order", ("evograd", {"population": 8, "sigma": "auto"})], repeats=2
+    )
+    assert [r.name for r in reports] == ["t1t2", "first_order", "evograd"]
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "compare_estimators changed the model's state"
+    assert all(p.grad is None for p in [*model.parameters(), *problem["meta_params"]])
+    # the check means something: an ordinary training-mode call does move the running statistics
+    model(problem["train_batch"][0])
+    assert not torch.equal(before["1.running_mean"], model.state_dict()["1.running_mean"])
+
+
+def test_model_losses_are_the_weighted_and_plain_means():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    weighter = MetaWeightNet(hidden_size=8).double()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    params, train_loss, meta_loss = model_losses(model, weighter, per_sample_ce64)
+    assert set(params) == {n for n, _ in model.named_parameters()} and not any(
+        p.requires_grad for p in params.values()
+    )
+    losses = per_sample_ce64(model(x), y)
+    w = weighter(losses)
+    torch.testing.assert_close(train_loss(params, (x, y)), (w * losses).sum() / w.sum())
+    torch.testing.assert_close(meta_loss(params, (x, y)), losses.mean())
+    shifted = {name: p + 0.1 for name, p in params.items()}
+    torch.testing.assert_close(
+        meta_loss(shifted, [(x,), y]), F.cross_entropy(torch.func.functional_call(model, shifted, (x,)), y)
+    )
+
+    _, plain_train_loss, _ = model_losses(model)
+    torch.testing.assert_close(plain_train_loss(params, (x, y)), F.cross_entropy(model(x).float(), y))
+    with pytest.raises(ValueError, match=r"\(inputs, labels\)"):
+        meta_loss(params, {"pixel_values": x, "labels": y})
+    with pytest.raises(ValueError, match="LossWeighter"):
+        model_losses(model, nn.Linear(1, 1))
+
+
+def test_format_table_and_to_dict():
+    problem = tiny_problem()
+    estimators = ["t1t2", "first_order", ("evograd", {"population": 4}), ("evograd", {"population": 8})]
+    reports = compare_estimators(**problem, estimators=estimators, repeats=2)
+    table = format_table(reports)
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(estimators) and all(line.startswith("| ") or line.startswith("|-") for line in lines)
+    assert "cpu_saved_for_backward" in lines[0] and "time (ms)" in lines[0]
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in lines[2:]]
+    assert rows == ["t1t2", "first_order", "evograd(population=4)", "evograd(population=8)"]
+    assert "n/a" in lines[3]
+    assert len({len(line.split("|")) for line in lines}) == 1
+
+    dicts = [r.to_dict() for r in reports]
+    json.dumps(dicts, allow_nan=False)
+    assert dicts[1]["cosine"] is None and dicts[1]["norm"] == 0 and "hypergradient" not in dicts[0]
+    assert dicts[2]["options"] == {"population": 4} and dicts[2]["label"] == "evograd(population=4)"
+
+
+class CountingEstimator(HypergradientEstimator):
+    """A stateful stand-in: counts its calls and returns the first-order estimate."""
+
+    name = "counting"
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+        self._calls = 0
+
+    def estimate(self, params, meta_params, train_loss, meta_loss, train_batch=None, meta_batch=None, lr=None):
+        self._calls += 1
+        return HypergradientResult(tuple(torch.ones_like(p) * self.scale for p in meta_params), torch.tensor(0.0))
+
+    def state_dict(self):
+        return {"calls": self._calls}
+
+    def load_state_dict(self, state):
+        self._calls = state["calls"]
+
+
+def test_estimator_instances_are_reported_and_their_state_restored(monkeypatch):
+    problem = tiny_problem()
+    counting = CountingEstimator(scale=2.0)
+    seen = []
+    real_estimate = CountingEstimator.estimate
+
+    def recording(self, *args, **kwargs):
+        seen.append(self._calls)
+        return real_estimate(self, *args, **kwargs)
+
+    monkeypatch.setattr(CountingEstimator, "estimate", recording)
+    (report,) = compare_estimators(**problem, estimators=[counting], reference=CountingEstimator(), repeats=3)
+    assert seen == [0, 0, 1, 2, 3, 4]  # the reference once, then warm-up, 3 timed calls and the memory call
+    assert counting._calls == 0
+    assert report.name == "counting" and report.options == {"scale": 2.0}
+    assert report.label == "counting(scale=2.0)" and report.reference == "counting(scale=1.0)"
+    assert report.cosine == pytest.approx(1.0) and report.norm_ratio == pytest.approx(2.0)
+
+
+def test_invalid_input_fails_before_any_work():
+    problem = tiny_problem()
+
+    def never(weights, batch):
+        raise AssertionError("computed something before validating the input")
+
+    problem_never = {**problem, "train_loss": never, "meta_loss": never}
+    with pytest.raises(ValueError) as from_registry:
+        create_estimator("t1t3")
+    with pytest.raises(ValueError) as from_diagnostics:
+        compare_estimators(**problem_never, estimators=["t1t2", "t1t3"])
+    assert str(from_diagnostics.value) == str(from_registry.value)
+    with pytest.raises(ValueError, match=r"popsize.*population"):
+        compare_estimators(**problem_never, estimators=[("evograd", {"popsize": 3})])
+    with pytest.raises(ValueError, match="Unknown hypergradient estimator 'nope'"):
+        compare_estimators(**problem_never, estimators=["t1t2"], reference="nope")
+    for empty in ([], (), "t1t2"):
+        with pytest.raises(ValueError, match="non-empty list"):
+            compare_estimators(**problem_never, estimators=empty)
+    with pytest.raises(ValueError, match="Cannot build"):
+        compare_estimators(**problem_never, estimators=[3])
+    with pytest.raises(ValueError, match="repeats"):
+        compare_estimators(**problem_never, estimators=["t1t2"], repeats=0)
+    with pytest.raises(ValueError, match="warmup"):
+        compare_estimators(**problem_never, estimators=["t1t2"], warmup=-1)
+    frozen = [p.detach() for p in problem["meta_params"]]
+    with pytest.raises(ValueError, match="require grad"):
+        compare_estimators(**{**problem_never, "meta_params": frozen}, estimators=["t1t2"])
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_every_registered_estimator_runs_with_its_defaults(name):
+    (report,) = compare_estimators(**tiny_problem(), estimators=[name])
+    assert report.name == name and report.options == {} and report.repeats == 1
+    assert math.isfinite(report.norm) and report.seconds > 0 and report.memory_bytes >= 0
+    assert math.isnan(report.cosine) or -1 - 1e-9 <= report.cosine <= 1 + 1e-9
