@@ -1,4 +1,5 @@
-"""Recipes run end to end on tiny settings: results JSON, plots, and the real image-folder loading path."""
+"""Recipes run end to end on tiny settings: results JSON, plots, the real image-folder loading path, and the 1-D
+EvoGrad problem against its closed form."""
 
 from __future__ import annotations
 
@@ -61,3 +62,74 @@ def test_noisy_labels_on_an_image_folder(noisy_labels, image_folder, tmp_path, n
 def test_noisy_labels_rejects_unknown_methods(noisy_labels, tmp_path):
     with pytest.raises(ValueError, match=r"Unknown methods \['mwn_magic'\]"):
         noisy_labels.main(["--methods", "mwn_magic", "--output_dir", str(tmp_path)])
+
+
+# ------------------------------------------------------------------------------------------ toy_1d (EvoGrad 4.1)
+STARTS_X, STARTS_LAMBDA, LR = (-1.8, 0.9), (0.2, 0.8), 0.1
+
+
+@pytest.fixture(scope="module")
+def toy_1d():
+    return load_recipe("toy_1d")
+
+
+@pytest.fixture(scope="module")
+def run(toy_1d, tmp_path_factory):
+    results = tmp_path_factory.mktemp("toy_1d")
+    report = toy_1d.main(
+        ["--repetitions", "40", "--grid_size", "10", "--seed", "0", "--results_dir", str(results),
+         "--start_x", *map(str, STARTS_X), "--start_lambda", *map(str, STARTS_LAMBDA), "--lr", str(LR)]
+    )  # fmt: skip
+    return results, report
+
+
+def test_files_and_results(run):
+    results, report = run
+    assert (results / "figure2_hypergradient.png").stat().st_size > 0
+    assert (results / "figure3_trajectories.png").stat().st_size > 0
+    saved = json.loads((results / "results.json").read_text())
+    assert saved["summary"] == report["summary"] and set(saved["summary"]) == {"2", "10", "100"}
+    assert saved["config"]["sigma"] == 1.0 and saved["config"]["temperature"] == 0.5
+    assert saved["config"]["noise"] == "gaussian" and saved["config"]["evaluate_at"] == "optimum"
+    assert len(saved["trajectories"]["ground_truth"]) == 2
+    for runs in saved["trajectories"]["evograd"].values():
+        assert [len(t["x"]) for t in runs] == [6, 6] and [len(t["lambda"]) for t in runs] == [6, 6]
+
+
+def test_evograd_tracks_the_closed_form(run):
+    summary = run[1]["summary"]
+    for k in ("10", "100"):
+        assert summary[k]["pearson"] > 0.95, summary
+    # more copies, a less noisy mean
+    assert summary["100"]["mean_abs_error"] < summary["2"]["mean_abs_error"]
+
+
+def test_closed_form_is_the_hypergradient_at_the_inner_optimum(toy_1d):
+    eps = 1e-6
+    for lam in (0.1, 0.5, 1.0, 1.7):
+        x_plus, x_minus = toy_1d.inner_optimum(lam + eps), toy_1d.inner_optimum(lam - eps)
+        numeric = (toy_1d.val_loss(x_plus) - toy_1d.val_loss(x_minus)) / (2 * eps)
+        assert toy_1d.closed_form_hypergradient(lam) == pytest.approx(numeric, abs=1e-8)
+
+
+def test_ground_truth_follows_the_closed_form(run):
+    trajectories = run[1]["trajectories"]
+    # one step from (x, lambda) = (-1.8, 0.2) by hand: df_T/dx = 2 (x - 1) + 2 lambda x = -5.6 - 0.72 = -6.32,
+    # so x = -1.8 + 0.632; g(0.2) = -0.8 / 1.2^3, so lambda = 0.2 + 0.08 / 1.728
+    first = trajectories["ground_truth"][0]
+    assert first["x"][1] == pytest.approx(-1.168) and first["lambda"][1] == pytest.approx(0.2 + 0.08 / 1.728)
+    # every step: lambda follows g at its own lambda, never EvoGrad's
+    for start_x, start_lambda, gt in zip(STARTS_X, STARTS_LAMBDA, trajectories["ground_truth"]):
+        x, lam = start_x, start_lambda
+        for step in range(1, 6):
+            x, lam = x - LR * (2 * (x - 1) + 2 * lam * x), lam - LR * (lam - 1) / (lam + 1) ** 3
+            assert (gt["x"][step], gt["lambda"][step]) == pytest.approx((x, lam))
+    # EvoGrad takes the same x step, then its own lambda step
+    for runs in trajectories["evograd"].values():
+        evo = runs[0]
+        assert evo["x"][1] == pytest.approx(-1.168) and evo["lambda"][1] != pytest.approx(first["lambda"][1])
+
+
+def test_unknown_evaluation_point(toy_1d, tmp_path):
+    with pytest.raises(ValueError, match="evaluate_at"):
+        toy_1d.main(["--evaluate_at", "anywhere", "--results_dir", str(tmp_path)])
