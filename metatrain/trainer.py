@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, Trainer
 
 from .estimators import create_estimator
 from .losses import per_sample_cross_entropy, weighted_mean
-from .modules import LossWeighter
+from .modules import InputTransform, LossWeighter
 from .profiling import MemoryMeter
 from .training_args import MetaTrainingArguments
 
@@ -114,9 +114,13 @@ class PerSampleLossTrainer(Trainer):
         """Reduces per-example losses to the scalar that is back-propagated; the mean here."""
         return losses.mean()
 
+    def transform_inputs(self, inputs: dict[str, Any], training: bool) -> dict[str, Any]:
+        """The batch the model sees; unchanged here."""
+        return inputs
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Per-example losses of the batch, reduced by [`~PerSampleLossTrainer.reduce_loss`]."""
-        args, kwargs, labels = self._split_inputs(inputs)
+        args, kwargs, labels = self._split_inputs(self.transform_inputs(inputs, model.training))
         logits = _logits(model(*args, **kwargs))
         loss = self.reduce_loss(self.per_sample_loss(logits, labels), model.training)
         return (loss, {"logits": logits}) if return_outputs else loss
@@ -140,9 +144,10 @@ class MetaTrainer(PerSampleLossTrainer):
         meta_dataset (`datasets.Dataset` or `torch.utils.data.Dataset`):
             Clean held-out examples for the meta loss; batched like the train set, shuffled, sharded across processes.
         meta_module (`nn.Module`):
-            Holds the meta-parameters. Either a [`~metatrain.modules.LossWeighter`] outside the model (it then weights
-            the per-sample training losses), or a module attached inside the model (its parameters must all be
-            parameters of the model).
+            Holds the meta-parameters. Either a module outside the model, a [`~metatrain.modules.LossWeighter`] (it
+            weights the per-sample training losses) or a [`~metatrain.modules.InputTransform`] (it transforms the
+            training inputs), or a module attached inside the model (its parameters must all be parameters of the
+            model).
         per_sample_loss, model_input_names: see [`PerSampleLossTrainer`].
         **kwargs: passed to [`~transformers.Trainer`].
     """
@@ -192,11 +197,12 @@ class MetaTrainer(PerSampleLossTrainer):
                 f"{[n for n in found if n]}. Attach the whole meta-module to the model or keep it outside."
             )
         else:
-            if not isinstance(meta_module, LossWeighter):
+            if not isinstance(meta_module, (LossWeighter, InputTransform)):
                 raise ValueError(
                     f"Meta-parameters not found in the model: `meta_module` ({type(meta_module).__name__}) is neither "
-                    "attached to the model nor a `metatrain.modules.LossWeighter`. Attach it to the model first (e.g. "
-                    "with the module's `attach_*` function) or subclass LossWeighter for a loss-weighting net."
+                    "attached to the model nor a `metatrain.modules.LossWeighter` or `InputTransform`. Attach it to "
+                    "the model first (e.g. with the module's `attach_*` function), or subclass LossWeighter for a "
+                    "loss-weighting net or InputTransform for a transformation of the training inputs."
                 )
             self.meta_param_names = None
         for p in self.meta_params:
@@ -212,9 +218,11 @@ class MetaTrainer(PerSampleLossTrainer):
             )
         self.meta_dataset = meta_dataset
         self.meta_module = meta_module
-        self.loss_weighter = meta_module if self.meta_param_names is None else None
-        if self.loss_weighter is not None:
-            self.loss_weighter.to(self.args.device)
+        self.external_meta_module = meta_module if self.meta_param_names is None else None
+        self.loss_weighter = meta_module if isinstance(self.external_meta_module, LossWeighter) else None
+        self.input_transform = meta_module if isinstance(self.external_meta_module, InputTransform) else None
+        if self.external_meta_module is not None:
+            self.external_meta_module.to(self.args.device)
         self.estimator = create_estimator(self.args.hypergradient, **self.args.hypergradient_kwargs)
         self.meta_optimizer: torch.optim.Optimizer | None = None
         self.meta_steps_skipped = 0
@@ -230,6 +238,18 @@ class MetaTrainer(PerSampleLossTrainer):
         if self.loss_weighter is not None and training:
             return self.loss_weighter.weighted_loss(losses)
         return losses.mean()
+
+    def transform_inputs(self, inputs: dict[str, Any], training: bool, transform: Callable | None = None):
+        """Applies the input transform (or `transform`, its functional form in the meta step) to training batches."""
+        if self.input_transform is None or not training:
+            return inputs
+        key = self.input_transform.input_name
+        if key not in inputs:
+            raise ValueError(
+                f"The input transform {type(self.input_transform).__name__} reads batch key {key!r}, which the batch "
+                f"lacks (keys: {sorted(inputs)}): set its `input_name`."
+            )
+        return {**inputs, key: (transform or self.input_transform)(inputs[key])}
 
     # ------------------------------------------------------------------------------------------------ optimizers
     def create_optimizer(self, *args, **kwargs):
@@ -333,9 +353,11 @@ class MetaTrainer(PerSampleLossTrainer):
         buffers = dict(model.named_buffers())
         leaves = [p.detach().requires_grad_(True) for p in self.meta_params]
         embedded = dict(zip(self.meta_param_names, leaves)) if self.meta_param_names is not None else {}
-        weighter_params = (
-            dict(zip([n for n, _ in self.loss_weighter.named_parameters()], leaves)) if self.loss_weighter else {}
-        )
+        external = self.external_meta_module
+        external_params = dict(zip([n for n, _ in external.named_parameters()], leaves)) if external else {}
+
+        def external_call(*call_args: Any) -> torch.Tensor:
+            return functional_call(external, external_params, call_args)
 
         def per_sample(weights: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
             args, kwargs, labels = self._split_inputs(batch)
@@ -345,10 +367,10 @@ class MetaTrainer(PerSampleLossTrainer):
             return self.per_sample_loss(_logits(outputs), labels)
 
         def train_loss(weights, batch):
-            losses = per_sample(weights, batch)
+            losses = per_sample(weights, self.transform_inputs(batch, True, external_call))
             if self.loss_weighter is None:
                 return losses.mean()
-            return weighted_mean(losses, functional_call(self.loss_weighter, weighter_params, (losses,)))
+            return weighted_mean(losses, external_call(losses))
 
         def meta_loss(weights, batch):
             return per_sample(weights, batch).mean()
@@ -435,9 +457,9 @@ class MetaTrainer(PerSampleLossTrainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
-        if self.loss_weighter is not None and self.args.should_save:
+        if self.external_meta_module is not None and self.args.should_save:
             from safetensors.torch import save_file
 
             output_dir = output_dir if output_dir is not None else self.args.output_dir
-            tensors = {k: v.detach().contiguous().cpu() for k, v in self.loss_weighter.state_dict().items()}
+            tensors = {k: v.detach().contiguous().cpu() for k, v in self.external_meta_module.state_dict().items()}
             save_file(tensors, os.path.join(output_dir, META_MODULE_NAME))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -72,3 +73,32 @@ def test_meta_weight_net_stays_outside_the_model(tmp_path):
     meta_ids = {id(p) for p in mwn.parameters()}
     assert not meta_ids & {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert meta_ids == {id(p) for g in trainer.meta_optimizer.param_groups for p in g["params"]}
+
+
+# ------------------------------------------------------------------------------------------------ rotation
+def test_rotate_images_geometry_and_gradient():
+    import math
+
+    from metatrain.modules import rotate_images
+
+    image = torch.zeros(1, 1, 9, 9)
+    image[0, 0, 4, 8] = 1.0  # right of the centre
+    assert (rotate_images(image, math.pi / 2)[0, 0] > 0.5).nonzero().tolist() == [[0, 4]]  # counter-clockwise: top
+    assert (rotate_images(image, -math.pi / 2)[0, 0] > 0.5).nonzero().tolist() == [[8, 4]]
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(rotate_images(images, 0.0), images)
+    angle = torch.tensor(0.3, requires_grad=True)
+    (grad,) = torch.autograd.grad(rotate_images(images, angle).square().sum(), [angle])
+    assert torch.isfinite(grad) and grad != 0
+
+
+def test_learnable_rotation_module():
+    from metatrain.modules import InputTransform, LearnableRotation
+
+    rotation = LearnableRotation(degrees=30.0)
+    assert isinstance(rotation, InputTransform) and rotation.input_name == "pixel_values"
+    assert abs(rotation.degrees - 30.0) < 1e-5 and [n for n, _ in rotation.named_parameters()] == ["angle"]
+    assert "degrees=30.00" in repr(rotation)
+    with pytest.raises(ValueError, match="padding_mode='wrap'"):
+        LearnableRotation(padding_mode="wrap")

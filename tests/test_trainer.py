@@ -310,3 +310,52 @@ def test_per_sample_loss_trainer_trains_a_plain_module(tmp_path):
     trainer.train()
     assert trainer.state.global_step == 3 and trainer.args.label_names == ["labels"]
     assert trainer.evaluate(image_dataset(8, 1))["eval_loss"] > 0
+
+
+def test_input_transform_rotates_training_inputs_only_and_meta_step_matches_reference(tmp_path):
+    from metatrain.modules import LearnableRotation, rotate_images
+
+    rotation = LearnableRotation(degrees=10.0)
+    trainer = make_trainer(
+        tmp_path, meta_module=rotation, hypergradient="t1t2", meta_optimizer="sgd", meta_learning_rate=1.0,
+        meta_momentum=0.0, meta_weight_decay=0.0,
+    )  # fmt: skip
+    assert trainer.input_transform is rotation and trainer.loss_weighter is None
+    trainer.create_optimizer()
+    model = trainer.model
+    train_batch = next(iter(trainer.get_train_dataloader()))
+    meta_batch = next(iter(trainer.get_meta_dataloader()))
+    angle = rotation.angle.detach().clone()
+
+    # reference: one SGD step on rotated training inputs, meta loss on unrotated meta inputs
+    theta = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    lam = angle.clone().requires_grad_()
+    bufs = lambda: {n: b.clone() for n, b in model.named_buffers()}  # noqa: E731
+    rotated = rotate_images(train_batch["pixel_values"], lam)
+    inner = nn.functional.cross_entropy(functional_call(model, {**theta, **bufs()}, (rotated,)), train_batch["labels"])
+    g = torch.autograd.grad(inner, list(theta.values()), create_graph=True)
+    stepped = {n: p - 0.1 * gi for (n, p), gi in zip(theta.items(), g)}
+    outer = nn.functional.cross_entropy(
+        functional_call(model, {**stepped, **bufs()}, (meta_batch["pixel_values"],)), meta_batch["labels"]
+    )
+    (expected,) = torch.autograd.grad(outer, [lam])
+    assert expected != 0
+
+    trainer._meta_loader = None
+    assert trainer.meta_step(train_batch)
+    torch.testing.assert_close(angle - rotation.angle.detach(), expected, rtol=1e-4, atol=1e-7)
+
+    # the base step and evaluation: training batches are rotated, evaluation batches are not
+    seen = []
+    handle = model.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].detach().clone())))
+    batch = {k: v[:4] for k, v in train_batch.items()}
+    model.train()
+    trainer.compute_loss(model, batch)
+    model.eval()
+    trainer.compute_loss(model, batch)
+    handle.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(seen[0][1], rotation(batch["pixel_values"]))
+    assert seen[0][0] and not seen[1][0] and torch.equal(seen[1][1], batch["pixel_values"])
+    trainer.train()
+    assert all(entry["hypergradient_norm"] > 0 for entry in trainer.state.log_history if "loss" in entry)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ._base import LossWeighter
+from ._base import InputTransform, LossWeighter
 from .meta_weight_net import MetaWeightNet
+from .rotation import LearnableRotation, rotate_images
 
-__all__ = ["LossWeighter", "MetaWeightNet"]
+__all__ = ["InputTransform", "LearnableRotation", "LossWeighter", "MetaWeightNet", "rotate_images"]

@@ -1,4 +1,4 @@
-"""Base classes that tell [`MetaTrainer`] how a meta-module enters the training loss."""
+"""Base classes that tell [`MetaTrainer`] how a meta-module outside the model enters the training loss."""
 
 from __future__ import annotations
 
@@ -17,3 +17,21 @@ class LossWeighter(nn.Module):
 
     def weighted_loss(self, losses: torch.Tensor) -> torch.Tensor:
         return weighted_mean(losses, self(losses))
+
+
+class InputTransform(nn.Module):
+    """A meta-module outside the model that transforms the training inputs before the model sees them.
+
+    [`MetaTrainer`] applies it to the batch entry `input_name` of training batches only: in the base step and in the
+    training loss of the meta step. Meta (validation) and evaluation batches reach the model untransformed, so the
+    meta-parameters learn the transformation that makes training data look like validation data. Subclasses
+    implement `forward(inputs) -> inputs` and must keep the shape.
+
+    Args:
+        input_name (`str`, *optional*, defaults to `"pixel_values"`):
+            The batch key of the inputs to transform.
+    """
+
+    def __init__(self, input_name: str = "pixel_values"):
+        super().__init__()
+        self.input_name = input_name
