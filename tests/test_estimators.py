@@ -230,6 +230,21 @@ def test_evograd_mean_equals_t1t2_at_its_effective_step(population, sigma, antit
     assert 0.85 < mean.norm() / ref.norm() < 1.15
 
 
+def test_evograd_rescaled_mean_is_t1t2_at_the_learning_rate():
+    """`rescale=True` multiplies by lr / effective step: the mean is the (linearised) lookahead hypergradient at lr,
+    which is T1-T2's at a step small enough for T1-T2 to be linear in it."""
+    params, lam, train_loss, meta_loss = weighted_mlp_problem()
+    (ref,) = create_estimator("t1t2").hypergradient(params, [lam], train_loss, meta_loss, lr=0.01)
+    est = create_estimator("evograd", population=4, sigma=0.003, rescale=True)
+    torch.manual_seed(0)
+    mean = torch.stack([est.hypergradient(params, [lam], train_loss, meta_loss, lr=0.01)[0] for _ in range(400)])
+    mean = mean.mean(0)
+    assert nn.functional.cosine_similarity(mean, ref, dim=0) > 0.99
+    assert 0.95 < mean.norm() / ref.norm() < 1.05
+    with pytest.raises(ValueError, match="lr"):
+        est.hypergradient(params, [lam], train_loss, meta_loss)
+
+
 def test_evograd_auto_sigma_matches_the_learning_rate():
     est = create_estimator("evograd", population=2, sigma="auto", temperature=0.05)
     assert abs(est.resolve_sigma(0.1) - 0.1) < 1e-12

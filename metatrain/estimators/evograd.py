@@ -46,6 +46,12 @@ class EvoGrad(HypergradientEstimator):
             alone (the layer-subset approximation of FaMUS, Xu et al., CVPR 2021). A random projection in fewer
             dimensions is far less noisy: perturbing only a classifier head often recovers most of the signal.
             Defaults to every weight.
+        rescale (`bool`, *optional*, defaults to `False`):
+            Multiply the estimate by `lr / effective_lr(sigma)`, so that its expected value is the one-step lookahead
+            hypergradient at the learning rate (T1-T2's scale) whatever `sigma`. This separates the two roles of
+            `sigma`: keep it small for the linear regime (large perturbations add higher-order noise, e.g. when the
+            meta-parameters act on the inputs) and let `rescale` set the size that the meta-optimizer's weight decay
+            or an SGD meta-optimizer sees. Needs `lr`.
         memory_lean (`bool`, *optional*, defaults to `False`):
             Process the copies one at a time and regenerate each perturbation from its seed instead of holding all
             `K` of them: peak memory is about two copies of the perturbed weights whatever `K` (plus `K` gradients
@@ -71,16 +77,19 @@ class EvoGrad(HypergradientEstimator):
         noise: str = "sign",
         antithetic: bool = False,
         perturb: str | None = None,
+        rescale: bool = False,
         memory_lean: bool = False,
         per_rank_noise: bool = True,
     ):
         if isinstance(population, bool) or not isinstance(population, int) or population < 2:
             raise ValueError(f"EvoGrad option `population` must be an integer >= 2, got population={population!r}.")
-        for option, value in (
-            ("antithetic", antithetic),
-            ("memory_lean", memory_lean),
-            ("per_rank_noise", per_rank_noise),
-        ):
+        flags = {
+            "antithetic": antithetic,
+            "rescale": rescale,
+            "memory_lean": memory_lean,
+            "per_rank_noise": per_rank_noise,
+        }
+        for option, value in flags.items():
             if not isinstance(value, bool):
                 raise ValueError(f"EvoGrad option `{option}` must be True or False, got {option}={value!r}.")
         if antithetic and population % 2:
@@ -109,6 +118,7 @@ class EvoGrad(HypergradientEstimator):
         self.noise = noise
         self.antithetic = antithetic
         self.perturb = perturb
+        self.rescale = rescale
         self.memory_lean = memory_lean
         self.per_rank_noise = per_rank_noise
 
@@ -185,10 +195,15 @@ class EvoGrad(HypergradientEstimator):
         def noise(k: int) -> dict[str, torch.Tensor]:
             return self._noise(theta, names, sigma, seed, k)
 
-        if self.memory_lean:
-            return self._estimate_lean(
-                theta, names, noise, meta_params, train_loss, meta_loss, train_batch, meta_batch
-            )
+        estimate = self._estimate_lean if self.memory_lean else self._estimate
+        result = estimate(theta, names, noise, meta_params, train_loss, meta_loss, train_batch, meta_batch)
+        if self.rescale:
+            factor = self._check_lr(lr) / self.effective_lr(sigma)
+            result = HypergradientResult(tuple(g * factor for g in result.grads), result.meta_loss)
+        return result
+
+    def _estimate(self, theta, names, noise, meta_params, train_loss, meta_loss, train_batch, meta_batch):
+        """All copies at once: the meta loss at `theta*`, differentiated through the softmax weights."""
         eps = [noise(k) for k in range(self.population)]
         losses = torch.stack(
             [train_loss({**theta, **{n: theta[n] + e[n] for n in names}}, train_batch).reshape(()) for e in eps]
