@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call
 from transformers import PreTrainedModel, Trainer
 
-from .estimators import create_estimator
+from .estimators import HypergradientEstimator, create_estimator
 from .losses import per_sample_cross_entropy, weighted_mean
 from .modules import InputTransform, LossWeighter
 from .profiling import MemoryMeter
@@ -224,6 +224,15 @@ class MetaTrainer(PerSampleLossTrainer):
         if self.external_meta_module is not None:
             self.external_meta_module.to(self.args.device)
         self.estimator = create_estimator(self.args.hypergradient, **self.args.hypergradient_kwargs)
+        self.reference_estimator = None
+        if self.args.meta_diagnostics_steps:
+            self.reference_estimator = create_estimator(self.args.meta_diagnostics_reference)
+            if type(self.reference_estimator).state_dict is not HypergradientEstimator.state_dict:
+                raise ValueError(
+                    f"meta_diagnostics_reference={self.args.meta_diagnostics_reference!r} keeps state across steps, "
+                    "but the reference only runs every `meta_diagnostics_steps` steps: use a stateless estimator such "
+                    "as 't1t2', or compare offline with `metatrain.diagnostics`."
+                )
         self.meta_optimizer: torch.optim.Optimizer | None = None
         self.meta_steps_skipped = 0
         self._meta_data_state = {"epoch": 0, "consumed": 0}
@@ -377,11 +386,15 @@ class MetaTrainer(PerSampleLossTrainer):
 
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else self.args.learning_rate
         result = self.estimator.estimate(params, leaves, train_loss, meta_loss, train_batch, meta_batch, lr)
-        grads, loss = result.grads, result.meta_loss
+        grads, loss = self._reduce(result.grads), result.meta_loss
         if self.accelerator.num_processes > 1:
-            grads = tuple(self.accelerator.reduce(g, reduction="mean") for g in grads)
             loss = self.accelerator.reduce(loss, reduction="mean")
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        if self.reference_estimator is not None and self.state.global_step % self.args.meta_diagnostics_steps == 0:
+            reference = self.reference_estimator.estimate(
+                params, leaves, train_loss, meta_loss, train_batch, meta_batch, lr
+            ).grads
+            self._log_agreement(grads, self._reduce(reference))
         if not (torch.isfinite(norm) and torch.isfinite(loss)):
             self.meta_steps_skipped += 1
             logger.warning(
@@ -403,6 +416,24 @@ class MetaTrainer(PerSampleLossTrainer):
         self._meta_log["seconds"] += time.perf_counter() - start
         return True
 
+    def _reduce(self, grads: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Hypergradients averaged over processes (functional calls bypass DDP's own averaging)."""
+        if self.accelerator.num_processes == 1:
+            return grads
+        return tuple(self.accelerator.reduce(g, reduction="mean") for g in grads)
+
+    def _log_agreement(self, grads: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...]) -> None:
+        """Accumulates the cosine and norm ratio of the hypergradient to the reference estimator's."""
+        flat = torch.cat([g.detach().double().flatten() for g in grads])
+        ref = torch.cat([g.detach().double().flatten() for g in reference])
+        denominator = flat.norm() * ref.norm()
+        stats = self._meta_log
+        stats["agreement_count"] = stats.get("agreement_count", 0) + 1
+        cosine = float(flat @ ref / denominator) if denominator > 0 else float("nan")
+        stats["cosine"] = stats.get("cosine", 0.0) + cosine
+        ratio = float(flat.norm() / ref.norm()) if ref.norm() > 0 else float("nan")
+        stats["norm_ratio"] = stats.get("norm_ratio", 0.0) + ratio
+
     # ------------------------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the mean meta loss, hypergradient norm and meta step time since the last log to training logs."""
@@ -415,6 +446,10 @@ class MetaTrainer(PerSampleLossTrainer):
                 logs["meta_step_seconds"] = round(stats["seconds"] / n, 6)
                 if "memory_mb" in stats:
                     logs["meta_step_memory_mb"] = round(stats["memory_mb"] / n, 4)
+            if stats.get("agreement_count"):
+                reference = self.args.meta_diagnostics_reference
+                logs[f"hypergradient_cosine_to_{reference}"] = stats["cosine"] / stats["agreement_count"]
+                logs[f"hypergradient_norm_ratio_to_{reference}"] = stats["norm_ratio"] / stats["agreement_count"]
             logs["meta_steps_skipped"] = self.meta_steps_skipped
             self._meta_log = _empty_meta_log()
         super().log(logs, start_time)

@@ -58,6 +58,19 @@ class MetaTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Clip the hypergradient to this global norm before the meta-optimizer step."}
     )
 
+    meta_diagnostics_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Every this many optimizer steps, also compute the hypergradient with "
+            "`meta_diagnostics_reference` on the same batches and log the mean cosine and norm ratio of the "
+            "estimator's hypergradient to it (`hypergradient_cosine_to_<reference>`). 0 turns it off. The reference "
+            "costs its own meta step each time, and a random reference draws from the RNG, changing the run."
+        },
+    )
+    meta_diagnostics_reference: str = field(
+        default="t1t2",
+        metadata={"help": "Stateless estimator the hypergradient is compared with when `meta_diagnostics_steps` > 0."},
+    )
     meta_profile_memory: bool = field(
         default=False,
         metadata={
@@ -91,6 +104,15 @@ class MetaTrainingArguments(TrainingArguments):
         if self.meta_step_position not in META_STEP_POSITIONS:
             raise ValueError(
                 f"Unknown `meta_step_position={self.meta_step_position!r}`: choose one of {META_STEP_POSITIONS}."
+            )
+        if self.meta_diagnostics_steps < 0:
+            raise ValueError(
+                f"`meta_diagnostics_steps` must be >= 0 (0 turns it off), got {self.meta_diagnostics_steps}."
+            )
+        if self.meta_diagnostics_reference not in ESTIMATORS:
+            raise ValueError(
+                f"Unknown `meta_diagnostics_reference={self.meta_diagnostics_reference!r}`: choose one of "
+                f"{sorted(ESTIMATORS)}."
             )
         if self.meta_interval < 1:
             raise ValueError(f"`meta_interval` must be >= 1, got {self.meta_interval}.")

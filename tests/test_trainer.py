@@ -359,3 +359,23 @@ def test_input_transform_rotates_training_inputs_only_and_meta_step_matches_refe
     assert seen[0][0] and not seen[1][0] and torch.equal(seen[1][1], batch["pixel_values"])
     trainer.train()
     assert all(entry["hypergradient_norm"] > 0 for entry in trainer.state.log_history if "loss" in entry)
+
+
+def test_agreement_with_a_reference_is_logged(tmp_path):
+    """HyperDistill with gamma = 0 is T1-T2 exactly, so the logged agreement must be perfect."""
+    trainer = make_trainer(
+        tmp_path, hypergradient="hyperdistill", hypergradient_kwargs={"gamma": 0.0}, meta_diagnostics_steps=2
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        assert entry["hypergradient_cosine_to_t1t2"] > 0.999
+        assert abs(entry["hypergradient_norm_ratio_to_t1t2"] - 1) < 1e-3
+    plain = make_trainer(tmp_path / "plain", hypergradient="t1t2_fd")
+    plain.train()
+    assert not any("hypergradient_cosine_to_t1t2" in entry for entry in plain.state.log_history)
+    with pytest.raises(ValueError, match="keeps state"):
+        make_trainer(tmp_path, meta_diagnostics_steps=1, meta_diagnostics_reference="reverse")
+    with pytest.raises(ValueError, match="meta_diagnostics_reference='exact'"):
+        make_args(tmp_path, meta_diagnostics_steps=1, meta_diagnostics_reference="exact")
