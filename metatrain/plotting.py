@@ -39,15 +39,18 @@ def plot_curves(
     ylabel: str,
     title: str,
     colors: Mapping[str, str] | None = None,
+    reference: tuple[float, str] | None = None,
 ) -> None:
     """Mean and min-max band over seeds of one metric per method: `{name: [[value per x] per seed]}`; `colors` as
-    in [`plot_weighting_functions`]."""
+    in [`plot_weighting_functions`]; `reference=(value, label)` draws a dashed horizontal line (e.g. a true value)."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, runs in curves.items():
         values = np.asarray(runs, dtype=float)
         x = np.arange(1, values.shape[1] + 1)
         (line,) = ax.plot(x, values.mean(0), label=name, color=(colors or {}).get(name))
         ax.fill_between(x, values.min(0), values.max(0), alpha=0.2, color=line.get_color())
+    if reference is not None:
+        ax.axhline(reference[0], color="0.3", linestyle="--", linewidth=1, label=reference[1])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

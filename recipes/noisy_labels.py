@@ -44,11 +44,11 @@ class NoisyLabelsArguments:
     methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Any of {list(METHODS)}."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One run per seed and method."})
     evograd_kwargs: str = field(
-        default='{"population": 2, "sigma": "auto", "temperature": 0.05, "perturb": "^fc\\\\."}',
+        default='{"population": 2, "sigma": 0.001, "temperature": 0.05, "rescale": true}',
         metadata={
-            "help": "JSON options of EvoGrad for `mwn_evograd`. The default matches EvoGrad's expected step to the "
-            "learning rate (sigma `auto`) and perturbs only the classifier head `fc`; the paper's values are "
-            '\'{"population": 2, "sigma": 0.001, "temperature": 0.05}\' (see README).'
+            "help": "JSON options of EvoGrad for `mwn_evograd`: the paper's values, with the estimate rescaled to "
+            "the learning rate (`rescale`; see README). The paper's own: "
+            '\'{"population": 2, "sigma": 0.001, "temperature": 0.05}\'.'
         },
     )
     results_dir: str = field(default="outputs/noisy_labels", metadata={"help": "Where results.json and plots go."})
