@@ -133,3 +133,46 @@ def test_ground_truth_follows_the_closed_form(run):
 def test_unknown_evaluation_point(toy_1d, tmp_path):
     with pytest.raises(ValueError, match="evaluate_at"):
         toy_1d.main(["--evaluate_at", "anywhere", "--results_dir", str(tmp_path)])
+
+
+# ------------------------------------------------------------------------------ compare_estimators (diagnostics)
+@pytest.fixture(scope="module")
+def compare_estimators_recipe():
+    return load_recipe("compare_estimators")
+
+
+def test_compare_estimators_recipe(compare_estimators_recipe, tmp_path, no_network):
+    results = tmp_path / "results"
+    report = compare_estimators_recipe.main(
+        ["--max_pretrain_steps", "1", "--batch_size", "16", "--meta_batch_size", "16", "--repeats", "2",
+         "--stochastic_repeats", "2", "--reference_horizon", "2", "--reverse_horizons", "1", "--neumann_terms", "1",
+         "--results_dir", str(results)]
+    )  # fmt: skip
+    assert (results / "estimators.png").stat().st_size > 0
+    saved = json.loads((results / "results.json").read_text())
+    assert saved["estimators"] == report["estimators"]
+    rows = {r["label"]: r for r in saved["estimators"]}
+    expected = ["t1t2", "t1t2_fd", "first_order", "neumann(terms=1)", "evograd(sigma=0.001)", "evograd(sigma='auto')",
+                "evograd(sigma='auto', perturb='^fc\\\\.')", "evograd(sigma='auto', population=10)",
+                "evograd(sigma='auto', memory_lean=True)", "hyperdistill(gamma=0.0)", "hyperdistill(gamma=0.99)",
+                "reverse(horizon=1)", "reverse(horizon=2)"]  # fmt: skip
+    assert list(rows) == expected
+    table = (results / "table.md").read_text()
+    assert all(f"`{label}`" in table for label in expected) and "training step" in table
+    assert saved["state"] == {**saved["state"], "pretrain_steps": 1, "trajectory_steps": 1}
+    assert saved["references"]["reverse"] == "reverse(horizon=2)"
+
+    # each against its own reference, and the estimators that equal T1-T2 here
+    assert rows["t1t2"]["cosine_t1t2"] == pytest.approx(1, abs=1e-6)
+    assert rows["reverse(horizon=2)"]["cosine_reverse"] == pytest.approx(1, abs=1e-6)
+    for label in ("reverse(horizon=1)", "hyperdistill(gamma=0.0)"):
+        assert rows[label]["cosine_t1t2"] == pytest.approx(1, abs=1e-6)
+        assert rows[label]["norm_ratio_t1t2"] == pytest.approx(1, rel=1e-4)
+    # a loss weighter's direct term is zero: no direction (None in JSON), norm 0
+    assert rows["first_order"]["norm"] == 0 and rows["first_order"]["cosine_reverse"] is None
+    # EvoGrad's memory-lean path is the default path on the same draws
+    lean, plain = rows["evograd(sigma='auto', memory_lean=True)"], rows["evograd(sigma='auto')"]
+    assert lean["cosine_of_mean_reverse"] == pytest.approx(plain["cosine_of_mean_reverse"], abs=1e-6)
+    for row in rows.values():
+        assert row["seconds"] > 0 and row["repeats"] == 2 and row["draws"] == 4  # warm-up, 2 timed, memory call
+    assert rows["t1t2"]["seconds_vs_t1t2"] == 1 and saved["training_step"]["seconds"] > 0
