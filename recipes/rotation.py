@@ -27,12 +27,13 @@ from transformers import TrainerCallback, set_seed
 from metatrain import MetaTrainer, MetaTrainingArguments, PerSampleLossTrainer
 from metatrain.cli import parse_config
 from metatrain.data import class_balanced_meta_split, load_digits_dataset
+from metatrain.estimators import ESTIMATORS
 from metatrain.models import build_model
 from metatrain.modules import LearnableRotation, rotate_images
 from metatrain.plotting import plot_curves
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "rotation_digits.yaml")
-METHODS = ("baseline", "matched", "rotation_evograd", "rotation_t1t2")
+METHODS = ("baseline", "matched", *(f"rotation_{name}" for name in ESTIMATORS))
 
 
 @dataclass

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,3 +177,34 @@ def test_compare_estimators_recipe(compare_estimators_recipe, tmp_path, no_netwo
     for row in rows.values():
         assert row["seconds"] > 0 and row["repeats"] == 2 and row["draws"] == 4  # warm-up, 2 timed, memory call
     assert rows["t1t2"]["seconds_vs_t1t2"] == 1 and saved["training_step"]["seconds"] > 0
+
+
+# ---------------------------------------------------------------------------------------- rotation (EvoGrad 4.2)
+def test_rotation_recipe(tmp_path, no_network):
+    rotation = load_recipe("rotation")
+    results = tmp_path / "results"
+    report = rotation.main(
+        ["--seeds", "0", "--methods", "baseline", "matched", "rotation_evograd", "rotation_t1t2",
+         "--num_train_epochs", "1", "--results_dir", str(results), "--output_dir", str(tmp_path / "runs"),
+         "--disable_tqdm", "true"]
+    )  # fmt: skip
+    assert (results / "angle.png").stat().st_size > 0
+    saved = json.loads((results / "results.json").read_text())
+    assert saved["summary"] == report["summary"]
+    runs = {r["method"]: r for r in saved["runs"]}
+    assert set(runs) == {"baseline", "matched", "rotation_evograd", "rotation_t1t2"}
+    for method in ("rotation_evograd", "rotation_t1t2"):
+        assert len(runs[method]["degrees_per_step"]) == 12 and runs[method]["meta_steps_skipped"] == 0
+        assert runs[method]["learned_degrees"] == runs[method]["degrees_per_step"][-1] != 0.0
+    assert "learned_degrees" not in runs["baseline"]
+    # meta and test images are rotated copies, disjoint from the unrotated training images
+    splits = rotation.load_data(rotation.RotationArguments(), seed=0)
+    assert len(splits["meta"]) == 100 and len(splits["train"]) + len(splits["meta"]) == 1257
+    import math
+
+    from metatrain.modules import rotate_images
+
+    expected = rotate_images(splits["test_unrotated"][:4]["pixel_values"], math.radians(30), padding_mode="border")
+    assert torch.allclose(splits["test"][:4]["pixel_values"], expected)
+    with pytest.raises(ValueError, match="rotation_magic"):
+        rotation.main(["--methods", "rotation_magic", "--output_dir", str(tmp_path)])
