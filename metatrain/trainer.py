@@ -375,11 +375,24 @@ class MetaTrainer(PerSampleLossTrainer):
                 outputs = functional_call(model, substituted, args, kwargs)
             return self.per_sample_loss(_logits(outputs), labels)
 
+        anchored: dict[str, torch.Tensor] = {}
+
+        def weighter_inputs(losses: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+            # The weighting net sees detached per-sample losses. Estimators that perturb the weights would feed it
+            # the perturbed copies' losses and so differentiate through its input: for the current batch it gets
+            # the losses at the current weights instead, and every estimator targets the same objective.
+            if not (self.estimator.perturbs_weights and batch is train_batch):
+                return losses
+            if "losses" not in anchored:
+                with torch.no_grad():
+                    anchored["losses"] = per_sample(params, self.transform_inputs(batch, True, external_call))
+            return anchored["losses"]
+
         def train_loss(weights, batch):
             losses = per_sample(weights, self.transform_inputs(batch, True, external_call))
             if self.loss_weighter is None:
                 return losses.mean()
-            return weighted_mean(losses, external_call(losses))
+            return weighted_mean(losses, external_call(weighter_inputs(losses, batch)))
 
         def meta_loss(weights, batch):
             return per_sample(weights, batch).mean()

@@ -37,6 +37,10 @@ class HypergradientEstimator:
     """
 
     name: str = ""
+    # True for estimators that evaluate the training loss at perturbed copies of the weights (EvoGrad, finite
+    # differences): inputs that autograd estimators treat as detached constants (a loss weighter's per-sample losses)
+    # must then be held at their value at the unperturbed weights, which the caller provides
+    perturbs_weights: bool = False
 
     def __init__(self) -> None:
         """Estimators without options take none; subclasses declare theirs as keyword arguments."""

@@ -68,6 +68,7 @@ class EvoGrad(HypergradientEstimator):
     """
 
     name = "evograd"
+    perturbs_weights = True
 
     def __init__(
         self,

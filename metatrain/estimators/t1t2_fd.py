@@ -30,6 +30,7 @@ class T1T2FiniteDifference(HypergradientEstimator):
     """
 
     name = "t1t2_fd"
+    perturbs_weights = True
 
     def __init__(self, epsilon: float = 0.01):
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
