@@ -359,6 +359,10 @@ def model_losses(
     `sum(w * l) / sum(w)` with `w = loss_weighter(l)` over the per-sample losses `l`, or their mean without a
     weighter; the meta loss is always the plain mean.
 
+    The weighting net is fed the per-sample losses at the weights being evaluated. [`MetaTrainer`] instead holds them
+    at the current weights for estimators that perturb the weights (`perturbs_weights`: EvoGrad, `t1t2_fd`), so for
+    those two the closures here measure a different objective (see `docs/estimators.md`).
+
     The meta-parameters are then the loss weighter's own parameters, `list(loss_weighter.parameters())`, which the
     training loss uses as they are: they must require grad.
 
