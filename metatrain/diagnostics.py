@@ -36,7 +36,7 @@ from torch.func import functional_call
 
 from .estimators import HypergradientEstimator, HypergradientResult, create_estimator
 from .estimators._base import LossFn, ParamDict
-from .losses import per_sample_cross_entropy
+from .losses import logits_of, per_sample_cross_entropy
 from .modules import LossWeighter
 from .profiling import MemoryMeter
 
@@ -334,17 +334,6 @@ def format_table(reports: Sequence[EstimatorReport]) -> str:
     return "\n".join(lines)
 
 
-def _logits(outputs: Any) -> torch.Tensor:
-    """Logits from a tensor, a dict with `logits`, an output object with `.logits`, or a tuple's first item."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    if isinstance(outputs, Mapping):
-        return outputs["logits"]
-    if hasattr(outputs, "logits"):
-        return outputs.logits
-    return outputs[0]
-
-
 def model_losses(
     model: nn.Module,
     loss_weighter: LossWeighter | None = None,
@@ -396,7 +385,7 @@ def model_losses(
         args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         buffers = {name: b.clone() for name, b in model.named_buffers()}
         outputs = functional_call(model, {**buffers, **weights}, args)
-        return per_sample_loss(_logits(outputs), labels)
+        return per_sample_loss(logits_of(outputs), labels)
 
     def train_loss(weights: ParamDict, batch: Any) -> torch.Tensor:
         losses = per_sample(weights, batch)

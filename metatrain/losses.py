@@ -1,9 +1,24 @@
-"""Per-sample losses, which loss weighters and the meta step need."""
+"""Per-sample losses, which loss weighters and the meta step need, and the logits they are computed from."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch.nn import functional as F
+
+
+def logits_of(outputs: Any) -> torch.Tensor:
+    """The logits of a model's output: a tensor, a mapping with `logits`, an output object with `.logits`, or the
+    first item of a tuple."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, Mapping):
+        return outputs["logits"]
+    if hasattr(outputs, "logits"):
+        return outputs.logits
+    return outputs[0]
 
 
 def per_sample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch.func import functional_call
 from transformers import PreTrainedModel, Trainer
 
 from .estimators import HypergradientEstimator, create_estimator
-from .losses import per_sample_cross_entropy, weighted_mean
+from .losses import logits_of, per_sample_cross_entropy, weighted_mean
 from .modules import InputTransform, LossWeighter
 from .profiling import MemoryMeter
 from .training_args import MetaTrainingArguments
@@ -46,16 +46,6 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
 def _empty_meta_log() -> dict[str, Any]:
     """Running sums of the meta statistics between two training logs."""
     return {"count": 0, "meta_loss": 0.0, "hypergradient_norm": 0.0, "seconds": 0.0}
-
-
-def _logits(outputs: Any) -> torch.Tensor:
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    if isinstance(outputs, dict):
-        return outputs["logits"]
-    if hasattr(outputs, "logits"):
-        return outputs.logits
-    return outputs[0]
 
 
 class PerSampleLossTrainer(Trainer):
@@ -121,7 +111,7 @@ class PerSampleLossTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Per-example losses of the batch, reduced by [`~PerSampleLossTrainer.reduce_loss`]."""
         args, kwargs, labels = self._split_inputs(self.transform_inputs(inputs, model.training))
-        logits = _logits(model(*args, **kwargs))
+        logits = logits_of(model(*args, **kwargs))
         loss = self.reduce_loss(self.per_sample_loss(logits, labels), model.training)
         return (loss, {"logits": logits}) if return_outputs else loss
 
@@ -373,7 +363,7 @@ class MetaTrainer(PerSampleLossTrainer):
             substituted = {**{n: b.clone() for n, b in buffers.items()}, **embedded, **weights}
             with self.accelerator.autocast():
                 outputs = functional_call(model, substituted, args, kwargs)
-            return self.per_sample_loss(_logits(outputs), labels)
+            return self.per_sample_loss(logits_of(outputs), labels)
 
         anchored: dict[str, torch.Tensor] = {}
 

@@ -23,12 +23,14 @@ from transformers import set_seed
 from metatrain import MetaTrainer, MetaTrainingArguments, PerSampleLossTrainer
 from metatrain.cli import parse_config
 from metatrain.data import load_digits_dataset, load_image_classification_dataset, make_noisy_label_splits
+from metatrain.experiments import accuracy, check_methods, run_grid, summarize, write_results
 from metatrain.models import build_model
 from metatrain.modules import MetaWeightNet
 from metatrain.plotting import plot_curves, plot_weighting_functions
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "noisy_labels_digits.yaml")
 METHODS = {"baseline": None, "mwn_t1t2": "t1t2", "mwn_evograd": "evograd"}
+SUMMARY_KEYS = ("test_accuracy", "seconds_per_step", "meta_step_seconds", "meta_step_memory_mb", "peak_cuda_memory_mb")
 
 
 @dataclass
@@ -52,11 +54,6 @@ class NoisyLabelsArguments:
         },
     )
     results_dir: str = field(default="outputs/noisy_labels", metadata={"help": "Where results.json and plots go."})
-
-
-def accuracy(eval_pred) -> dict[str, float]:
-    logits, labels = eval_pred
-    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
 
 
 def load_data(args: NoisyLabelsArguments, seed: int):
@@ -118,39 +115,17 @@ def run(args: NoisyLabelsArguments, training_args: MetaTrainingArguments, method
     return result, trainer
 
 
-def summarize(results: list[dict]) -> dict[str, dict[str, float]]:
-    summary = {}
-    for method in dict.fromkeys(r["method"] for r in results):
-        runs = [r for r in results if r["method"] == method]
-        acc = [r["test_accuracy"] for r in runs]
-        summary[method] = {
-            "test_accuracy_mean": float(np.mean(acc)),
-            "test_accuracy_std": float(np.std(acc)),
-            "seconds_per_step": float(np.mean([r["seconds_per_step"] for r in runs])),
-        }
-        for key in ("meta_step_seconds", "meta_step_memory_mb", "peak_cuda_memory_mb"):
-            values = [r[key] for r in runs if r.get(key) is not None]
-            summary[method][key] = float(np.mean(values)) if values else None
-    return summary
-
-
 def main(argv: list[str] | None = None) -> dict:
     args, training_args = parse_config((NoisyLabelsArguments, MetaTrainingArguments), argv, DEFAULT_CONFIG)
-    unknown = sorted(set(args.methods) - set(METHODS))
-    if unknown:
-        raise ValueError(f"Unknown methods {unknown}: choose from {list(METHODS)}.")
-    results, is_main = [], True
-    for seed in args.seeds:
-        splits, classes = load_data(args, seed)
-        for method in args.methods:
-            result, trainer = run(args, training_args, method, seed, splits, classes)
-            results.append(result)
-            is_main = trainer.is_world_process_zero()
-    report = {"config": {**dataclasses.asdict(args)}, "summary": summarize(results), "runs": results}
+    check_methods(args.methods, METHODS)
+    results, is_main = run_grid(
+        args.seeds, args.methods, lambda seed: load_data(args, seed),
+        lambda method, seed, data: run(args, training_args, method, seed, *data),
+    )  # fmt: skip
+    summary = summarize(results, SUMMARY_KEYS)
+    report = {"config": dataclasses.asdict(args), "summary": summary, "runs": results}
     if is_main:
-        os.makedirs(args.results_dir, exist_ok=True)
-        with open(os.path.join(args.results_dir, "results.json"), "w") as f:
-            json.dump(report, f, indent=2)
+        write_results(args.results_dir, report)
         curves = {r["method"]: [] for r in results}
         for r in results:
             curves[r["method"]].append(r["test_accuracy_per_epoch"])
@@ -164,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"Learned weighting function (seed {args.seeds[-1]})",
             colors,
         )
-        print(json.dumps(report["summary"], indent=2))
+        print(json.dumps(summary, indent=2))
     return report
 
 

@@ -28,6 +28,7 @@ from metatrain import MetaTrainer, MetaTrainingArguments, PerSampleLossTrainer
 from metatrain.cli import parse_config
 from metatrain.data import class_balanced_meta_split, load_digits_dataset
 from metatrain.estimators import ESTIMATORS
+from metatrain.experiments import accuracy, check_methods, run_grid, summarize, write_results
 from metatrain.models import build_model
 from metatrain.modules import LearnableRotation, rotate_images
 from metatrain.plotting import plot_curves
@@ -51,11 +52,6 @@ class RotationArguments:
         metadata={"help": "JSON options of EvoGrad: the paper's, with the estimate rescaled to the learning rate."},
     )
     results_dir: str = field(default="outputs/rotation", metadata={"help": "Where results.json and plots go."})
-
-
-def accuracy(eval_pred) -> dict[str, float]:
-    logits, labels = eval_pred
-    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
 
 
 def rotated(split: datasets.Dataset, degrees: float) -> datasets.Dataset:
@@ -124,37 +120,17 @@ def run(args: RotationArguments, training_args: MetaTrainingArguments, method: s
     return result, trainer
 
 
-def summarize(results: list[dict]) -> dict[str, dict[str, float]]:
-    summary = {}
-    for method in dict.fromkeys(r["method"] for r in results):
-        runs = [r for r in results if r["method"] == method]
-        acc = [r["test_accuracy"] for r in runs]
-        summary[method] = {"test_accuracy_mean": float(np.mean(acc)), "test_accuracy_std": float(np.std(acc))}
-        if "learned_degrees" in runs[0]:
-            degrees = [r["learned_degrees"] for r in runs]
-            summary[method].update(
-                learned_degrees_mean=float(np.mean(degrees)), learned_degrees_std=float(np.std(degrees))
-            )
-    return summary
-
-
 def main(argv: list[str] | None = None) -> dict:
     args, training_args = parse_config((RotationArguments, MetaTrainingArguments), argv, DEFAULT_CONFIG)
-    unknown = sorted(set(args.methods) - set(METHODS))
-    if unknown:
-        raise ValueError(f"Unknown methods {unknown}: choose from {list(METHODS)}.")
-    results, is_main = [], True
-    for seed in args.seeds:
-        splits = load_data(args, seed)
-        for method in args.methods:
-            result, trainer = run(args, training_args, method, seed, splits)
-            results.append(result)
-            is_main = trainer.is_world_process_zero()
-    report = {"config": dataclasses.asdict(args), "summary": summarize(results), "runs": results}
+    check_methods(args.methods, METHODS)
+    results, is_main = run_grid(
+        args.seeds, args.methods, lambda seed: load_data(args, seed),
+        lambda method, seed, splits: run(args, training_args, method, seed, splits),
+    )  # fmt: skip
+    summary = summarize(results, ("test_accuracy", "learned_degrees"))
+    report = {"config": dataclasses.asdict(args), "summary": summary, "runs": results}
     if is_main:
-        os.makedirs(args.results_dir, exist_ok=True)
-        with open(os.path.join(args.results_dir, "results.json"), "w") as f:
-            json.dump(report, f, indent=2)
+        write_results(args.results_dir, report)
         curves = {}
         for r in results:
             if "degrees_per_step" in r:
@@ -164,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
             path = os.path.join(args.results_dir, "angle.png")
             true = (args.true_degrees, "true rotation")
             plot_curves(curves, path, "optimizer step", "learned angle (degrees)", title, reference=true)
-        print(json.dumps(report["summary"], indent=2))
+        print(json.dumps(summary, indent=2))
     return report
 
 

@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from problems import WeightedMLP, closed_form_hypergradient, one_dim_problem
 from torch import nn
 from torch.func import functional_call
 
 from metatrain.estimators import ESTIMATORS, EvoGrad, create_estimator
-
-
-def closed_form_hypergradient(lam: float) -> float:
-    """d/d lambda of (x*(lambda) - 0.5)^2 with x*(lambda) = argmin (x - 1)^2 + lambda x^2 = 1 / (1 + lambda)."""
-    return (lam - 1) / (lam + 1) ** 3
-
-
-def one_dim_problem(lam):
-    train_loss = lambda p, batch: (p["x"] - 1) ** 2 + lam * p["x"] ** 2  # noqa: E731
-    meta_loss = lambda p, batch: (p["x"] - 0.5) ** 2  # noqa: E731
-    return train_loss, meta_loss
 
 
 def test_create_estimator_names_and_options():
@@ -92,15 +82,6 @@ def test_zero_step_lookahead_is_the_direct_term():
     assert t1t2.item() == first.item() == 1.0
     (evo,) = create_estimator("evograd", sigma="auto").hypergradient(x, [lam], train_loss, direct, lr=0.0)
     assert evo.item() == 1.0
-
-
-class WeightedMLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-
-    def forward(self, x):
-        return self.net(x)
 
 
 def test_t1t2_equals_autograd_through_unrolled_sgd_step():

@@ -9,27 +9,13 @@ import math
 
 import pytest
 import torch
+from problems import WeightedMLP, one_dim_problem
 from torch import nn
 from torch.func import functional_call
 
 from metatrain.estimators._lookahead import sgd_unroll
 from metatrain.estimators.hyperdistill import HyperDistill
 from metatrain.estimators.t1t2 import T1T2
-
-
-def one_dim_problem(lam):
-    train_loss = lambda p, batch: (p["x"] - 1) ** 2 + lam * p["x"] ** 2  # noqa: E731
-    meta_loss = lambda p, batch: (p["x"] - 0.5) ** 2  # noqa: E731
-    return train_loss, meta_loss
-
-
-class WeightedMLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-
-    def forward(self, x):
-        return self.net(x)
 
 
 def mlp_problem(n_examples=40):
