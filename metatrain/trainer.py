@@ -366,12 +366,15 @@ class MetaTrainer(PerSampleLossTrainer):
             return self.per_sample_loss(logits_of(outputs), labels)
 
         anchored: dict[str, torch.Tensor] = {}
+        estimators = [self.estimator, self.reference_estimator]
+        hold_inputs = any(est is not None and est.perturbs_weights for est in estimators)
 
         def weighter_inputs(losses: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
             # The weighting net sees detached per-sample losses. Estimators that perturb the weights would feed it
             # the perturbed copies' losses and so differentiate through its input: for the current batch it gets
-            # the losses at the current weights instead, and every estimator targets the same objective.
-            if not (self.estimator.perturbs_weights and batch is train_batch):
+            # the losses at the current weights instead, and every estimator targets the same objective (for one
+            # that evaluates the current batch at the current weights, these are the same values).
+            if not (hold_inputs and batch is train_batch):
                 return losses
             if "losses" not in anchored:
                 with torch.no_grad():

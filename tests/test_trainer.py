@@ -392,3 +392,12 @@ def test_weighting_net_inputs_are_held_at_the_current_weights_for_perturbing_est
     for entry in logs:
         assert entry["hypergradient_cosine_to_t1t2"] > 0.999
         assert abs(entry["hypergradient_norm_ratio_to_t1t2"] - 1) < 0.02
+
+
+def test_a_perturbing_reference_is_measured_on_the_held_objective(tmp_path):
+    trainer = make_trainer(
+        tmp_path, hypergradient="t1t2", meta_diagnostics_steps=1, meta_diagnostics_reference="t1t2_fd", logging_steps=1
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "hypergradient_cosine_to_t1t2_fd" in entry]
+    assert len(logs) == 4 and all(entry["hypergradient_cosine_to_t1t2_fd"] > 0.999 for entry in logs)
