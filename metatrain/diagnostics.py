@@ -3,7 +3,8 @@
 [`compare_estimators`] runs each estimator on the same weights, meta-parameters and batch pair and reports how
 its hypergradient lines up with a reference (T1-T2 by default), what a call costs in time and memory;
 [`format_table`] turns the reports into a Markdown table for the docs; [`model_losses`] builds the loss closures
-for a plain classifier with a loss weighter, the way [`MetaTrainer`] does in its meta step. For example:
+for a plain classifier with a loss weighter, the way [`MetaTrainer`] does in its meta step (with the weighting
+net's input held at the current weights for EvoGrad and `t1t2_fd`, see [`TrainLoss.holding`]). For example:
 
 ```python
 from metatrain.diagnostics import compare_estimators, format_table, model_losses
@@ -36,7 +37,7 @@ from torch.func import functional_call
 
 from .estimators import HypergradientEstimator, HypergradientResult, create_estimator
 from .estimators._base import LossFn, ParamDict
-from .losses import logits_of, per_sample_cross_entropy
+from .losses import logits_of, per_sample_cross_entropy, weighted_mean
 from .modules import LossWeighter
 from .profiling import MemoryMeter
 
@@ -193,6 +194,7 @@ def compare_estimators(
     repeats: int = 1,
     device: torch.device | str | None = None,
     warmup: int = 1,
+    hold_weighter_inputs: bool = True,
 ) -> list[EstimatorReport]:
     """Runs each estimator on one problem and reports its agreement with `reference`, its time and its memory.
 
@@ -202,6 +204,12 @@ def compare_estimators(
     hooks slow the call down. Nothing is seeded: seed `torch` first for reproducible stochastic estimates. A
     stateful estimator sees every call as a new step on the same weights; its state is restored afterwards, so an
     instance passed in is left as it was.
+
+    When `train_loss` has a `holding` method (the [`TrainLoss`] of [`model_losses`]), each call of each estimator
+    (the reference too) gets `train_loss.holding(params, train_batch, estimator.perturbs_weights)`, the closure
+    [`MetaTrainer`]'s meta step builds: estimators that perturb the weights (EvoGrad, `t1t2_fd`) then see the
+    weighting net's input held at `params` on `train_batch`, so that every estimator targets MetaTrainer's objective.
+    The held losses are computed once per call, inside the timed and metered call as in a meta step.
 
     Args:
         params, meta_params, train_loss, meta_loss, train_batch, meta_batch, lr:
@@ -220,6 +228,11 @@ def compare_estimators(
             weight (or meta-parameter).
         warmup (`int`, *optional*, defaults to 1):
             Untimed calls per estimator before the timed ones.
+        hold_weighter_inputs (`bool`, *optional*, defaults to `True`):
+            Whether to hold the weighting net's input as described above; `False` calls every estimator with
+            `train_loss` itself, whose weighting net sees the losses at whatever weights an estimator evaluates
+            (for EvoGrad and `t1t2_fd` a different objective than MetaTrainer's). No effect on a `train_loss`
+            without `holding`.
 
     Returns:
         `list[EstimatorReport]`: one report per entry of `estimators`.
@@ -256,8 +269,15 @@ def compare_estimators(
         device = next(iter(params.values()), meta_params[0]).device
     device = torch.device(device)
 
+    holding = getattr(train_loss, "holding", None) if hold_weighter_inputs else None
+
     def caller(estimator: HypergradientEstimator) -> Callable[[], HypergradientResult]:
-        return lambda: estimator.estimate(params, meta_params, train_loss, meta_loss, train_batch, meta_batch, lr)
+        def call() -> HypergradientResult:
+            # a new closure every call, like every meta step: the held losses belong to this call
+            loss = train_loss if holding is None else holding(params, train_batch, estimator.perturbs_weights)
+            return estimator.estimate(params, meta_params, loss, meta_loss, train_batch, meta_batch, lr)
+
+        return call
 
     ref = _flat(_restoring_state(reference_estimator, caller(reference_estimator)).grads)
     ref_norm = float(ref.norm())
@@ -334,11 +354,69 @@ def format_table(reports: Sequence[EstimatorReport]) -> str:
     return "\n".join(lines)
 
 
+class TrainLoss:
+    """The training loss of [`model_losses`]: `train_loss(weights, batch)`, and [`~TrainLoss.holding`] for one step.
+
+    Called directly it feeds the loss weighter the per-sample losses at the weights being evaluated (detached by the
+    weighter), which is what MetaTrainer's base step and every autograd estimator see. [`~TrainLoss.holding`] gives
+    the closure that [`MetaTrainer`]'s meta step builds for an estimator: for an estimator that perturbs the weights
+    (`perturbs_weights`: EvoGrad, `t1t2_fd`), the weighter's input for the current training batch is held at the
+    current weights.
+
+    Args:
+        per_sample (`Callable[[ParamDict, Any], torch.Tensor]`): per-sample losses `[B]` of a batch at some weights.
+        loss_weighter (`LossWeighter`, *optional*): weights the per-sample losses; without it the loss is the mean.
+    """
+
+    def __init__(self, per_sample: Callable[[ParamDict, Any], torch.Tensor], loss_weighter: LossWeighter | None):
+        self.per_sample = per_sample
+        self.loss_weighter = loss_weighter
+
+    def __call__(self, weights: ParamDict, batch: Any) -> torch.Tensor:
+        losses = self.per_sample(weights, batch)
+        return losses.mean() if self.loss_weighter is None else self.loss_weighter.weighted_loss(losses)
+
+    def holding(self, params: ParamDict, train_batch: Any, perturbs_weights: bool = True) -> LossFn:
+        """The training loss of one meta step at `params` on `train_batch`, as [`MetaTrainer`] builds it.
+
+        With `perturbs_weights` (pass the estimator's attribute of that name) and a loss weighter, a call on the
+        batch object `train_batch` itself (`batch is train_batch`, not an equal copy) feeds the weighter the
+        per-sample losses at `params`, computed once under `torch.no_grad` on the first such call; a call on any
+        other batch (reverse mode's remembered batches, HyperDistill's distilled batch) feeds it the losses at the
+        weights being evaluated. Otherwise this is the plain training loss. Build a new one for every step (every
+        `estimate` call): the held losses belong to `params`.
+
+        Args:
+            params (`ParamDict`): the current weights, those passed to `estimate`.
+            train_batch: the current training batch, the object passed to `estimate`.
+            perturbs_weights (`bool`, *optional*, defaults to `True`): whether the estimator evaluates the training
+                loss at perturbed weights; for `False` the plain training loss is returned.
+
+        Returns:
+            `Callable[[ParamDict, Any], torch.Tensor]`: `train_loss(weights, batch)`.
+        """
+        if self.loss_weighter is None or not perturbs_weights:
+            return self
+        weighter, per_sample = self.loss_weighter, self.per_sample
+        held: dict[str, torch.Tensor] = {}
+
+        def train_loss(weights: ParamDict, batch: Any) -> torch.Tensor:
+            losses = per_sample(weights, batch)
+            if batch is not train_batch:
+                return weighter.weighted_loss(losses)
+            if "losses" not in held:
+                with torch.no_grad():
+                    held["losses"] = per_sample(params, batch)
+            return weighted_mean(losses, weighter(held["losses"]))
+
+        return train_loss
+
+
 def model_losses(
     model: nn.Module,
     loss_weighter: LossWeighter | None = None,
     per_sample_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[dict[str, torch.Tensor], LossFn, LossFn]:
+) -> tuple[dict[str, torch.Tensor], TrainLoss, LossFn]:
     """The weights and loss closures of a classifier, for [`compare_estimators`] or any estimator.
 
     Mirrors the meta step of [`MetaTrainer`] without it: the model runs through `torch.func.functional_call` on
@@ -348,9 +426,13 @@ def model_losses(
     `sum(w * l) / sum(w)` with `w = loss_weighter(l)` over the per-sample losses `l`, or their mean without a
     weighter; the meta loss is always the plain mean.
 
-    The weighting net is fed the per-sample losses at the weights being evaluated. [`MetaTrainer`] instead holds them
-    at the current weights for estimators that perturb the weights (`perturbs_weights`: EvoGrad, `t1t2_fd`), so for
-    those two the closures here measure a different objective (see `docs/estimators.md`).
+    Which losses the weighting net sees: calling `train_loss` feeds it the (detached) per-sample losses at the
+    weights being evaluated. [`MetaTrainer`] instead holds them at the current weights on the current training batch
+    for estimators that perturb the weights (`perturbs_weights`: EvoGrad, `t1t2_fd`), which otherwise would
+    differentiate through the weighting net's input, a different objective. `train_loss.holding(params, train_batch,
+    estimator.perturbs_weights)` ([`TrainLoss.holding`]) builds that closure for one step, and [`compare_estimators`]
+    uses it for every estimator when given this `train_loss` (unless `hold_weighter_inputs=False`), so that its
+    numbers are those of MetaTrainer's objective. For the autograd estimators the two are the same.
 
     The meta-parameters are then the loss weighter's own parameters, `list(loss_weighter.parameters())`, which the
     training loss uses as they are: they must require grad.
@@ -366,9 +448,9 @@ def model_losses(
             [`~metatrain.losses.per_sample_cross_entropy`], MetaTrainer's default (it computes in float32).
 
     Returns:
-        `tuple[dict[str, torch.Tensor], Callable, Callable]`: `params`, the detached trainable weights of `model`
-        by name (weights not passed keep the model's own values), and `train_loss(weights, batch)`,
-        `meta_loss(weights, batch)` for batches `(inputs, labels)`.
+        `tuple[dict[str, torch.Tensor], TrainLoss, Callable]`: `params`, the detached trainable weights of `model`
+        by name (weights not passed keep the model's own values), and `train_loss(weights, batch)` (a [`TrainLoss`],
+        with its `holding` method), `meta_loss(weights, batch)` for batches `(inputs, labels)`.
     """
     if loss_weighter is not None and not isinstance(loss_weighter, LossWeighter):
         raise ValueError(
@@ -387,11 +469,7 @@ def model_losses(
         outputs = functional_call(model, {**buffers, **weights}, args)
         return per_sample_loss(logits_of(outputs), labels)
 
-    def train_loss(weights: ParamDict, batch: Any) -> torch.Tensor:
-        losses = per_sample(weights, batch)
-        return losses.mean() if loss_weighter is None else loss_weighter.weighted_loss(losses)
-
     def meta_loss(weights: ParamDict, batch: Any) -> torch.Tensor:
         return per_sample(weights, batch).mean()
 
-    return params, train_loss, meta_loss
+    return params, TrainLoss(per_sample, loss_weighter), meta_loss

@@ -6,11 +6,13 @@ the hypergradient is not the one at initialisation), then for `T - 1` more real 
 (`T` the longest `reverse` horizon), as MetaTrainer's base steps would take them with the weighter held fixed; the
 stateful estimators (`reverse`, `hyperdistill`) are called on each of those steps, as a trainer calls them. At the
 state reached, in training mode as in MetaTrainer's meta step, `metatrain.diagnostics.compare_estimators` measures
-every estimator on one training batch and one meta batch: its cosine with the exact reverse-mode hypergradient
-through the last `reference_horizon` real steps and with T1-T2 (the one-step lookahead that the cheap estimators
-approximate), its norm ratio, its median time per call and its memory (bytes saved for backward on CPU, the
-allocator's peak on CUDA), next to a training step (forward and backward of the training batch) measured in the same
-run. Writes `results.json`, `table.md` and `estimators.png` to `--results_dir`; about a minute on 2 idle CPU cores.
+every estimator on one training batch and one meta batch, on MetaTrainer's objective (the weighting net's input held
+at the current weights for the estimators that perturb the weights, EvoGrad and `t1t2_fd`): its cosine with the
+exact reverse-mode hypergradient through the last `reference_horizon` real steps and with T1-T2 (the one-step
+lookahead that the cheap estimators approximate), its norm ratio, its median time per call and its memory (bytes
+saved for backward on CPU, the allocator's peak on CUDA), next to a training step (forward and backward of the
+training batch) measured in the same run. Writes `results.json`, `table.md` and `estimators.png` to `--results_dir`;
+about a minute on 2 idle CPU cores.
 
     python recipes/compare_estimators.py
     python recipes/compare_estimators.py --stochastic_repeats 500 --reference_horizon 10 --neumann_terms 1 10 50
@@ -69,11 +71,12 @@ class CompareEstimatorsArguments:
     )
     neumann_terms: list[int] = field(default_factory=lambda: [1, 10], metadata={"help": "Neumann term counts."})
     evograd_options: str = field(
-        default='[{"sigma": 0.001}, {"sigma": "auto"}, {"sigma": "auto", "perturb": "^fc\\\\."}, '
-        '{"sigma": "auto", "population": 10}, {"sigma": "auto", "memory_lean": true}]',
+        default='[{"sigma": 0.001}, {"population": 2, "sigma": 0.001, "temperature": 0.05, "rescale": true}, '
+        '{"sigma": "auto"}, {"sigma": "auto", "perturb": "^fc\\\\."}, {"sigma": "auto", "population": 10}, '
+        '{"sigma": "auto", "memory_lean": true}]',
         metadata={
             "help": "JSON list of EvoGrad options, one row each (population 2 and temperature 0.05 unless given; "
-            "sigma 0.001 is the paper's)."
+            "sigma 0.001 is the paper's; the second row is `recipes/noisy_labels.py`'s default)."
         },
     )
     hyperdistill_gammas: list[float] = field(
@@ -107,6 +110,11 @@ class FromState(HypergradientEstimator):
     @property
     def name(self) -> str:
         return self._estimator.name
+
+    @property
+    def perturbs_weights(self) -> bool:  # type: ignore[override]
+        # `compare_estimators` holds the weighting net's input for the estimator inside, as MetaTrainer would
+        return self._estimator.perturbs_weights
 
     @property
     def draws(self) -> list[torch.Tensor]:

@@ -83,15 +83,63 @@ def test_evograd_mean_tracks_t1t2_when_its_step_is_the_learning_rate():
     assert large.memory_bytes > small.memory_bytes > 0 and large.seconds > 0 and small.seconds > 0
 
 
+def test_t1t2_fd_matches_t1t2_on_the_held_objective_only():
+    """MetaTrainer holds the weighting net's input at the current weights for estimators that perturb the weights;
+    `compare_estimators` does the same by default, where `t1t2_fd` is T1-T2's finite-difference version. Without
+    holding, its finite difference also moves the weighting net's input: a different objective, twice the norm."""
+    problem = tiny_problem()
+    (held,) = compare_estimators(**problem, estimators=["t1t2_fd"])
+    (unheld,) = compare_estimators(**problem, estimators=["t1t2_fd"], hold_weighter_inputs=False)
+    assert held.cosine > 0.999 and held.norm_ratio == pytest.approx(1, rel=0.02)
+    assert unheld.norm_ratio > 1.5 and unheld.cosine < held.cosine - 1e-3
+    # the autograd estimators see the same objective either way
+    (t1t2,) = compare_estimators(**problem, estimators=["t1t2"], hold_weighter_inputs=False)
+    assert t1t2.cosine == pytest.approx(1, abs=1e-10) and t1t2.norm_ratio == pytest.approx(1, abs=1e-10)
+
+
+def test_held_train_loss_follows_the_trainers_rule():
+    problem = tiny_problem()
+    params, train_loss, train_batch = problem["params"], problem["train_loss"], problem["train_batch"]
+    weighter = train_loss.loss_weighter
+    assert train_loss.holding(params, train_batch, perturbs_weights=False) is train_loss
+    held = train_loss.holding(params, train_batch)
+    moved = {name: p + 0.05 * torch.randn_like(p) for name, p in params.items()}
+    losses_at = {key: train_loss.per_sample(w, train_batch) for key, w in (("params", params), ("moved", moved))}
+    # the current batch object: weights from the losses at `params`, whatever weights are evaluated
+    expected = (weighter(losses_at["params"]) * losses_at["moved"]).sum() / weighter(losses_at["params"]).sum()
+    torch.testing.assert_close(held(moved, train_batch), expected)
+    torch.testing.assert_close(held(params, train_batch), train_loss(params, train_batch))
+    # an equal copy is another batch (reverse mode's remembered ones, HyperDistill's): the losses as evaluated
+    copy = (train_batch[0].clone(), train_batch[1].clone())
+    torch.testing.assert_close(held(moved, copy), train_loss(moved, train_batch))
+    assert not torch.allclose(held(moved, copy), held(moved, train_batch))
+    # the held losses are computed once, without a graph
+    calls = []
+    counting = type(train_loss)(
+        lambda w, b: calls.append((w, torch.is_grad_enabled())) or train_loss.per_sample(w, b), weighter
+    )
+    loss_fn = counting.holding(params, train_batch)
+    weights = {name: p.clone().requires_grad_(True) for name, p in moved.items()}
+    for _ in range(3):
+        torch.autograd.grad(loss_fn(weights, train_batch), list(weights.values()))
+    assert len(calls) == 4 and [grad for w, grad in calls if w is params] == [False]
+    # no loss weighter: nothing to hold
+    _, plain, _ = model_losses(nn.Linear(4, 3).double(), None, per_sample_ce64)
+    assert plain.holding(params, train_batch) is plain
+
+
 def test_batch_norm_statistics_and_weights_are_untouched():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)).double().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     problem = tiny_problem(model, per_sample_loss=None)  # MetaTrainer's default loss
     reports = compare_estimators(
-        **problem, estimators=["t1t2", "first_order", ("evograd", {"population": 8, "sigma": "auto"})], repeats=2
-    )
-    assert [r.name for r in reports] == ["t1t2", "first_order", "evograd"]
+        **problem,
+        estimators=["t1t2", "first_order", ("evograd", {"population": 8, "sigma": "auto"}), "t1t2_fd"],
+        repeats=2,
+    )  # EvoGrad and t1t2_fd on the held objective: the held losses go through the model too
+    assert [r.name for r in reports] == ["t1t2", "first_order", "evograd", "t1t2_fd"]
+    assert reports[3].cosine > 0.99
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "compare_estimators changed the model's state"
     assert all(p.grad is None for p in [*model.parameters(), *problem["meta_params"]])

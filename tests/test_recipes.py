@@ -153,7 +153,8 @@ def test_compare_estimators_recipe(compare_estimators_recipe, tmp_path, no_netwo
     saved = json.loads((results / "results.json").read_text())
     assert saved["estimators"] == report["estimators"]
     rows = {r["label"]: r for r in saved["estimators"]}
-    expected = ["t1t2", "t1t2_fd", "first_order", "neumann(terms=1)", "evograd(sigma=0.001)", "evograd(sigma='auto')",
+    expected = ["t1t2", "t1t2_fd", "first_order", "neumann(terms=1)", "evograd(sigma=0.001)",
+                "evograd(population=2, sigma=0.001, temperature=0.05, rescale=True)", "evograd(sigma='auto')",
                 "evograd(sigma='auto', perturb='^fc\\\\.')", "evograd(sigma='auto', population=10)",
                 "evograd(sigma='auto', memory_lean=True)", "hyperdistill(gamma=0.0)", "hyperdistill(gamma=0.99)",
                 "reverse(horizon=1)", "reverse(horizon=2)"]  # fmt: skip
@@ -169,6 +170,8 @@ def test_compare_estimators_recipe(compare_estimators_recipe, tmp_path, no_netwo
     for label in ("reverse(horizon=1)", "hyperdistill(gamma=0.0)"):
         assert rows[label]["cosine_t1t2"] == pytest.approx(1, abs=1e-6)
         assert rows[label]["norm_ratio_t1t2"] == pytest.approx(1, rel=1e-4)
+    # on MetaTrainer's objective (the weighting net's input held), the finite-difference T1-T2 is T1-T2
+    assert rows["t1t2_fd"]["cosine_t1t2"] > 0.99
     # a loss weighter's direct term is zero: no direction (None in JSON), norm 0
     assert rows["first_order"]["norm"] == 0 and rows["first_order"]["cosine_reverse"] is None
     # EvoGrad's memory-lean path is the default path on the same draws
