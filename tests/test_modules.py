@@ -102,3 +102,129 @@ def test_learnable_rotation_module():
     assert "degrees=30.00" in repr(rotation)
     with pytest.raises(ValueError, match="padding_mode='wrap'"):
         LearnableRotation(padding_mode="wrap")
+
+
+# ---------------------------------------------------------------------------------- feature-wise transforms (LFT)
+def ft_model(seed: int = 0, **kwargs) -> nn.Module:
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model(
+        "test_resnet", pretrained=False, num_classes=3, in_chans=1, zero_init_last=False, **kwargs
+    )
+
+
+@pytest.mark.parametrize("name, count", [("resnet10t", 3712), ("resnet18", 5632), ("resnet34", 9344)])
+def test_feature_wise_transform_meta_parameter_counts(name, count):
+    """3,712 on ResNet-10 is the LFT paper's count: FT after bn2 of every block and after every shortcut BN."""
+    import timm
+
+    from metatrain.modules import attach_feature_wise_transforms
+
+    model = timm.create_model(name, pretrained=False, num_classes=5, zero_init_last=False)
+    transforms = attach_feature_wise_transforms(model)
+    assert sum(p.numel() for p in transforms.parameters()) == count
+    model_ids = {id(p) for p in model.parameters()}
+    assert all(id(p) in model_ids for p in transforms.parameters())
+
+
+def test_feature_wise_transform_layer():
+    from metatrain.modules import FeatureWiseTransform
+
+    layer = FeatureWiseTransform(4)
+    x = torch.randn(2, 4, 3, 3)
+    assert torch.equal(layer.eval()(x), x)
+    layer.train()
+    torch.manual_seed(0)
+    out = layer(x)
+    torch.manual_seed(0)
+    noise_gamma, noise_beta = torch.randn(1, 4, 1, 1), torch.randn(1, 4, 1, 1)
+    gamma = 1 + noise_gamma * nn.functional.softplus(torch.tensor(0.3), beta=100)
+    beta = noise_beta * nn.functional.softplus(torch.tensor(0.5), beta=100)
+    torch.testing.assert_close(out, gamma * x + beta)
+    layer.enabled = False
+    assert torch.equal(layer(x), x)
+
+
+def test_feature_wise_transforms_attach_detach_round_trip():
+    from metatrain.modules import attach_feature_wise_transforms, detach_feature_wise_transforms
+
+    model = ft_model()
+    x = torch.randn(4, 1, 16, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    eval_before = model(x)
+    model.train()
+    torch.manual_seed(1)
+    train_before = model(x)
+    model.load_state_dict(before)  # undo the running-statistics update
+
+    transforms = attach_feature_wise_transforms(model)
+    names = [n for n, _ in model.named_parameters()]
+    assert "layer1.0.ft_bn2.theta_gamma" in names and "layer2.0.ft_shortcut.theta_beta" in names
+    assert set(before) < set(model.state_dict())
+    model.eval()
+    assert torch.equal(model(x), eval_before)  # identity in evaluation mode
+    model.train()
+    torch.manual_seed(1)
+    assert not torch.allclose(model(x), train_before)
+    model.load_state_dict({**model.state_dict(), **before})
+    with transforms.disabled():  # off for pseudo-unseen and test forwards
+        torch.manual_seed(1)
+        torch.testing.assert_close(model(x), train_before)
+    assert all(layer.enabled for layer in transforms.layers.values())
+    model.load_state_dict({**model.state_dict(), **before})
+    with pytest.raises(ValueError, match="already has feature-wise transforms"):
+        attach_feature_wise_transforms(model)
+
+    detach_feature_wise_transforms(model, transforms)
+    assert list(model.state_dict()) == list(before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert not any("ft_" in n for n, _ in model.named_modules())
+    torch.manual_seed(1)
+    torch.testing.assert_close(model(x), train_before)
+    with pytest.raises(ValueError, match="No residual block"):
+        attach_feature_wise_transforms(nn.Sequential(nn.Conv2d(1, 2, 3)))
+
+
+def _zero_init_model() -> nn.Module:
+    import timm
+
+    return timm.create_model("test_resnet", pretrained=False, num_classes=3, in_chans=1)  # timm's default: zeroed
+
+
+def test_feature_wise_transforms_warn_about_zero_init_last(caplog):
+    import logging
+
+    from metatrain.modules import attach_feature_wise_transforms
+
+    with caplog.at_level(logging.WARNING):
+        attach_feature_wise_transforms(_zero_init_model())
+    assert "zero_init_last" in caplog.text
+
+
+def test_feature_wise_transforms_train_under_meta_trainer(tmp_path):
+    """Embedded meta-parameters: found in the model by identity, kept out of the base optimizer, stepped by the
+    meta-optimizer with a non-zero hypergradient."""
+    import datasets
+
+    from metatrain import MetaTrainer, MetaTrainingArguments
+    from metatrain.modules import attach_feature_wise_transforms
+
+    model = ft_model()
+    transforms = attach_feature_wise_transforms(model)
+    g = torch.Generator().manual_seed(0)
+    data = datasets.Dataset.from_dict(
+        {"pixel_values": torch.randn(32, 1, 16, 16, generator=g).numpy(), "labels": [0, 1, 2, 0] * 8}
+    ).with_format("torch")
+    args = MetaTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2, logging_steps=1,
+                                 per_device_train_batch_size=8, learning_rate=0.1, hypergradient="t1t2",
+                                 disable_tqdm=True)  # fmt: skip
+    trainer = MetaTrainer(model=model, args=args, train_dataset=data, meta_dataset=data, meta_module=transforms)
+    before = {k: v.clone() for k, v in transforms.state_dict().items()}
+    trainer.train()
+    assert trainer.meta_param_names is not None and all("ft_" in n for n in trainer.meta_param_names)
+    base = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not base & {id(p) for p in transforms.parameters()}
+    assert all(e["hypergradient_norm"] > 0 for e in trainer.state.log_history if "hypergradient_norm" in e)
+    assert any(not torch.equal(before[k], v) for k, v in transforms.state_dict().items())

@@ -3,7 +3,23 @@
 from __future__ import annotations
 
 from ._base import InputTransform, LossWeighter
+from .feature_wise import (
+    FeatureWiseTransform,
+    FeatureWiseTransforms,
+    attach_feature_wise_transforms,
+    detach_feature_wise_transforms,
+)
 from .meta_weight_net import MetaWeightNet
 from .rotation import LearnableRotation, rotate_images
 
-__all__ = ["InputTransform", "LearnableRotation", "LossWeighter", "MetaWeightNet", "rotate_images"]
+__all__ = [
+    "FeatureWiseTransform",
+    "FeatureWiseTransforms",
+    "InputTransform",
+    "LearnableRotation",
+    "LossWeighter",
+    "MetaWeightNet",
+    "attach_feature_wise_transforms",
+    "detach_feature_wise_transforms",
+    "rotate_images",
+]
