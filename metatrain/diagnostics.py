@@ -133,15 +133,17 @@ def _build(spec: Any) -> tuple[str, dict[str, Any], HypergradientEstimator]:
     )
 
 
-def _flat(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([g.detach().reshape(-1).to(torch.float64) for g in grads])
+def flatten(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One float64 CPU vector of a hypergradient given as one tensor per meta-parameter."""
+    return torch.cat([g.detach().reshape(-1).to(device="cpu", dtype=torch.float64) for g in grads])
 
 
-def _ratio(num: float, den: float) -> float:
+def ratio(num: float, den: float) -> float:
+    """`num / den`, NaN when `den` is not positive."""
     return num / den if den > 0 else math.nan
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Cosine similarity in [-1, 1], NaN when either vector is zero (undefined, not orthogonal)."""
     na, nb = float(a.norm()), float(b.norm())
     if na == 0 or nb == 0:
@@ -149,7 +151,8 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return max(-1.0, min(1.0, float(a @ b) / (na * nb)))
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work, so wall-clock timings include it (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -162,10 +165,10 @@ def _measure(
         call()
     results, seconds = [], []
     for _ in range(repeats):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         results.append(call())
-        _sync(device)
+        synchronize(device)
         seconds.append(time.perf_counter() - start)
     with MemoryMeter(device) as meter:
         call()
@@ -279,24 +282,24 @@ def compare_estimators(
 
         return call
 
-    ref = _flat(_restoring_state(reference_estimator, caller(reference_estimator)).grads)
+    ref = flatten(_restoring_state(reference_estimator, caller(reference_estimator)).grads)
     ref_norm = float(ref.norm())
 
     reports = []
     for name, options, estimator in built:
         call = caller(estimator)
         results, seconds, meter = _restoring_state(estimator, partial(_measure, call, repeats, warmup, device))
-        flats = [_flat(r.grads) for r in results]
+        flats = [flatten(r.grads) for r in results]
         mean = torch.stack(flats).mean(0)
         norms = [float(g.norm()) for g in flats]
         reports.append(
             EstimatorReport(
                 name=name,
                 options=options,
-                cosine=statistics.fmean(_cosine(g, ref) for g in flats),
-                cosine_of_mean=_cosine(mean, ref),
-                norm_ratio=statistics.fmean(_ratio(n, ref_norm) for n in norms),
-                norm_ratio_of_mean=_ratio(float(mean.norm()), ref_norm),
+                cosine=statistics.fmean(cosine(g, ref) for g in flats),
+                cosine_of_mean=cosine(mean, ref),
+                norm_ratio=statistics.fmean(ratio(n, ref_norm) for n in norms),
+                norm_ratio_of_mean=ratio(float(mean.norm()), ref_norm),
                 norm=statistics.fmean(norms),
                 reference=_label(reference_name, reference_options),
                 reference_norm=ref_norm,

@@ -13,7 +13,8 @@ from torch import nn
 from torch.func import functional_call
 from transformers import PreTrainedModel, Trainer
 
-from .estimators import HypergradientEstimator, create_estimator
+from .diagnostics import cosine, flatten, ratio
+from .estimators import create_estimator
 from .losses import logits_of, per_sample_cross_entropy, weighted_mean
 from .modules import InputTransform, LossWeighter
 from .profiling import MemoryMeter
@@ -217,7 +218,7 @@ class MetaTrainer(PerSampleLossTrainer):
         self.reference_estimator = None
         if self.args.meta_diagnostics_steps:
             self.reference_estimator = create_estimator(self.args.meta_diagnostics_reference)
-            if type(self.reference_estimator).state_dict is not HypergradientEstimator.state_dict:
+            if self.reference_estimator.stateful:
                 raise ValueError(
                     f"meta_diagnostics_reference={self.args.meta_diagnostics_reference!r} keeps state across steps, "
                     "but the reference only runs every `meta_diagnostics_steps` steps: use a stateless estimator such "
@@ -430,15 +431,11 @@ class MetaTrainer(PerSampleLossTrainer):
 
     def _log_agreement(self, grads: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...]) -> None:
         """Accumulates the cosine and norm ratio of the hypergradient to the reference estimator's."""
-        flat = torch.cat([g.detach().double().flatten() for g in grads])
-        ref = torch.cat([g.detach().double().flatten() for g in reference])
-        denominator = flat.norm() * ref.norm()
+        flat, ref = flatten(grads), flatten(reference)
         stats = self._meta_log
         stats["agreement_count"] = stats.get("agreement_count", 0) + 1
-        cosine = float(flat @ ref / denominator) if denominator > 0 else float("nan")
-        stats["cosine"] = stats.get("cosine", 0.0) + cosine
-        ratio = float(flat.norm() / ref.norm()) if ref.norm() > 0 else float("nan")
-        stats["norm_ratio"] = stats.get("norm_ratio", 0.0) + ratio
+        stats["cosine"] = stats.get("cosine", 0.0) + cosine(flat, ref)
+        stats["norm_ratio"] = stats.get("norm_ratio", 0.0) + ratio(float(flat.norm()), float(ref.norm()))
 
     # ------------------------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

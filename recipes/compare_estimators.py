@@ -28,7 +28,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,8 +38,17 @@ import torch
 
 from metatrain.cli import parse_config
 from metatrain.data import load_digits_dataset, make_noisy_label_splits
-from metatrain.diagnostics import EstimatorReport, compare_estimators, model_losses
+from metatrain.diagnostics import (
+    EstimatorReport,
+    compare_estimators,
+    cosine,
+    flatten,
+    model_losses,
+    ratio,
+    synchronize,
+)
 from metatrain.estimators import HypergradientEstimator, HypergradientResult, create_estimator
+from metatrain.estimators._lookahead import sgd_lookahead
 from metatrain.models import build_model
 from metatrain.modules import MetaWeightNet
 from metatrain.profiling import MemoryMeter
@@ -123,7 +132,7 @@ class FromState(HypergradientEstimator):
     def estimate(self, *args: Any, **kwargs: Any) -> HypergradientResult:
         self._estimator.load_state_dict(copy.deepcopy(self._state))
         result = self._estimator.estimate(*args, **kwargs)
-        self._draws.append(flat(result.grads))
+        self._draws.append(flatten(result.grads))
         return result
 
 
@@ -140,14 +149,6 @@ class Precomputed(HypergradientEstimator):
 
     def estimate(self, *args: Any, **kwargs: Any) -> HypergradientResult:
         return self._result
-
-
-def flat(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([g.detach().reshape(-1).to(device="cpu", dtype=torch.float64) for g in grads])
-
-
-def is_stateful(estimator: HypergradientEstimator) -> bool:
-    return type(estimator).state_dict is not HypergradientEstimator.state_dict
 
 
 def estimator_specs(args: CompareEstimatorsArguments) -> list[tuple[str, dict[str, Any]]]:
@@ -177,15 +178,8 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.
 
 
 def sgd_step(theta: dict[str, torch.Tensor], loss_fn: Callable, batch: Any, lr: float) -> dict[str, torch.Tensor]:
-    """One plain SGD step on a weight dict: the step `reverse` replays."""
-    weights = {k: p.detach().requires_grad_(True) for k, p in theta.items()}
-    grads = torch.autograd.grad(loss_fn(weights, batch), list(weights.values()))
-    return {k: (p - lr * g).detach() for (k, p), g in zip(weights.items(), grads)}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    """One plain SGD step on a weight dict (the step `reverse` replays), detached."""
+    return {k: p.detach() for k, p in sgd_lookahead(theta, loss_fn, batch, lr, create_graph=False).items()}
 
 
 def measure_training_step(
@@ -201,23 +195,14 @@ def measure_training_step(
     step()
     seconds = []
     for _ in range(repeats):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         step()
-        _sync(device)
+        synchronize(device)
         seconds.append(time.perf_counter() - start)
     with MemoryMeter(device) as meter:
         step()
     return {"seconds": statistics.median(seconds), "memory_bytes": int(meter.peak_bytes), "memory_kind": meter.kind}
-
-
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    na, nb = float(a.norm()), float(b.norm())
-    return float(a @ b) / (na * nb) if na > 0 and nb > 0 else math.nan
-
-
-def _ratio(num: float, den: float) -> float:
-    return num / den if den > 0 else math.nan
 
 
 def _clean(value: Any) -> Any:
@@ -348,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in range(trajectory):
         batch = next(stream)
         for estimator in estimators:
-            if is_stateful(estimator):
+            if estimator.stateful:
                 estimator.estimate(theta, meta_params, train_loss, meta_loss, batch, meta_batch, args.lr)
         theta = sgd_step(theta, train_loss, batch, args.lr)
     train_batch = next(stream)
@@ -372,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
         "t1t2": Precomputed(create_estimator("t1t2").estimate(**problem), "t1t2", {}),
     }
 
-    vectors = {key: flat(reference.estimate().grads) for key, reference in references.items()}
+    vectors = {key: flatten(reference.estimate().grads) for key, reference in references.items()}
     results = []
     for (name, options), estimator in zip(specs, measured):
         # the same seed against both references: a stochastic estimator is compared on the same draws with each
@@ -387,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
             if key == "reverse":
                 draws = list(estimator.draws)  # warm-up, timed and memory calls: repeats + 2 draws
         vs_reverse, vs_t1t2 = reports["reverse"], reports["t1t2"]
-        per_draw = {key: [_cosine(d, vector) for d in draws] for key, vector in vectors.items()}
+        per_draw = {key: [cosine(d, vector) for d in draws] for key, vector in vectors.items()}
         results.append(
             {
                 "label": vs_reverse.label,
@@ -417,8 +402,8 @@ def main(argv: list[str] | None = None) -> dict:
     for r in results:
         for key in ("seconds", "memory_bytes"):
             short = "seconds" if key == "seconds" else "memory"
-            r[f"{short}_vs_t1t2"] = _ratio(r[key], t1t2[key])
-            r[f"{short}_vs_train_step"] = _ratio(r[key], step[key])
+            r[f"{short}_vs_t1t2"] = ratio(r[key], t1t2[key])
+            r[f"{short}_vs_train_step"] = ratio(r[key], step[key])
     results = [{k: _clean(v) for k, v in r.items()} for r in results]
 
     report = {

@@ -87,6 +87,11 @@ class HypergradientEstimator:
         """
         return self.estimate(params, meta_params, train_loss, meta_loss, train_batch, meta_batch, lr).grads
 
+    @property
+    def stateful(self) -> bool:
+        """Whether the estimator keeps state across calls (it overrides [`~HypergradientEstimator.state_dict`])."""
+        return type(self).state_dict is not HypergradientEstimator.state_dict
+
     def state_dict(self) -> dict[str, Any]:
         """State to checkpoint; stateless estimators return an empty dict."""
         return {}
@@ -112,6 +117,20 @@ def grads_or_zeros(output: torch.Tensor, inputs: Sequence[torch.Tensor], **kwarg
         return tuple(torch.zeros_like(x) for x in inputs)
     grads = torch.autograd.grad(output, list(inputs), allow_unused=True, **kwargs)
     return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
+
+
+def detached_copy(value: Any) -> Any:
+    """`value` with every tensor detached and copied (nested mappings, lists, tuples and named tuples kept; mappings
+    come back as dicts), so that a batch or weights the caller later changes in place do not change a remembered
+    copy."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, Mapping):
+        return {k: detached_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [detached_copy(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
 
 
 def leaves(params: ParamDict) -> dict[str, torch.Tensor]:

@@ -8,25 +8,20 @@ from typing import Any
 
 import torch
 
-from ._base import HypergradientEstimator, HypergradientResult, LossFn, ParamDict, grads_or_zeros, leaves
+from ._base import (
+    HypergradientEstimator,
+    HypergradientResult,
+    LossFn,
+    ParamDict,
+    detached_copy,
+    grads_or_zeros,
+    leaves,
+)
 from ._hvp import gradient_vector_product
 from ._lookahead import sgd_lookahead
 
 BATCH_MIXING = ("subsample", "replace")
 STATE_KEYS = ("step", "theta", "w_star", "d_star", "generator", "window_start", "window_batches", "window_lrs")
-
-
-def _detached(batch: Any) -> Any:
-    """`batch` with every tensor detached and copied (nested dicts, lists and tuples kept), so that a batch the
-    caller later changes in place does not change the remembered one."""
-    if isinstance(batch, torch.Tensor):
-        return batch.detach().clone()
-    if isinstance(batch, Mapping):
-        return {k: _detached(v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        items = [_detached(v) for v in batch]
-        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
-    return batch
 
 
 def _batch_sizes(batch: Any, where: str = "batch") -> list[int]:
@@ -322,7 +317,7 @@ class HyperDistill(HypergradientEstimator):
             self._generator = self._new_generator()
         t = self._step + 1
         p_t = (self.gamma - self.gamma**t) / (1.0 - self.gamma**t)
-        batch = _detached(train_batch)
+        batch = detached_copy(train_batch)
         # Eq. 13-14: the running average is kept in at least float32 and cast back to the weights' dtype to be used
         stored = {k: w.detach().to(torch.promote_types(w.dtype, torch.float32), copy=True) for k, w in params.items()}
         if p_t == 0.0:

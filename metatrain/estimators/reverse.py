@@ -7,19 +7,8 @@ from typing import Any
 
 import torch
 
-from ._base import HypergradientEstimator, HypergradientResult, LossFn, ParamDict, grads_or_zeros
+from ._base import HypergradientEstimator, HypergradientResult, LossFn, ParamDict, detached_copy, grads_or_zeros
 from ._lookahead import sgd_unroll
-
-
-def _detached(value: Any) -> Any:
-    """`value` with every tensor detached (and copied), nested dicts, lists and tuples kept."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {k: _detached(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_detached(v) for v in value)
-    return value
 
 
 class ReverseMode(HypergradientEstimator):
@@ -62,7 +51,7 @@ class ReverseMode(HypergradientEstimator):
         lr: float | None = None,
     ) -> HypergradientResult:
         lr = self._check_lr(lr)
-        current = (_detached(dict(params)), _detached(train_batch), lr)
+        current = (detached_copy(dict(params)), detached_copy(train_batch), lr)
         steps = [*self._history, current]
         start = steps[0][0]
         final = sgd_unroll(start, train_loss, [s[1] for s in steps], [s[2] for s in steps], create_graph=True)
