@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -16,7 +17,7 @@ from transformers import PreTrainedModel, Trainer
 from .diagnostics import cosine, flatten, ratio
 from .estimators import create_estimator
 from .losses import logits_of, per_sample_cross_entropy, weighted_mean
-from .modules import InputTransform, LossWeighter
+from .modules import AttachedTransform, InputTransform, LossWeighter
 from .profiling import MemoryMeter
 from .training_args import MetaTrainingArguments
 
@@ -80,6 +81,8 @@ class PerSampleLossTrainer(Trainer):
         self.loss_is_scaled_for_ga = False
         self.per_sample_loss = per_sample_loss or per_sample_cross_entropy
         self.model_input_names = model_input_names or ["pixel_values"]
+        # batch keys the trainer reads itself: kept by `remove_unused_columns`, never passed to the model
+        self.trainer_batch_keys: list[str] = []
 
     def _is_transformers_model(self) -> bool:
         return isinstance(self.model, PreTrainedModel)
@@ -88,11 +91,13 @@ class PerSampleLossTrainer(Trainer):
         if self._signature_columns is None and not self._is_transformers_model():
             self._signature_columns = list(self.model_input_names) + list(self.args.label_names)
         super()._set_signature_columns_if_needed()
+        self._signature_columns += [k for k in self.trainer_batch_keys if k not in self._signature_columns]
 
     def _split_inputs(self, inputs: dict[str, Any]) -> tuple[tuple, dict[str, Any], torch.Tensor]:
         labels = inputs[self.args.label_names[0]]
         if self._is_transformers_model():
-            return (), {k: v for k, v in inputs.items() if k not in self.args.label_names}, labels
+            dropped = {*self.args.label_names, *self.trainer_batch_keys}
+            return (), {k: v for k, v in inputs.items() if k not in dropped}, labels
         missing = [k for k in self.model_input_names if k not in inputs]
         if missing:
             raise ValueError(
@@ -138,7 +143,8 @@ class MetaTrainer(PerSampleLossTrainer):
             Holds the meta-parameters. Either a module outside the model, a [`~metatrain.modules.LossWeighter`] (it
             weights the per-sample training losses) or a [`~metatrain.modules.InputTransform`] (it transforms the
             training inputs), or a module attached inside the model (its parameters must all be parameters of the
-            model).
+            model). An attached [`~metatrain.modules.AttachedTransform`] (e.g. LFT's feature-wise transforms) acts
+            on training forwards only: the meta loss runs with it disabled.
         per_sample_loss, model_input_names: see [`PerSampleLossTrainer`].
         **kwargs: passed to [`~transformers.Trainer`].
     """
@@ -209,6 +215,8 @@ class MetaTrainer(PerSampleLossTrainer):
             )
         self.meta_dataset = meta_dataset
         self.meta_module = meta_module
+        if self.args.meta_disjoint_key is not None:
+            self.trainer_batch_keys.append(self.args.meta_disjoint_key)
         self.external_meta_module = meta_module if self.meta_param_names is None else None
         self.loss_weighter = meta_module if isinstance(self.external_meta_module, LossWeighter) else None
         self.input_transform = meta_module if isinstance(self.external_meta_module, InputTransform) else None
@@ -300,21 +308,23 @@ class MetaTrainer(PerSampleLossTrainer):
         if self._meta_loader is None:
             self._meta_loader = self.get_meta_dataloader()
         state = self._meta_data_state
-        while True:
-            if self._meta_iter is None:
-                # creating (and fast-forwarding) an iterator must not move the global RNG, or resume would diverge
-                with torch.random.fork_rng(devices=[]):
+        # iterating (and fast-forwarding) the meta loader must not move the global RNG, or resume would diverge: the
+        # loader draws its base seed when its first batch is fetched
+        with torch.random.fork_rng(devices=[]):
+            while True:
+                if self._meta_iter is None:
                     self._meta_sampler.set_epoch(state["epoch"])
                     self._meta_iter = iter(self._meta_loader)
                     for _ in range(state["consumed"]):
                         next(self._meta_iter)
-            try:
-                batch = next(self._meta_iter)
-            except StopIteration:
-                state["epoch"], state["consumed"], self._meta_iter = state["epoch"] + 1, 0, None
-                continue
-            state["consumed"] += 1
-            return self._prepare_inputs(batch)
+                try:
+                    batch = next(self._meta_iter)
+                except StopIteration:
+                    state["epoch"], state["consumed"], self._meta_iter = state["epoch"] + 1, 0, None
+                    continue
+                state["consumed"] += 1
+                break
+        return self._prepare_inputs(batch)
 
     # ------------------------------------------------------------------------------------------------- meta step
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -344,11 +354,48 @@ class MetaTrainer(PerSampleLossTrainer):
             self._meta_log["memory_mb"] = self._meta_log.get("memory_mb", 0.0) + meter.peak_bytes / 2**20
         return done
 
+    def _meta_batch_for(self, train_batch: dict[str, Any]) -> dict[str, Any]:
+        """The next meta batch; with `meta_disjoint_key`, the next one whose values of that key share none with the
+        training batch's (e.g. a pseudo-unseen domain for a pseudo-seen one)."""
+        key = self.args.meta_disjoint_key
+        if key is None:
+            return self._next_meta_batch()
+        if key not in train_batch:
+            raise ValueError(
+                f"meta_disjoint_key={key!r} is not a key of the training batch (keys: {sorted(train_batch)}): add it "
+                "to the dataset's items or unset `meta_disjoint_key`."
+            )
+        train_values = set(torch.as_tensor(train_batch[key]).reshape(-1).tolist())
+        for _ in range(self.args.meta_disjoint_max_draws):
+            batch = self._next_meta_batch()
+            if not train_values & set(torch.as_tensor(batch[key]).reshape(-1).tolist()):
+                return batch
+        raise ValueError(
+            f"No meta batch in {self.args.meta_disjoint_max_draws} draws has a {key!r} other than the training "
+            f"batch's {sorted(train_values)}: the meta dataset needs items with other values of {key!r} (e.g. "
+            "episodes from at least two domains)."
+        )
+
+    def _same_noise(self, stream: int) -> contextlib.AbstractContextManager:
+        """Runs a loss with random layers (dropout, LFT's noise) on the same draws at every call of one meta step, so
+        that estimators comparing the loss at several weights (EvoGrad, finite differences) see the weights' effect
+        only. Seeded by the run's seed and the step (the global RNG is untouched, so runs and resumes replay)."""
+        devices = [] if self.args.device.type == "cpu" else [self.args.device]
+        seed = (self.args.seed * 1_000_003 + self.state.global_step) * 2 + stream
+
+        @contextlib.contextmanager
+        def context():
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                yield
+
+        return context()
+
     def _meta_step(self, train_batch: dict[str, Any]) -> bool:
         start = time.perf_counter()
         model = self.model
         model.train()
-        meta_batch = self._next_meta_batch()
+        meta_batch = self._meta_batch_for(train_batch)
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         buffers = dict(model.named_buffers())
         leaves = [p.detach().requires_grad_(True) for p in self.meta_params]
@@ -359,10 +406,15 @@ class MetaTrainer(PerSampleLossTrainer):
         def external_call(*call_args: Any) -> torch.Tensor:
             return functional_call(external, external_params, call_args)
 
-        def per_sample(weights: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
+        def per_sample(weights: dict[str, torch.Tensor], batch: dict[str, Any], training: bool = True) -> torch.Tensor:
             args, kwargs, labels = self._split_inputs(batch)
             substituted = {**{n: b.clone() for n, b in buffers.items()}, **embedded, **weights}
-            with self.accelerator.autocast():
+            attached_off = (
+                self.meta_module.disabled()
+                if not training and isinstance(self.meta_module, AttachedTransform)
+                else contextlib.nullcontext()
+            )
+            with self._same_noise(int(training)), attached_off, self.accelerator.autocast():
                 outputs = functional_call(model, substituted, args, kwargs)
             return self.per_sample_loss(logits_of(outputs), labels)
 
@@ -389,7 +441,7 @@ class MetaTrainer(PerSampleLossTrainer):
             return weighted_mean(losses, external_call(weighter_inputs(losses, batch)))
 
         def meta_loss(weights, batch):
-            return per_sample(weights, batch).mean()
+            return per_sample(weights, batch, training=False).mean()
 
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else self.args.learning_rate
         result = self.estimator.estimate(params, leaves, train_loss, meta_loss, train_batch, meta_batch, lr)

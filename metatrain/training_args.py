@@ -54,6 +54,18 @@ class MetaTrainingArguments(TrainingArguments):
             "Both differentiate at the weights before the base update."
         },
     )
+    meta_disjoint_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "Batch key (e.g. `domain`) whose values must differ between a training batch and its meta batch: "
+            "meta batches are drawn until one shares no value with the training batch (LFT's pseudo-seen and "
+            "pseudo-unseen domains). The key is kept by `remove_unused_columns`."
+        },
+    )
+    meta_disjoint_max_draws: int = field(
+        default=100,
+        metadata={"help": "With `meta_disjoint_key`, the most meta batches drawn for one step before an error."},
+    )
     meta_max_grad_norm: float | None = field(
         default=None, metadata={"help": "Clip the hypergradient to this global norm before the meta-optimizer step."}
     )
@@ -114,6 +126,8 @@ class MetaTrainingArguments(TrainingArguments):
                 f"Unknown `meta_diagnostics_reference={self.meta_diagnostics_reference!r}`: choose one of "
                 f"{sorted(ESTIMATORS)}."
             )
+        if self.meta_disjoint_max_draws < 1:
+            raise ValueError(f"`meta_disjoint_max_draws` must be >= 1, got {self.meta_disjoint_max_draws}.")
         if self.meta_interval < 1:
             raise ValueError(f"`meta_interval` must be >= 1, got {self.meta_interval}.")
         if self.meta_learning_rate < 0:

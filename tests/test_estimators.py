@@ -233,8 +233,22 @@ def test_evograd_auto_sigma_matches_the_learning_rate():
     lam = torch.tensor(0.5, requires_grad=True)
     with pytest.raises(ValueError, match="lr"):
         est.hypergradient({"x": torch.tensor(0.1)}, [lam], *one_dim_problem(lam))
-    with pytest.raises(ValueError, match='sigma.*"auto"'):
+    with pytest.raises(ValueError, match='sigma.*"auto" or "lr"'):
         create_estimator("evograd", sigma="big")
+
+
+def test_evograd_sigma_tied_to_the_learning_rate():
+    """`sigma="lr"` (EvoGrad's LFT code): the perturbation scale is the inner learning rate of each call."""
+    est = create_estimator("evograd", sigma="lr", noise="gaussian")
+    assert est.resolve_sigma(1e-3) == 1e-3 and est.resolve_sigma(0.05) == 0.05
+    x, lam = {"x": torch.tensor(0.3)}, torch.tensor(0.5, requires_grad=True)
+    with pytest.raises(ValueError, match="lr"):
+        est.hypergradient(x, [lam], *one_dim_problem(lam))
+    torch.manual_seed(0)
+    tied = est.hypergradient(x, [lam], *one_dim_problem(lam), lr=0.2)
+    torch.manual_seed(0)
+    fixed = create_estimator("evograd", sigma=0.2, noise="gaussian").hypergradient(x, [lam], *one_dim_problem(lam), lr=0.2)
+    assert tied[0].item() != 0 and torch.equal(tied[0], fixed[0])
 
 
 def test_evograd_antithetic_pairs():

@@ -401,3 +401,132 @@ def test_a_perturbing_reference_is_measured_on_the_held_objective(tmp_path):
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "hypergradient_cosine_to_t1t2_fd" in entry]
     assert len(logs) == 4 and all(entry["hypergradient_cosine_to_t1t2_fd"] > 0.999 for entry in logs)
+
+
+# ------------------------------------------------------------------- attached transforms (LFT) and disjoint meta data
+def lft_trainer(tmp_path, **overrides):
+    import timm
+
+    from metatrain.modules import attach_feature_wise_transforms
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=3, in_chans=1, zero_init_last=False)
+    transforms = attach_feature_wise_transforms(model)
+    trainer = make_trainer(tmp_path, model=model, meta_module=transforms, **overrides)
+    return trainer, model, transforms
+
+
+def test_attached_transform_is_off_in_the_meta_loss_and_meta_step_matches_reference(tmp_path, monkeypatch):
+    """LFT's bilevel step: the lookahead uses the training loss with the FT layers on, the meta loss runs with them
+    off. Checked against autograd through a hand-unrolled SGD step with the same FT noise."""
+    import contextlib
+
+    trainer, model, transforms = lft_trainer(
+        tmp_path, hypergradient="t1t2", meta_optimizer="sgd", meta_learning_rate=1.0, meta_momentum=0.0,
+        meta_weight_decay=0.0,
+    )  # fmt: skip
+
+    @contextlib.contextmanager
+    def seeded(stream):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(100 + stream)
+            yield
+
+    monkeypatch.setattr(trainer, "_same_noise", seeded)
+    trainer.create_optimizer()
+    train_batch = next(iter(trainer.get_train_dataloader()))
+    meta_batch = next(iter(trainer.get_meta_dataloader()))
+    trainer._meta_loader = None
+    ft_names = [n for n, _ in model.named_parameters() if "ft_" in n]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    theta = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters() if "ft_" not in n}
+    lam = {n: before[n].clone().requires_grad_() for n in ft_names}
+    bufs = lambda: {n: b.clone() for n, b in model.named_buffers()}  # noqa: E731
+    torch.manual_seed(101)
+    logits = functional_call(model, {**theta, **lam, **bufs()}, (train_batch["pixel_values"],))
+    inner = nn.functional.cross_entropy(logits, train_batch["labels"])
+    g = torch.autograd.grad(inner, list(theta.values()), create_graph=True)
+    stepped = {n: p - 0.1 * gi for (n, p), gi in zip(theta.items(), g)}
+    with transforms.disabled():
+        outer = nn.functional.cross_entropy(
+            functional_call(model, {**stepped, **lam, **bufs()}, (meta_batch["pixel_values"],)), meta_batch["labels"]
+        )
+    expected = torch.autograd.grad(outer, list(lam.values()), retain_graph=True)
+    assert all(e.abs().sum() > 0 for e in expected)
+    # the meta loss with the FT layers on is another objective: its hypergradient differs
+    torch.manual_seed(100)
+    outer_on = nn.functional.cross_entropy(
+        functional_call(model, {**stepped, **lam, **bufs()}, (meta_batch["pixel_values"],)), meta_batch["labels"]
+    )
+    on = torch.autograd.grad(outer_on, list(lam.values()))
+    assert not all(torch.allclose(a, b, rtol=1e-2) for a, b in zip(on, expected))
+
+    assert trainer.meta_step(train_batch)
+    after = dict(model.named_parameters())
+    for name, e in zip(ft_names, expected):
+        torch.testing.assert_close(before[name] - after[name].detach(), e, rtol=1e-4, atol=1e-7)
+    assert all(torch.equal(before[n], p) for n, p in after.items() if "ft_" not in n)
+    assert transforms.enabled
+
+
+def test_random_layers_draw_the_same_noise_at_every_weight_of_one_meta_step(tmp_path):
+    """Finite differences of a training loss with LFT's noise only make sense when both evaluations see the same
+    noise: the trainer fixes the draws within a meta step, so `t1t2_fd` agrees with T1-T2."""
+    import contextlib
+
+    options = dict(hypergradient="t1t2_fd", hypergradient_kwargs={"epsilon": 1e-4}, meta_diagnostics_steps=1)
+    trainer, _, _ = lft_trainer(tmp_path, logging_steps=1, **options)
+    batch = next(iter(trainer.get_train_dataloader()))
+    rng_before = torch.random.get_rng_state()
+    trainer.meta_step(batch)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # neither the noise nor the meta data move the RNG
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "hypergradient_cosine_to_t1t2" in entry]
+    assert len(logs) == 4
+    for entry in logs:
+        assert entry["hypergradient_cosine_to_t1t2"] > 0.999
+
+    # without common draws the finite difference measures the noise, not the weights
+    trainer, _, _ = lft_trainer(tmp_path / "fresh", **options)
+    trainer._same_noise = lambda stream: contextlib.nullcontext()
+    trainer.meta_step(batch)
+    assert trainer._meta_log["cosine"] < 0.5
+
+
+def domain_dataset(domains: list[int], seed: int) -> datasets.Dataset:
+    data = image_dataset(len(domains), seed).with_format(None).add_column("domain", domains)
+    return data.with_format("torch")
+
+
+def test_meta_batches_come_from_another_domain(tmp_path):
+    """`meta_disjoint_key`: LFT's pseudo-unseen episode comes from a domain the pseudo-seen one is not from."""
+    args = make_args(tmp_path, meta_disjoint_key="domain", meta_batch_size=2, hypergradient="t1t2")
+    train = domain_dataset([0] * 16 + [1] * 16, seed=1)
+    meta = domain_dataset([0, 0, 1, 1, 2, 2] * 2, seed=2)
+    trainer = MetaTrainer(model=bn_model(), args=args, train_dataset=train, meta_dataset=meta,
+                          meta_module=MetaWeightNet())  # fmt: skip
+    pairs, draw = [], trainer._next_meta_batch
+
+    def recording_meta_batch_for(train_batch):
+        batch = MetaTrainer._meta_batch_for(trainer, train_batch)
+        pairs.append((set(train_batch["domain"].tolist()), set(batch["domain"].tolist())))
+        return batch
+
+    trainer._meta_batch_for = recording_meta_batch_for
+    trainer.train()
+    assert "domain" in train.column_names and len(pairs) == 4
+    assert all(not train_domains & meta_domains for train_domains, meta_domains in pairs)
+    assert draw is not None
+
+    only_same = domain_dataset([0] * 8, seed=2)
+    args = make_args(tmp_path, meta_disjoint_key="domain", meta_batch_size=2, meta_disjoint_max_draws=5)
+    trainer = MetaTrainer(model=bn_model(), args=args, train_dataset=domain_dataset([0] * 16, seed=1),
+                          meta_dataset=only_same, meta_module=MetaWeightNet())  # fmt: skip
+    with pytest.raises(ValueError, match="No meta batch in 5 draws has a 'domain' other than"):
+        trainer.train()
+    args = make_args(tmp_path, meta_disjoint_key="language")
+    trainer = MetaTrainer(model=bn_model(), args=args, train_dataset=train, meta_dataset=meta,
+                          meta_module=MetaWeightNet())  # fmt: skip
+    with pytest.raises(ValueError, match="meta_disjoint_key='language' is not a key of the training batch"):
+        trainer.train()

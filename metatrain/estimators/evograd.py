@@ -12,6 +12,7 @@ import torch
 from ._base import HypergradientEstimator, HypergradientResult, LossFn, ParamDict, grads_or_zeros
 
 NOISE_TYPES = ("sign", "gaussian")
+SIGMA_RULES = ("auto", "lr")  # sigma derived from the inner learning rate of each call
 
 
 class EvoGrad(HypergradientEstimator):
@@ -26,12 +27,13 @@ class EvoGrad(HypergradientEstimator):
     Args:
         population (`int`, *optional*, defaults to 2):
             Number of perturbed copies `K` (at least 2).
-        sigma (`float` or `"auto"`, *optional*, defaults to 0.001):
+        sigma (`float`, `"auto"` or `"lr"`, *optional*, defaults to 0.001):
             Perturbation scale. Linearising the softmax for small perturbations gives
             `E[theta* - theta] = -(K - 1) sigma^2 / (K tau) * grad_theta train_loss`: in expectation EvoGrad is a
             one-step lookahead with step size `(K - 1) sigma^2 / (K tau)`, so its hypergradient grows with
             `sigma^2`. `"auto"` picks `sigma = sqrt(K tau lr / (K - 1))` from the inner step size `lr` of each call,
-            matching the lookahead step to the model's learning rate.
+            matching the lookahead step to the model's learning rate. `"lr"` sets `sigma` to `lr` itself at each call,
+            as EvoGrad's official LFT code does (sigma = the model learning rate, 1e-3 there).
         temperature (`float`, *optional*, defaults to 0.05):
             Softmax temperature `tau`.
         noise (`str`, *optional*, defaults to `"sign"`):
@@ -98,15 +100,15 @@ class EvoGrad(HypergradientEstimator):
                 f"EvoGrad option `antithetic=True` needs an even `population` (pairs theta +/- eps), got "
                 f"population={population}."
             )
-        checked = [("temperature", temperature)] + ([] if sigma == "auto" else [("sigma", sigma)])
+        checked = [("temperature", temperature)] + ([] if sigma in SIGMA_RULES else [("sigma", sigma)])
         for option, value in checked:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                allowed = 'a number > 0 or "auto"' if option == "sigma" else "a number > 0"
+                allowed = 'a number > 0, "auto" or "lr"' if option == "sigma" else "a number > 0"
                 raise ValueError(f"EvoGrad option `{option}` must be {allowed}, got {option}={value!r}.")
         if noise not in NOISE_TYPES:
             raise ValueError(f"EvoGrad option `noise` must be one of {NOISE_TYPES}, got noise={noise!r}.")
         self.population = population
-        self.sigma = sigma if sigma == "auto" else float(sigma)
+        self.sigma = sigma if sigma in SIGMA_RULES else float(sigma)
         self.temperature = float(temperature)
         if perturb is not None:
             try:
@@ -135,10 +137,12 @@ class EvoGrad(HypergradientEstimator):
         return sigma**2 * self._step_per_sigma2()
 
     def resolve_sigma(self, lr: float | None) -> float:
-        """`sigma`, or for `"auto"` the one whose effective step size equals `lr`."""
-        if self.sigma != "auto":
-            return self.sigma
-        return math.sqrt(self._check_lr(lr) / self._step_per_sigma2())
+        """`sigma`; for `"auto"` the one whose effective step size equals `lr`; for `"lr"`, `lr` itself."""
+        if self.sigma == "auto":
+            return math.sqrt(self._check_lr(lr) / self._step_per_sigma2())
+        if self.sigma == "lr":
+            return self._check_lr(lr)
+        return self.sigma
 
     def _perturbed_names(self, params: ParamDict) -> list[str]:
         if self.perturb is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._base import InputTransform, LossWeighter
+from ._base import AttachedTransform, InputTransform, LossWeighter
 from .feature_wise import (
     FeatureWiseTransform,
     FeatureWiseTransforms,
@@ -13,6 +13,7 @@ from .meta_weight_net import MetaWeightNet
 from .rotation import LearnableRotation, rotate_images
 
 __all__ = [
+    "AttachedTransform",
     "FeatureWiseTransform",
     "FeatureWiseTransforms",
     "InputTransform",

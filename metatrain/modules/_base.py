@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -35,3 +38,30 @@ class InputTransform(nn.Module):
     def __init__(self, input_name: str = "pixel_values"):
         super().__init__()
         self.input_name = input_name
+
+
+class AttachedTransform(nn.Module):
+    """The meta-parameter layers that an `attach_*` function inserted into a model, acting on training forwards only.
+
+    Its parameters are parameters of the model (found by identity by [`MetaTrainer`]). [`MetaTrainer`] runs the meta
+    (validation) loss inside [`~AttachedTransform.disabled`], so the layers shape the training loss and the
+    meta-parameters learn from how the trained weights do without them (LFT's pseudo-unseen episodes). Subclasses
+    implement `set_enabled(enabled)` and report the current state with `enabled`.
+    """
+
+    @property
+    def enabled(self) -> bool:
+        raise NotImplementedError
+
+    def set_enabled(self, enabled: bool) -> None:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Turns the attached layers into the identity inside the block, restoring the previous state after it."""
+        previous = self.enabled
+        self.set_enabled(False)
+        try:
+            yield
+        finally:
+            self.set_enabled(previous)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ._base import AttachedTransform
 
 logger = logging.getLogger(__name__)
 
@@ -48,30 +48,24 @@ class FeatureWiseTransform(nn.Module):
         return f"num_channels={self.theta_gamma.shape[1]}, enabled={self.enabled}"
 
 
-class FeatureWiseTransforms(nn.Module):
+class FeatureWiseTransforms(AttachedTransform):
     """The FT layers attached to one model, as returned by [`attach_feature_wise_transforms`]: pass it as
-    `meta_module` to [`MetaTrainer`] (its parameters are the model's, found by identity) and to
-    [`detach_feature_wise_transforms`] to undo the attachment."""
+    `meta_module` to [`MetaTrainer`] (its parameters are the model's, found by identity; the meta loss runs with the
+    layers disabled) and to [`detach_feature_wise_transforms`] to undo the attachment."""
 
     def __init__(self, layers: dict[str, FeatureWiseTransform], handles: list):
         super().__init__()
         self.layers = nn.ModuleDict({name.replace(".", "__"): layer for name, layer in layers.items()})
         self._handles = handles
 
+    @property
+    def enabled(self) -> bool:
+        """Whether any FT layer is on (training forwards); [`~AttachedTransform.disabled`] turns all off."""
+        return any(layer.enabled for layer in self.layers.values())
+
     def set_enabled(self, enabled: bool) -> None:
         for layer in self.layers.values():
             layer.enabled = enabled
-
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Turns every FT layer into the identity inside the block (pseudo-unseen and test forwards)."""
-        previous = {name: layer.enabled for name, layer in self.layers.items()}
-        self.set_enabled(False)
-        try:
-            yield
-        finally:
-            for name, layer in self.layers.items():
-                layer.enabled = previous[name]
 
 
 def _apply_after(layer: FeatureWiseTransform):
