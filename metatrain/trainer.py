@@ -19,7 +19,7 @@ from .estimators import create_estimator
 from .losses import logits_of, per_sample_cross_entropy, weighted_mean
 from .modules import AttachedTransform, InputTransform, LossWeighter
 from .profiling import MemoryMeter
-from .training_args import MetaTrainingArguments
+from .training_args import SUPPORTED_SETUPS, MetaTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,33 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         return self.size
+
+
+def join_batches(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """The micro-batches of an accumulation window as one batch: tensors concatenated along their first dimension,
+    lists chained, other values taken from the first batch when all are equal."""
+    joined = {}
+    for key, first in batches[0].items():
+        values = [b[key] for b in batches]
+        if isinstance(first, torch.Tensor) and first.dim() > 0:
+            if any(v.shape[1:] != first.shape[1:] for v in values):
+                raise ValueError(
+                    f"The micro-batches of an accumulation window cannot be joined for the meta step: {key!r} has "
+                    f"shapes {[tuple(v.shape) for v in values]}. Pad every batch to one length (e.g. "
+                    "`padding='max_length'`), or set `meta_train_batch='micro_batch'` to run the meta step on one "
+                    "micro-batch."
+                )
+            joined[key] = torch.cat(values)
+        elif isinstance(first, list):
+            joined[key] = [item for v in values for item in v]
+        elif all(v is first or v == first for v in values):
+            joined[key] = first
+        else:
+            raise ValueError(
+                f"The micro-batches of an accumulation window cannot be joined for the meta step: {key!r} differs "
+                "between them and is neither a tensor nor a list. Set `meta_train_batch='micro_batch'`."
+            )
+    return joined
 
 
 def _empty_meta_log() -> dict[str, Any]:
@@ -211,7 +238,7 @@ class MetaTrainer(PerSampleLossTrainer):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
                 "MetaTrainer does not support DeepSpeed or FSDP yet: they shard parameters, so the functional "
-                "calls of the meta step are not viable. Use DDP (`accelerate launch` / `torchrun`) or a single device."
+                f"calls of the meta step are not viable. Supported: {SUPPORTED_SETUPS}."
             )
         self.meta_dataset = meta_dataset
         self.meta_module = meta_module
@@ -244,7 +271,8 @@ class MetaTrainer(PerSampleLossTrainer):
     def reduce_loss(self, losses: torch.Tensor, training: bool) -> torch.Tensor:
         """The loss weighter's `sum(w * l) / sum(w)` in training, the plain mean otherwise."""
         if self.loss_weighter is not None and training:
-            return self.loss_weighter.weighted_loss(losses)
+            with self.accelerator.autocast():  # an external module is not prepared: Accelerate does not autocast it
+                return self.loss_weighter.weighted_loss(losses)
         return losses.mean()
 
     def transform_inputs(self, inputs: dict[str, Any], training: bool, transform: Callable | None = None):
@@ -257,7 +285,8 @@ class MetaTrainer(PerSampleLossTrainer):
                 f"The input transform {type(self.input_transform).__name__} reads batch key {key!r}, which the batch "
                 f"lacks (keys: {sorted(inputs)}): set its `input_name`."
             )
-        return {**inputs, key: (transform or self.input_transform)(inputs[key])}
+        with self.accelerator.autocast():
+            return {**inputs, key: (transform or self.input_transform)(inputs[key])}
 
     # ------------------------------------------------------------------------------------------------ optimizers
     def create_optimizer(self, *args, **kwargs):
@@ -327,16 +356,30 @@ class MetaTrainer(PerSampleLossTrainer):
         return self._prepare_inputs(batch)
 
     # ------------------------------------------------------------------------------------------------- meta step
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Trainer's prefetch of one accumulation window, remembered for the meta step's training batch."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._window_batches = batch_samples
+        return batch_samples, num_items_in_batch
+
+    def _meta_train_batch(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The meta step's training batch: with `meta_train_batch="window"`, the micro-batches of the accumulation
+        window joined into the equivalent larger batch; otherwise (or outside Trainer's loop) `inputs`."""
+        window = getattr(self, "_window_batches", None) or []
+        if self.args.meta_train_batch != "window" or len(window) < 2 or not any(b is inputs for b in window):
+            return self._prepare_inputs(inputs)
+        return join_batches([self._prepare_inputs(b) for b in window])
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Trainer's step plus one meta step per optimizer step (every `meta_interval` steps)."""
         due = self.state.global_step % self.args.meta_interval == 0
         if self.args.meta_step_position == "before" and self._at_window_start and due:
-            self.meta_step(self._prepare_inputs(inputs))
+            self.meta_step(self._meta_train_batch(inputs))
         self._at_window_start = False
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:
             if self.args.meta_step_position == "after" and due:
-                self.meta_step(self._prepare_inputs(inputs))
+                self.meta_step(self._meta_train_batch(inputs))
             self._at_window_start = True
         return loss
 
@@ -404,7 +447,8 @@ class MetaTrainer(PerSampleLossTrainer):
         external_params = dict(zip([n for n, _ in external.named_parameters()], leaves)) if external else {}
 
         def external_call(*call_args: Any) -> torch.Tensor:
-            return functional_call(external, external_params, call_args)
+            with self.accelerator.autocast():
+                return functional_call(external, external_params, call_args)
 
         def per_sample(weights: dict[str, torch.Tensor], batch: dict[str, Any], training: bool = True) -> torch.Tensor:
             args, kwargs, labels = self._split_inputs(batch)

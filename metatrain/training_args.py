@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,6 +10,35 @@ from transformers import TrainingArguments
 
 META_OPTIMIZERS = ("adam", "adamw", "sgd")
 META_STEP_POSITIONS = ("before", "after")
+META_TRAIN_BATCHES = ("window", "micro_batch")
+SUPPORTED_SETUPS = (
+    "a single device (CPU or GPU) or DDP over several processes or machines (`accelerate launch` with a "
+    "MULTI_GPU/MULTI_CPU config, or `torchrun`), in fp32, bf16 or fp16 mixed precision (`bf16`/`fp16` or the "
+    "accelerate config's `mixed_precision`; examples in recipes/accelerate_configs/)"
+)
+
+
+def refuse_sharded_training(args: TrainingArguments) -> None:
+    """Raises a `ValueError` naming what is supported when `args` or `accelerate launch` (its environment) ask for
+    DeepSpeed or FSDP: they shard or wrap the parameters, so the meta step's functional calls are not viable."""
+
+    def env(name: str) -> bool:
+        return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+    asked = [
+        name
+        for name, on in (
+            ("DeepSpeed", bool(args.deepspeed) or env("ACCELERATE_USE_DEEPSPEED")),
+            ("FSDP", bool(args.fsdp) or env("ACCELERATE_USE_FSDP")),
+        )
+        if on
+    ]
+    if asked:
+        raise ValueError(
+            f"MetaTrainer does not support {' or '.join(asked)} yet (asked for by `deepspeed`/`fsdp` or by the "
+            f"accelerate config): the meta step calls the model functionally on unsharded weights. Supported: "
+            f"{SUPPORTED_SETUPS}."
+        )
 
 
 @dataclass
@@ -69,6 +99,15 @@ class MetaTrainingArguments(TrainingArguments):
     meta_max_grad_norm: float | None = field(
         default=None, metadata={"help": "Clip the hypergradient to this global norm before the meta-optimizer step."}
     )
+    meta_train_batch: str = field(
+        default="window",
+        metadata={
+            "help": "Training batch of the meta step under gradient accumulation. `window`: every micro-batch of the "
+            "optimizer step joined, so accumulation gives the meta step of the equivalent larger batch (the meta "
+            "step then holds that batch in memory). `micro_batch`: the micro-batch the meta step runs beside (the "
+            "first for `before`, the last for `after`). The same without accumulation."
+        },
+    )
 
     meta_diagnostics_steps: int = field(
         default=0,
@@ -92,6 +131,7 @@ class MetaTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        refuse_sharded_training(self)
         super().__post_init__()
         import json
 
@@ -116,6 +156,10 @@ class MetaTrainingArguments(TrainingArguments):
         if self.meta_step_position not in META_STEP_POSITIONS:
             raise ValueError(
                 f"Unknown `meta_step_position={self.meta_step_position!r}`: choose one of {META_STEP_POSITIONS}."
+            )
+        if self.meta_train_batch not in META_TRAIN_BATCHES:
+            raise ValueError(
+                f"Unknown `meta_train_batch={self.meta_train_batch!r}`: choose one of {META_TRAIN_BATCHES}."
             )
         if self.meta_diagnostics_steps < 0:
             raise ValueError(

@@ -63,7 +63,7 @@ class EvoGrad(HypergradientEstimator):
         per_rank_noise (`bool`, *optional*, defaults to `True`):
             Under `torch.distributed`, offset the noise seed by the process rank, so each rank draws its own
             population and the averaged hypergradient (MetaTrainer averages across ranks) uses `K x world_size`
-            copies. With `False` every rank draws the same population.
+            copies. With `False` every rank draws rank 0's population (its seed is broadcast each call).
 
     The noise of each call comes from a seed drawn from the global torch RNG, so a checkpoint of the RNG state (as
     `transformers.Trainer` saves) replays it; copy `k` is generated from `seed + k`.
@@ -161,10 +161,17 @@ class EvoGrad(HypergradientEstimator):
         return torch.softmax(-losses.to(torch.promote_types(losses.dtype, torch.float32)) / self.temperature, dim=0)
 
     def _base_seed(self) -> int:
+        """The seed of this call's population, drawn from the global torch RNG. Under `torch.distributed`, offset by
+        the rank (`per_rank_noise`), or else rank 0's seed, broadcast: the population is shared even where the ranks'
+        RNG streams have drifted apart (every rank must then call `estimate`, as MetaTrainer's meta step does)."""
         seed = int(torch.randint(0, 2**62, (1,)).item())
-        if self.per_rank_noise and torch.distributed.is_available() and torch.distributed.is_initialized():
-            seed += 1_000_003 * torch.distributed.get_rank()
-        return seed
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return seed
+        if self.per_rank_noise:
+            return seed + 1_000_003 * torch.distributed.get_rank()
+        shared = [seed]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        return shared[0]
 
     def _noise(
         self, theta: ParamDict, names: Sequence[str], sigma: float, seed: int, k: int

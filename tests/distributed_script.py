@@ -1,0 +1,104 @@
+"""Two-process meta-training, launched by `tests/test_distributed.py`:
+
+    torchrun --standalone --nproc_per_node 2 tests/distributed_script.py --output_dir OUT --use_cpu true
+
+Runs three short trainings (T1-T2; EvoGrad with a population per rank; EvoGrad with one shared population) with a
+Meta-Weight-Net and an SGD meta-optimizer at learning rate 1 (so a meta update is minus the applied hypergradient),
+and a global RNG that drifts apart between the ranks, and writes, per rank, `rank<r>.json`: for every meta step the local (this rank's) hypergradient, the meta-parameters
+before and after the step, EvoGrad's noise seed, and the final meta-parameters and model weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import datasets
+import torch
+from torch import nn
+
+from metatrain import MetaTrainer, MetaTrainingArguments
+from metatrain.modules import MetaWeightNet
+
+RUNS = {
+    "t1t2": ("t1t2", {}),
+    "evograd_per_rank": ("evograd", {"sigma": 0.05, "per_rank_noise": True}),
+    "evograd_shared": ("evograd", {"sigma": 0.05, "per_rank_noise": False}),
+}
+
+
+def dataset(n: int, seed: int) -> datasets.Dataset:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return datasets.Dataset.from_dict({"pixel_values": x.numpy(), "labels": y.numpy()}).with_format("torch")
+
+
+def flat(tensors) -> list[float]:
+    return torch.cat([t.detach().reshape(-1).double() for t in tensors]).tolist()
+
+
+def run(name: str, estimator: str, options: dict, output_dir: str, use_cpu: bool) -> dict:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    args = MetaTrainingArguments(
+        output_dir=os.path.join(output_dir, name), per_device_train_batch_size=4, max_steps=3, learning_rate=0.1,
+        logging_steps=3, report_to=[], use_cpu=use_cpu, save_strategy="no", disable_tqdm=True, seed=0,
+        hypergradient=estimator, hypergradient_kwargs=options, meta_optimizer="sgd", meta_learning_rate=1.0,
+        meta_momentum=0.0, meta_weight_decay=0.0,
+    )  # fmt: skip
+    trainer = MetaTrainer(
+        model=model, args=args, train_dataset=dataset(32, 1), meta_dataset=dataset(16, 2), meta_module=MetaWeightNet()
+    )
+    steps: list[dict] = []
+    estimate, meta_step = trainer.estimator.estimate, trainer.meta_step
+
+    def recording_estimate(*a, **k):
+        result = estimate(*a, **k)
+        steps[-1]["local"] = flat(result.grads)
+        return result
+
+    def recording_meta_step(batch):
+        steps.append({"before": flat(trainer.meta_params)})
+        if trainer.args.process_index == 1:
+            torch.rand(1)  # the ranks' global RNG streams drift apart: a shared population must not depend on them
+        done = meta_step(batch)
+        steps[-1]["after"] = flat(trainer.meta_params)
+        return done
+
+    trainer.estimator.estimate, trainer.meta_step = recording_estimate, recording_meta_step
+    if estimator == "evograd":
+        base_seed = trainer.estimator._base_seed
+
+        def recording_seed():
+            seed = base_seed()
+            steps[-1]["seed"] = seed
+            return seed
+
+        trainer.estimator._base_seed = recording_seed
+    trainer.train()
+    return {
+        "steps": steps,
+        "world_size": trainer.accelerator.num_processes,
+        "meta_params": flat(trainer.meta_params),
+        "model": flat(trainer.model.parameters()),
+        "meta_steps_skipped": trainer.meta_steps_skipped,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--use_cpu", default="true", choices=["true", "false"])
+    cli = parser.parse_args()
+    results = {
+        name: run(name, estimator, options, cli.output_dir, cli.use_cpu == "true")
+        for name, (estimator, options) in RUNS.items()
+    }
+    rank = int(os.environ.get("RANK", 0))
+    with open(os.path.join(cli.output_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main()

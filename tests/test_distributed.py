@@ -1,0 +1,235 @@
+"""MetaTrainer across processes and precisions: a real 2-process CPU run (gloo), bf16 autocast of every meta
+forward, the meta step under fp16 (loss-scaled base gradients, overflow), gradient accumulation against the
+equivalent larger batch, DeepSpeed/FSDP refused, and the example accelerate configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_trainer import image_dataset, make_args, make_trainer, snapshot
+from torch import nn
+
+from metatrain import MetaTrainer, MetaTrainingArguments
+from metatrain.diagnostics import cosine, flatten
+from metatrain.modules import LearnableRotation, MetaWeightNet
+from metatrain.training_args import SUPPORTED_SETUPS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------------- two processes
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """`tests/distributed_script.py` under `torchrun --nproc_per_node 2 ... --use_cpu true`: one result per rank."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(ROOT / "tests" / "distributed_script.py"), "--output_dir", str(out), "--use_cpu", "true",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.parametrize("run", ["t1t2", "evograd_per_rank", "evograd_shared"])
+def test_hypergradients_are_averaged_and_meta_parameters_identical_on_every_rank(two_ranks, run):
+    rank0, rank1 = two_ranks[0][run], two_ranks[1][run]
+    assert rank0["world_size"] == rank1["world_size"] == 2
+    assert len(rank0["steps"]) == len(rank1["steps"]) == 3
+    for step0, step1 in zip(rank0["steps"], rank1["steps"]):
+        local0, local1 = np.array(step0["local"]), np.array(step1["local"])
+        # each rank estimates on its own shard: the two local hypergradients differ, so the check below can fail
+        assert np.abs(local0 - local1).max() > 1e-4
+        for step in (step0, step1):  # SGD at learning rate 1: the update is minus the applied hypergradient
+            update = np.array(step["before"]) - np.array(step["after"])
+            np.testing.assert_allclose(update, (local0 + local1) / 2, rtol=1e-4, atol=1e-7)
+    assert rank0["meta_params"] == rank1["meta_params"]
+    assert rank0["model"] == rank1["model"]  # DDP keeps the base weights in step too
+    assert rank0["meta_steps_skipped"] == rank1["meta_steps_skipped"] == 0
+
+
+def test_evograd_noise_is_per_rank_or_shared_by_option(two_ranks):
+    """The script lets the ranks' global RNG streams drift apart: a shared population comes from rank 0's seed."""
+    for run, shared in (("evograd_per_rank", False), ("evograd_shared", True)):
+        seeds0 = [step["seed"] for step in two_ranks[0][run]["steps"]]
+        seeds1 = [step["seed"] for step in two_ranks[1][run]["steps"]]
+        assert len(set(seeds0)) == 3
+        assert all((a == b) == shared for a, b in zip(seeds0, seeds1)), (run, seeds0, seeds1)
+
+
+# ------------------------------------------------------------------------------------------------ mixed precision
+def meta_step_grads(trainer: MetaTrainer, train_batch: dict) -> torch.Tensor:
+    """The hypergradient of one meta step on `train_batch` and the first meta batch, flattened."""
+    captured = []
+    estimate = trainer.estimator.estimate
+
+    def capturing(*args, **kwargs):
+        result = estimate(*args, **kwargs)
+        captured.append(flatten(result.grads))
+        return result
+
+    trainer.estimator.estimate = capturing
+    trainer._meta_iter, trainer._meta_data_state = None, {"epoch": 0, "consumed": 0}
+    assert trainer.meta_step(train_batch)
+    return captured[0]
+
+
+def test_bf16_autocasts_every_meta_forward_and_agrees_with_fp32(tmp_path):
+    hypergradients = {}
+    for bf16 in (False, True):
+        trainer = make_trainer(tmp_path, hypergradient="t1t2", bf16=bf16)
+        trainer.create_optimizer()
+        forwards = []
+        modules = [*trainer.model.modules(), *trainer.meta_module.modules()]
+        for module in modules:
+            if not list(module.children()):
+                module.register_forward_hook(
+                    lambda m, i, o: forwards.append((type(m).__name__, torch.is_autocast_enabled("cpu"), o.dtype))
+                )
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        hypergradients[bf16] = meta_step_grads(trainer, batch)
+        assert {"Conv2d", "Linear", "Sigmoid"} <= {name for name, _, _ in forwards}
+        if bf16:  # the model (patched by Accelerate) and the external weighting net (not prepared) alike
+            assert all(enabled for _, enabled, _ in forwards), forwards
+            assert {dtype for name, _, dtype in forwards if name in ("Conv2d", "Linear")} == {torch.bfloat16}
+            assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+        else:
+            assert not any(enabled for _, enabled, _ in forwards)
+        assert all(p.dtype == torch.float32 for p in trainer.meta_params)
+    assert cosine(hypergradients[True], hypergradients[False]) > 0.99
+    ratio = hypergradients[True].norm() / hypergradients[False].norm()
+    assert 0.9 < ratio < 1.1, ratio
+
+
+def test_meta_step_ignores_loss_scaled_base_gradients_and_stays_out_of_the_grad_scaler(tmp_path):
+    """Under fp16 the meta step runs (`after`) when the base `.grad` holds gradients still multiplied by the loss
+    scale, or overflowed ones. The estimators differentiate their own losses with `torch.autograd.grad`, so
+    `.grad` must not change the hypergradient, and the meta-optimizer must not be one Accelerate's GradScaler
+    unscales or steps."""
+    trainer = make_trainer(tmp_path, hypergradient="t1t2")
+    trainer.create_optimizer()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    initial = snapshot(trainer.meta_module)
+    clean = meta_step_grads(trainer, batch)
+    for p in trainer.model.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    trainer.meta_module.load_state_dict(initial)
+    scaled = meta_step_grads(trainer, batch)
+    assert torch.equal(scaled, clean)
+    assert all(torch.isinf(p.grad).all() for p in trainer.model.parameters())  # untouched
+    assert trainer.meta_optimizer is not None
+    assert all(trainer.meta_optimizer is not getattr(o, "optimizer", o) for o in trainer.accelerator._optimizers)
+
+
+def test_fp16_meta_forwards_give_the_fp32_hypergradient_and_an_overflow_is_skipped(tmp_path, monkeypatch):
+    """Accelerate runs fp16 on CPU as fp32, so fp16 autocast is put in its place: the meta step in fp16 matches
+    fp32 within half precision, and a meta batch that overflows fp16 is skipped, counted and changes nothing."""
+    trainer = make_trainer(tmp_path, hypergradient="t1t2")
+    trainer.create_optimizer()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    fp32 = meta_step_grads(trainer, batch)
+    monkeypatch.setattr(trainer.accelerator, "autocast", lambda: torch.autocast("cpu", dtype=torch.float16))
+    fp16 = meta_step_grads(trainer, batch)
+    assert not torch.equal(fp16, fp32)
+    assert cosine(fp16, fp32) > 0.99
+    before = snapshot(trainer.meta_module)
+    real_next = trainer._next_meta_batch
+    monkeypatch.setattr(trainer, "_next_meta_batch", lambda: {**(b := real_next()), "pixel_values": b["pixel_values"] * 1e5})
+    assert not trainer.meta_step(batch)
+    assert trainer.meta_steps_skipped == 1
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(trainer.meta_module).items())
+
+
+# ------------------------------------------------------------------------------------------- gradient accumulation
+def no_bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 36, 3))
+
+
+def accumulated_run(tmp_path, batch_size: int, accumulation: int, meta_module: nn.Module, **overrides):
+    options = dict(
+        hypergradient="t1t2", max_steps=3, per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation, meta_batch_size=8, meta_optimizer="sgd", meta_learning_rate=1.0,
+        meta_momentum=0.0, meta_weight_decay=0.0,
+    )  # fmt: skip
+    trainer = make_trainer(tmp_path, model=no_bn_model(), meta_module=meta_module, **{**options, **overrides})
+    steps, meta_step = [], trainer.meta_step
+    trainer.meta_step = lambda batch: steps.append(len(batch["labels"])) or meta_step(batch)
+    trainer.train()
+    return trainer, steps
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_accumulation_gives_the_meta_steps_of_the_equivalent_larger_batch(tmp_path, position):
+    """A rotation meta-module keeps the training loss a plain mean, so 2 micro-batches of 4 give the base step of a
+    batch of 8 (Trainer's accumulation): the meta step must then match too, on the joined window."""
+    large, large_steps = accumulated_run(tmp_path, 8, 1, LearnableRotation(10.0), meta_step_position=position)
+    accumulated, steps = accumulated_run(tmp_path, 4, 2, LearnableRotation(10.0), meta_step_position=position)
+    micro, _ = accumulated_run(
+        tmp_path, 4, 2, LearnableRotation(10.0), meta_step_position=position, meta_train_batch="micro_batch"
+    )
+    assert steps == large_steps == [8, 8, 8]
+    assert accumulated.state.global_step == large.state.global_step == 3
+    angle = {name: float(t.meta_module.angle) for name, t in (("large", large), ("acc", accumulated), ("micro", micro))}
+    assert abs(angle["large"] - 10.0 * np.pi / 180) > 1e-4  # the meta step moved the angle
+    assert angle["acc"] == pytest.approx(angle["large"], abs=1e-6)
+    assert abs(angle["micro"] - angle["large"]) > 1e-5  # one micro-batch is not the larger batch
+    for (name, p), q in zip(accumulated.model.named_parameters(), large.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_accumulation_with_a_weighting_net_meta_steps_on_the_whole_window(tmp_path):
+    """Meta-Weight-Net's first meta step (before any base update) equals the larger batch's; later ones differ only
+    because Trainer's base step normalises the weighted loss per micro-batch."""
+    large, _ = accumulated_run(tmp_path, 8, 1, torch.manual_seed(3) and MetaWeightNet(), max_steps=1)
+    accumulated, steps = accumulated_run(tmp_path, 4, 2, torch.manual_seed(3) and MetaWeightNet(), max_steps=1)
+    assert steps == [8]
+    for p, q in zip(accumulated.meta_params, large.meta_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+def test_unjoinable_micro_batches_name_the_fix():
+    from metatrain.trainer import join_batches
+
+    joined = join_batches([{"x": torch.zeros(2, 3), "ids": [1, 2], "tag": "a"}, {"x": torch.ones(1, 3), "ids": [3], "tag": "a"}])
+    assert joined["x"].shape == (3, 3) and joined["ids"] == [1, 2, 3] and joined["tag"] == "a"
+    with pytest.raises(ValueError, match="meta_train_batch='micro_batch'"):
+        join_batches([{"input_ids": torch.zeros(2, 5)}, {"input_ids": torch.zeros(2, 7)}])
+    with pytest.raises(ValueError, match="meta_train_batch"):
+        make_args(Path("unused"), meta_train_batch="all")
+
+
+# ----------------------------------------------------------------------------------------------- sharded training
+@pytest.mark.parametrize(
+    "options, env, named",
+    [({"fsdp": "full_shard"}, {}, "FSDP"), ({"deepspeed": {"zero_optimization": {"stage": 2}}}, {}, "DeepSpeed"),
+     ({}, {"ACCELERATE_USE_FSDP": "true"}, "FSDP"), ({}, {"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed")],
+)  # fmt: skip
+def test_deepspeed_and_fsdp_are_refused_naming_what_is_supported(tmp_path, monkeypatch, options, env, named):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError) as error:
+        MetaTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **options)
+    message = str(error.value)
+    assert f"does not support {named}" in message and SUPPORTED_SETUPS in message
+
+
+# ------------------------------------------------------------------------------------------------ accelerate configs
+@pytest.mark.parametrize(
+    "name, distributed_type, processes, precision",
+    [("single_gpu", "NO", 1, "no"), ("multi_gpu", "MULTI_GPU", 2, "no"), ("bf16", "MULTI_GPU", 2, "bf16")],
+)
+def test_accelerate_configs_load(name, distributed_type, processes, precision):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(ROOT / "recipes" / "accelerate_configs" / f"{name}.yaml"))
+    assert config.distributed_type.value == distributed_type
+    assert (config.num_processes, config.mixed_precision, config.use_cpu) == (processes, precision, False)
