@@ -1,0 +1,73 @@
+"""EvoGrad's forward-only option (`forward_only=True`: K + 1 meta forwards replace the meta backward) against the
+standard path on the same noise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_estimators import weighted_mlp_problem
+
+from metatrain.diagnostics import cosine, flatten
+from metatrain.estimators import create_estimator
+
+
+def both(params, lam, train_loss, meta_loss, **options):
+    """Standard and forward-only estimates drawn from the same seed."""
+    out = []
+    for forward_only in (False, True):
+        torch.manual_seed(3)
+        est = create_estimator("evograd", forward_only=forward_only, **options)
+        out.append(est.estimate(params, [lam], train_loss, meta_loss))
+    return out
+
+
+@pytest.mark.parametrize("options", [{"population": 2}, {"population": 5, "noise": "gaussian"}])
+def test_forward_only_is_exact_for_a_meta_loss_linear_in_the_weights(options):
+    """With `L_meta` linear in theta, `L_meta(theta_k) - L_meta(theta*) = grad L_meta . (theta_k - theta*)` exactly,
+    and a direct term `lambda^2` must come through as well."""
+    params, lam, train_loss, _ = weighted_mlp_problem()
+    direction = {n: torch.randn_like(p) for n, p in params.items()}
+
+    def meta_loss(p, batch):
+        return sum((p[n] * direction[n]).sum() for n in p) + (lam**2).sum()
+
+    standard, forward = both(params, lam, train_loss, meta_loss, sigma=0.05, **options)
+    torch.testing.assert_close(forward.grads[0], standard.grads[0], rtol=1e-9, atol=1e-12)
+    assert forward.meta_loss == pytest.approx(standard.meta_loss.item(), rel=1e-12)
+    assert (standard.grads[0] - 2 * lam.detach()).abs().max() > 1e-6  # the part through the weights is not zero
+
+
+def test_forward_only_tracks_the_standard_path_on_a_nonlinear_meta_loss():
+    """Cross-entropy of an MLP: the curvature error is second order in sigma."""
+    params, lam, train_loss, meta_loss = weighted_mlp_problem()
+    agreement = {}
+    for sigma in (1e-1, 1e-3):
+        standard, forward = both(params, lam, train_loss, meta_loss, sigma=sigma, population=4)
+        a, b = flatten(forward.grads), flatten(standard.grads)
+        agreement[sigma] = (cosine(a, b), (a - b).norm().item() / b.norm().item())
+    assert agreement[1e-3][0] > 0.9999 and agreement[1e-3][1] < 1e-2, agreement
+    assert agreement[1e-1][1] > 10 * agreement[1e-3][1], agreement  # the error falls with sigma
+
+
+def test_forward_only_builds_no_graph_through_the_weights():
+    """Every meta loss is evaluated at weights that carry no graph: autograd saves nothing for them."""
+    params, lam, train_loss, meta_loss = weighted_mlp_problem()
+    saved = []
+
+    def counting_meta_loss(p, batch):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            return meta_loss(p, batch)
+
+    torch.manual_seed(0)
+    create_estimator("evograd", forward_only=True, population=3, sigma=0.01).estimate(
+        params, [lam], train_loss, counting_meta_loss
+    )
+    assert saved == []
+    torch.manual_seed(0)
+    create_estimator("evograd", population=3, sigma=0.01).estimate(params, [lam], train_loss, counting_meta_loss)
+    assert sum(saved) > 0
+
+
+def test_forward_only_rejects_a_non_boolean():
+    with pytest.raises(ValueError, match="forward_only"):
+        create_estimator("evograd", forward_only="yes")
