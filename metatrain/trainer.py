@@ -141,10 +141,16 @@ class PerSampleLossTrainer(Trainer):
         """The batch the model sees; unchanged here."""
         return inputs
 
+    def batch_context(self, batch: dict[str, Any]) -> contextlib.AbstractContextManager:
+        """The context entered around every forward of the model on `batch`; a null context here."""
+        return contextlib.nullcontext()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Per-example losses of the batch, reduced by [`~PerSampleLossTrainer.reduce_loss`]."""
-        args, kwargs, labels = self._split_inputs(self.transform_inputs(inputs, model.training))
-        logits = logits_of(model(*args, **kwargs))
+        inputs = self.transform_inputs(inputs, model.training)
+        args, kwargs, labels = self._split_inputs(inputs)
+        with self.batch_context(inputs):
+            logits = logits_of(model(*args, **kwargs))
         loss = self.reduce_loss(self.per_sample_loss(logits, labels), model.training)
         return (loss, {"logits": logits}) if return_outputs else loss
 
@@ -244,6 +250,8 @@ class MetaTrainer(PerSampleLossTrainer):
         self.meta_module = meta_module
         if self.args.meta_disjoint_key is not None:
             self.trainer_batch_keys.append(self.args.meta_disjoint_key)
+        if isinstance(meta_module, AttachedTransform):
+            self.trainer_batch_keys += [k for k in meta_module.batch_keys if k not in self.trainer_batch_keys]
         self.external_meta_module = meta_module if self.meta_param_names is None else None
         self.loss_weighter = meta_module if isinstance(self.external_meta_module, LossWeighter) else None
         self.input_transform = meta_module if isinstance(self.external_meta_module, InputTransform) else None
@@ -274,6 +282,13 @@ class MetaTrainer(PerSampleLossTrainer):
             with self.accelerator.autocast():  # an external module is not prepared: Accelerate does not autocast it
                 return self.loss_weighter.weighted_loss(losses)
         return losses.mean()
+
+    def batch_context(self, batch: dict[str, Any]) -> contextlib.AbstractContextManager:
+        """An attached transform's [`~metatrain.modules.AttachedTransform.batch_context`] (e.g. which examples of
+        the batch are source-language), entered around every forward of the model, in the meta step too."""
+        if isinstance(self.meta_module, AttachedTransform):
+            return self.meta_module.batch_context(batch)
+        return contextlib.nullcontext()
 
     def transform_inputs(self, inputs: dict[str, Any], training: bool, transform: Callable | None = None):
         """Applies the input transform (or `transform`, its functional form in the meta step) to training batches."""
@@ -458,7 +473,7 @@ class MetaTrainer(PerSampleLossTrainer):
                 if not training and isinstance(self.meta_module, AttachedTransform)
                 else contextlib.nullcontext()
             )
-            with self._same_noise(int(training)), attached_off, self.accelerator.autocast():
+            with self._same_noise(int(training)), attached_off, self.batch_context(batch), self.accelerator.autocast():
                 outputs = functional_call(model, substituted, args, kwargs)
             return self.per_sample_loss(logits_of(outputs), labels)
 

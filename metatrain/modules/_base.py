@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,7 +48,14 @@ class AttachedTransform(nn.Module):
     (validation) loss inside [`~AttachedTransform.disabled`], so the layers shape the training loss and the
     meta-parameters learn from how the trained weights do without them (LFT's pseudo-unseen episodes). Subclasses
     implement `set_enabled(enabled)` and report the current state with `enabled`.
+
+    Layers that need to know more about the batch than the model's inputs (e.g. which examples are from the source
+    language) name those keys in `batch_keys` (kept in the batch by `remove_unused_columns`, never passed to the model)
+    and read them in [`~AttachedTransform.batch_context`], which [`MetaTrainer`] enters around every forward of the
+    model with the batch it is run on.
     """
+
+    batch_keys: tuple[str, ...] = ()
 
     @property
     def enabled(self) -> bool:
@@ -65,3 +73,8 @@ class AttachedTransform(nn.Module):
             yield
         finally:
             self.set_enabled(previous)
+
+    def batch_context(self, batch: Mapping[str, Any]) -> contextlib.AbstractContextManager:
+        """The context [`MetaTrainer`] enters around each forward of the model on `batch` (the full batch, with the
+        keys in `batch_keys`); a null context here."""
+        return contextlib.nullcontext()
