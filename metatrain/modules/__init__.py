@@ -10,6 +10,12 @@ from .feature_wise import (
     detach_feature_wise_transforms,
 )
 from .meta_weight_net import MetaWeightNet
+from .representation import (
+    RepresentationTransform,
+    RepresentationTransformNetwork,
+    attach_representation_transform,
+    detach_representation_transform,
+)
 from .rotation import LearnableRotation, rotate_images
 
 __all__ = [
@@ -20,7 +26,11 @@ __all__ = [
     "LearnableRotation",
     "LossWeighter",
     "MetaWeightNet",
+    "RepresentationTransform",
+    "RepresentationTransformNetwork",
     "attach_feature_wise_transforms",
+    "attach_representation_transform",
     "detach_feature_wise_transforms",
+    "detach_representation_transform",
     "rotate_images",
 ]

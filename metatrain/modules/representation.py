@@ -1,0 +1,202 @@
+"""MetaXL's representation transformation network, attached to unmodified transformers encoders."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._base import AttachedTransform
+
+RTN_ATTRIBUTE = "representation_transform"
+
+
+class RepresentationTransformNetwork(nn.Module):
+    """The representation transformation network (RTN) of MetaXL (Xia et al., "MetaXL: Meta Representation
+    Transformation for Low-resource Cross-lingual Learning", NAACL 2021), the meta-parameters of EvoGrad's
+    cross-lingual experiment.
+
+    `Linear(hidden_size, bottleneck) - ReLU - Linear(bottleneck, hidden_size)`, applied residually to detached
+    hidden states: `h + net(h.detach())`. The residual branch does not back-propagate into the encoder below, so the
+    source loss reaches the lower layers through the identity path only, and the network's parameters get their
+    gradient from the layers above.
+
+    Args:
+        hidden_size (`int`): width `h` of the hidden states.
+        bottleneck (`int`, *optional*, defaults to 192): width of the middle layer (MetaXL uses 192-384 on XLM-R base).
+    """
+
+    def __init__(self, hidden_size: int, bottleneck: int = 192):
+        super().__init__()
+        if hidden_size < 1 or bottleneck < 1:
+            raise ValueError(
+                f"hidden_size and bottleneck must be positive, got {hidden_size} and {bottleneck}: pass the "
+                "encoder's hidden size and e.g. bottleneck=192."
+            )
+        self.net = nn.Sequential(nn.Linear(hidden_size, bottleneck), nn.ReLU(), nn.Linear(bottleneck, hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.net(hidden_states.detach())
+
+
+class RepresentationTransform(AttachedTransform):
+    """The RTN attached to one model, as returned by [`attach_representation_transform`]: pass it as `meta_module`
+    to [`MetaTrainer`] and to [`detach_representation_transform`] to undo the attachment.
+
+    In training forwards it transforms the hidden states of the examples whose `source_key` entry in the batch is
+    true (the batch is read in [`~RepresentationTransform.batch_context`], which [`MetaTrainer`] enters around every
+    forward); the other (target-language) examples pass through untouched. In evaluation mode, or when disabled (the
+    meta loss), it is the identity.
+
+    Args:
+        network (`RepresentationTransformNetwork`): the RTN, registered in the model.
+        layer (`int`): after which encoder layer it acts (0: the embeddings).
+        source_key (`str`): the batch key that marks source-language examples.
+        handle: the forward hook's handle.
+    """
+
+    def __init__(self, network: RepresentationTransformNetwork, layer: int, source_key: str, handle: Any):
+        super().__init__()
+        self.network = network
+        self.layer = layer
+        self.source_key = source_key
+        self.batch_keys = (source_key,)
+        self._handle = handle
+        self._enabled = True
+        self._source: torch.Tensor | None = None
+        self._in_batch = False
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    def set_enabled(self, enabled: bool) -> None:
+        self._enabled = bool(enabled)
+
+    @contextlib.contextmanager
+    def batch_context(self, batch: Mapping[str, Any]) -> Iterator[None]:
+        """Makes the batch's `source_key` mask (`[B]`, true for source-language examples) known to the hook for the
+        forwards inside the block. A batch without the key is only an error if a training forward needs it."""
+        previous = self._source, self._in_batch
+        mask = batch.get(self.source_key)
+        self._source = None if mask is None else torch.as_tensor(mask).reshape(-1).bool()
+        self._in_batch = True
+        try:
+            yield
+        finally:
+            self._source, self._in_batch = previous
+
+    def transform(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Hidden states `[B, T, H]` with the source examples' rows transformed by the RTN."""
+        if self._source is None:
+            where = "the batch has no" if self._in_batch else "no batch was given (outside `batch_context`), so no"
+            raise ValueError(
+                f"The representation transform needs to know which examples are source-language, but {where} "
+                f"{self.source_key!r} entry: add a boolean {self.source_key!r} column to the training dataset (true "
+                "for source examples), and run the model through MetaTrainer or inside `batch_context(batch)`."
+            )
+        source = self._source.to(hidden_states.device)
+        if source.numel() != hidden_states.shape[0]:
+            raise ValueError(
+                f"The {self.source_key!r} mask has {source.numel()} entries for a batch of {hidden_states.shape[0]} "
+                "examples: give one boolean per example."
+            )
+        mask = source.view(-1, *([1] * (hidden_states.dim() - 1)))
+        return torch.where(mask, self.network(hidden_states), hidden_states)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, source_key={self.source_key!r}, enabled={self.enabled}"
+
+
+def encoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """The embeddings module and the list of encoder layers of a BERT, RoBERTa, XLM-R or DistilBERT model (with any
+    head), found on its `base_model`.
+
+    Raises:
+        `ValueError`: if the model has no `embeddings` and `encoder.layer` / `transformer.layer` list.
+    """
+    base = getattr(model, "base_model", model)
+    embeddings = getattr(base, "embeddings", None)
+    for name in ("encoder", "transformer"):
+        layers = getattr(getattr(base, name, None), "layer", None)
+        if isinstance(layers, nn.ModuleList) and embeddings is not None:
+            return embeddings, layers
+    raise ValueError(
+        f"{type(model).__name__} has no encoder layer list (`embeddings` with `encoder.layer` or `transformer.layer` "
+        "on its base model): the representation transform attaches to BERT, RoBERTa, XLM-R and DistilBERT models."
+    )
+
+
+def _transform_output(transform: RepresentationTransform):
+    def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+        if not (module.training and transform.enabled):
+            return None
+        if isinstance(output, torch.Tensor):
+            return transform.transform(output)
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            return (transform.transform(output[0]), *output[1:])
+        raise ValueError(
+            f"The layer the representation transform hooks returned {type(output).__name__}; expected a tensor or a "
+            "tuple starting with the hidden states."
+        )
+
+    return hook
+
+
+def attach_representation_transform(
+    model: nn.Module, layer: int = -1, bottleneck: int = 192, source_key: str = "is_source"
+) -> RepresentationTransform:
+    """Attaches MetaXL's representation transformation network after one layer of a transformers encoder, without
+    changing transformers' code: the RTN is registered on the model as `representation_transform` (so the model's
+    own state-dict keys stay as they were and the RTN parameters are model parameters) and applied by a forward hook
+    on the chosen layer.
+
+    Works for BERT, RoBERTa, XLM-R and DistilBERT models with token- or sequence-classification heads.
+
+    Args:
+        model (`nn.Module`): the transformers model.
+        layer (`int`, *optional*, defaults to -1): the RTN transforms the output of this layer, counting as MetaXL
+            does: 0 is the embeddings, `k` the `k`-th encoder layer (1 to the number of layers; MetaXL's default is
+            12 on XLM-R base, the last). Negative values count from the last layer (-1 is the last).
+        bottleneck (`int`, *optional*, defaults to 192): the RTN's middle width.
+        source_key (`str`, *optional*, defaults to `"is_source"`): the batch key that marks source examples.
+
+    Returns:
+        [`RepresentationTransform`]: the attached RTN, for `MetaTrainer(meta_module=...)` and for detaching.
+
+    Raises:
+        `ValueError`: if the model has no encoder layer list, `layer` is out of range, or an RTN is attached already.
+    """
+    embeddings, layers = encoder_layers(model)
+    count = len(layers)
+    index = layer + count + 1 if layer < 0 else layer
+    if not 0 <= index <= count:
+        raise ValueError(
+            f"layer={layer} is out of range for {type(model).__name__} with {count} encoder layers: pass 0 (the "
+            f"embeddings) to {count} (the last layer), or -1 to -{count + 1} to count from the end."
+        )
+    if hasattr(model, RTN_ATTRIBUTE):
+        raise ValueError(f"{type(model).__name__} already has a representation transform: detach it first.")
+    hidden_size = model.config.hidden_size if hasattr(model, "config") else None
+    if hidden_size is None:
+        raise ValueError(f"{type(model).__name__} has no `config.hidden_size`: pass a transformers model.")
+    reference = next(model.parameters())
+    network = RepresentationTransformNetwork(hidden_size, bottleneck).to(reference.device, reference.dtype)
+    model.add_module(RTN_ATTRIBUTE, network)
+    target = embeddings if index == 0 else layers[index - 1]
+    transform = RepresentationTransform(network, index, source_key, handle=None)
+    transform._handle = target.register_forward_hook(_transform_output(transform))
+    return transform
+
+
+def detach_representation_transform(model: nn.Module, transform: RepresentationTransform) -> None:
+    """Removes the RTN and the hook that [`attach_representation_transform`] added: the model's modules, state dict
+    and outputs are as before the attachment."""
+    if transform._handle is not None:
+        transform._handle.remove()
+        transform._handle = None
+    if getattr(model, RTN_ATTRIBUTE, None) is transform.network:
+        delattr(model, RTN_ATTRIBUTE)
