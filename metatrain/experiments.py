@@ -17,6 +17,18 @@ def accuracy(eval_pred) -> dict[str, float]:
     return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
 
 
+def episode_accuracy(eval_pred) -> dict[str, float]:
+    """`compute_metrics` for few-shot episodes (logits `[E, Q, N]`, labels `[E, Q]`): the mean accuracy over episodes
+    and the half-width of its 95% confidence interval, `1.96 * std / sqrt(E)`, as few-shot papers report it."""
+    logits, labels = eval_pred
+    per_episode = (np.argmax(logits, axis=-1) == labels).mean(axis=-1)
+    return {
+        "accuracy": float(per_episode.mean()),
+        "accuracy_ci95": float(1.96 * per_episode.std() / np.sqrt(len(per_episode))),
+        "episodes": len(per_episode),
+    }
+
+
 def check_methods(methods: Iterable[str], allowed: Iterable[str]) -> None:
     """Raises a `ValueError` naming the methods that are not in `allowed`."""
     unknown = sorted(set(methods) - set(allowed))

@@ -59,3 +59,35 @@ def plot_curves(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_grouped_bars(
+    values: Mapping[str, Mapping[str, tuple[float, float | None]]],
+    path: str,
+    ylabel: str,
+    title: str,
+    colors: Mapping[str, str] | None = None,
+) -> None:
+    """Bars of one metric per method, grouped (e.g. by number of shots or by backbone):
+    `{group: {method: (value, error or None)}}`; errors are drawn as error bars; `colors` as in
+    [`plot_weighting_functions`]."""
+    groups = list(values)
+    methods = list(dict.fromkeys(m for group in values.values() for m in group))
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(groups) * max(len(methods), 1) * 0.45, 3.5))
+    for i, method in enumerate(methods):
+        x = [g for g, group in enumerate(groups) if method in values[group]]
+        heights = [values[groups[g]][method][0] for g in x]
+        errors = [values[groups[g]][method][1] for g in x]
+        ax.bar(
+            np.asarray(x) + (i - (len(methods) - 1) / 2) * width, heights, width, label=method,
+            yerr=None if any(e is None for e in errors) else errors, capsize=3, color=(colors or {}).get(method),
+        )  # fmt: skip
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from .domains import (
+    DIGIT_DOMAINS,
+    DIGIT_SEEN_DOMAINS,
+    DIGIT_UNSEEN_DOMAINS,
+    load_digit_domains,
+    load_image_folder_domain,
+)
 from .embedded import load_digits_dataset
+from .episodes import EpisodeDataset
 from .images import CIFAR_MEAN, CIFAR_STD, ImageClassificationTransform, load_image_classification_dataset
 from .noise import NOISE_TYPES, corrupt_labels, noise_transition_matrix
 from .noisy import make_noisy_label_splits
@@ -11,11 +19,17 @@ from .splits import class_balanced_meta_split
 __all__ = [
     "CIFAR_MEAN",
     "CIFAR_STD",
+    "DIGIT_DOMAINS",
+    "DIGIT_SEEN_DOMAINS",
+    "DIGIT_UNSEEN_DOMAINS",
+    "EpisodeDataset",
     "NOISE_TYPES",
     "ImageClassificationTransform",
     "class_balanced_meta_split",
     "corrupt_labels",
+    "load_digit_domains",
     "load_digits_dataset",
+    "load_image_folder_domain",
     "load_image_classification_dataset",
     "make_noisy_label_splits",
     "noise_transition_matrix",

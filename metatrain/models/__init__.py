@@ -8,6 +8,14 @@ import timm
 from torch import nn
 
 from .cifar_resnet import BasicBlock, CifarResNet, ShortcutA
+from .fewshot import (
+    FEWSHOT_HEADS,
+    FewShotClassifier,
+    ProtoNetHead,
+    RelationNetHead,
+    build_fewshot_model,
+    class_means,
+)
 from .small_cnn import SmallCNN
 
 BUILTIN_MODELS = ("cifar_resnet32", "cifar_resnet<depth>", "small_cnn")
@@ -55,4 +63,17 @@ def build_model(name: str, num_classes: int, in_chans: int = 3, width: int = 1, 
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
-__all__ = ["BUILTIN_MODELS", "BasicBlock", "CifarResNet", "ShortcutA", "SmallCNN", "build_model"]
+__all__ = [
+    "BUILTIN_MODELS",
+    "FEWSHOT_HEADS",
+    "BasicBlock",
+    "CifarResNet",
+    "FewShotClassifier",
+    "ProtoNetHead",
+    "RelationNetHead",
+    "ShortcutA",
+    "SmallCNN",
+    "build_fewshot_model",
+    "build_model",
+    "class_means",
+]

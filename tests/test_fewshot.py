@@ -1,0 +1,198 @@
+"""Few-shot pieces of the LFT application: episodes, digit domains, image-folder domains, metric heads, the episode
+metric, and LFT meta-training on episodes under MetaTrainer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from metatrain.data import EpisodeDataset, load_digit_domains, load_image_folder_domain
+from metatrain.experiments import episode_accuracy
+from metatrain.models import FewShotClassifier, ProtoNetHead, RelationNetHead, build_fewshot_model, class_means
+
+
+@pytest.fixture(scope="module")
+def digit_domains():
+    return load_digit_domains(seen=["gray", "inverted", "noisy"], unseen=["low_contrast"], image_size=8)
+
+
+# -------------------------------------------------------------------------------------------------------- data
+def test_digit_domains_split_the_digits_and_differ_in_style(digit_domains):
+    seen, unseen = digit_domains["seen"], digit_domains["unseen"]
+    assert set(seen) == {"gray", "inverted", "noisy"} and set(unseen) == {"low_contrast"}
+    assert {len(ds) for ds in seen.values()} == {1257} and len(unseen["low_contrast"]) == 540  # 1,797 digits
+    gray, inverted = seen["gray"][:]["pixel_values"], seen["inverted"][:]["pixel_values"]
+    assert gray.shape == (1257, 3, 8, 8) and gray.dtype == torch.float32
+    assert torch.equal(seen["gray"][:]["labels"], seen["inverted"][:]["labels"])  # same digits, other rendering
+    assert torch.corrcoef(torch.stack([gray.flatten(), inverted.flatten()]))[0, 1] < -0.9
+    low = unseen["low_contrast"][:]["pixel_values"]
+    assert low.std() < 0.5 * gray.std()
+    with pytest.raises(ValueError, match=r"Unknown digit domains \['sepia'\]"):
+        load_digit_domains(seen=["gray", "sepia"])
+    with pytest.raises(ValueError, match=r"\['gray'\] are both seen and unseen"):
+        load_digit_domains(seen=["gray"], unseen=["gray"])
+
+
+def test_episodes_are_deterministic_n_way_k_shot_from_one_domain(digit_domains):
+    seen = digit_domains["seen"]
+    episodes = EpisodeDataset(seen, n_way=5, k_shot=3, n_query=4, num_episodes=20, seed=7)
+    first = episodes[3]
+    assert first["support"].shape == (15, 3, 8, 8) and first["query"].shape == (20, 3, 8, 8)
+    assert first["support_labels"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
+    assert first["labels"].tolist() == [c for c in range(5) for _ in range(4)]
+    again = EpisodeDataset(seen, n_way=5, k_shot=3, n_query=4, num_episodes=20, seed=7)[3]
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    other = EpisodeDataset(seen, n_way=5, k_shot=3, n_query=4, num_episodes=20, seed=8)[3]
+    assert not torch.equal(first["support"], other["support"])
+
+    # every image of an episode is a distinct image of one domain, and each episode class is one digit
+    domain = list(seen)[int(first["domain"])]
+    pool = seen[domain][:]
+    flat = pool["pixel_values"].flatten(1)
+    images = torch.cat([first["support"], first["query"]]).flatten(1)
+    matches = [torch.nonzero((flat == image).all(1)).flatten() for image in images]
+    assert all(len(m) >= 1 for m in matches)
+    rows = [int(m[0]) for m in matches]
+    assert len(set(rows)) == len(rows)
+    digits = pool["labels"][rows]
+    episode_labels = torch.cat([first["support_labels"], first["labels"]])
+    for c in range(5):
+        assert len(set(digits[episode_labels == c].tolist())) == 1
+    assert len(set(digits.tolist())) == 5
+    assert len({int(episodes[i]["domain"]) for i in range(20)}) == 3  # all domains are drawn
+
+
+def test_episode_dataset_errors(digit_domains):
+    seen = digit_domains["seen"]
+    with pytest.raises(ValueError, match="n_way=1"):
+        EpisodeDataset(seen, n_way=1)
+    with pytest.raises(ValueError, match="fewer than n_way=11"):
+        EpisodeDataset(seen, n_way=11)
+    with pytest.raises(ValueError, match="k_shot \\+ n_query = 500"):
+        EpisodeDataset(seen, k_shot=250, n_query=250)
+    with pytest.raises(ValueError, match="no id for domains \\['noisy'\\]"):
+        EpisodeDataset(seen, domain_ids={"gray": 0, "inverted": 1})
+    with pytest.raises(IndexError):
+        EpisodeDataset(seen, num_episodes=2)[2]
+
+
+def test_image_folder_domain_feeds_episodes(tmp_path, no_network):
+    """The real loading path (`imagefolder`, one subfolder per class, as miniImageNet or CUB) on images the test
+    writes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("albatross", "bunting", "cardinal"):
+        (tmp_path / "birds" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "birds" / name / f"{i}.jpg")
+    domain = load_image_folder_domain(str(tmp_path / "birds"), image_size=12)
+    assert domain.features["labels"].names == ["albatross", "bunting", "cardinal"]
+    episode = EpisodeDataset({"birds": domain}, n_way=3, k_shot=1, n_query=2, num_episodes=2)[0]
+    assert episode["support"].shape == (3, 3, 12, 12) and episode["query"].shape == (6, 3, 12, 12)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_image_folder_domain(str(tmp_path / "cars"))
+
+
+# ------------------------------------------------------------------------------------------------------ heads
+def test_protonet_logits_are_minus_squared_distances_to_class_means():
+    g = torch.Generator().manual_seed(0)
+    support, query = torch.randn(2, 6, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    labels = torch.tensor([[0, 1, 2, 0, 1, 2], [2, 2, 0, 1, 1, 0]])
+    logits = ProtoNetHead()(support, labels, query)
+    assert logits.shape == (2, 5, 3)
+    for e in range(2):
+        for n in range(3):
+            prototype = support[e][labels[e] == n].mean(0)
+            torch.testing.assert_close(logits[e, :, n], -((query[e] - prototype) ** 2).sum(-1))
+    maps = torch.randn(1, 6, 4, 2, 2, generator=g)
+    torch.testing.assert_close(class_means(maps, labels[:1])[0, 2], maps[0, [2, 5]].mean(0))
+
+
+def test_relation_net_scores_each_query_class_pair():
+    torch.manual_seed(0)
+    head = RelationNetHead(channels=4).eval()
+    g = torch.Generator().manual_seed(1)
+    support, query = torch.randn(1, 4, 4, 2, 2, generator=g), torch.randn(1, 3, 4, 2, 2, generator=g)
+    labels = torch.tensor([[0, 1, 0, 1]])
+    scores = head(support, labels, query)
+    assert scores.shape == (1, 3, 2)
+    prototypes = class_means(support, labels)[0]
+    for q in range(3):
+        for n in range(2):
+            pair = torch.cat([prototypes[n], query[0, q]])[None]
+            torch.testing.assert_close(scores[0, q, n], head.relation(pair)[0, 0])
+    with pytest.raises(ValueError, match="feature maps"):
+        head(support.flatten(2), labels, query.flatten(2))
+
+
+@pytest.mark.parametrize("head", ["protonet", "relationnet"])
+def test_few_shot_classifier_on_one_episode_or_a_batch(head):
+    torch.manual_seed(0)
+    model = build_fewshot_model("test_resnet", head, in_chans=1).eval()
+    assert isinstance(model, FewShotClassifier)
+    g = torch.Generator().manual_seed(0)
+    support, query = torch.randn(2, 6, 1, 16, 16, generator=g), torch.randn(2, 4, 1, 16, 16, generator=g)
+    labels = torch.tensor([0, 1, 2] * 2).repeat(2, 1)
+    batched = model(support, labels, query)
+    assert batched.shape == (2, 4, 3)
+    torch.testing.assert_close(model(support[1], labels[1], query[1])[0], batched[1])
+    with pytest.raises(ValueError, match="Unknown few-shot head 'matching'"):
+        build_fewshot_model("test_resnet", "matching")
+    with pytest.raises(ValueError, match="Unknown backbone 'resnet-10'"):
+        build_fewshot_model("resnet-10")
+
+
+def test_episode_accuracy_and_its_confidence_interval():
+    logits = np.zeros((4, 2, 3))
+    logits[..., 0] = 1.0  # always predicts class 0
+    labels = np.array([[0, 0], [0, 1], [1, 1], [0, 0]])  # per episode: 1, 0.5, 0, 1
+    metrics = episode_accuracy((logits, labels))
+    per_episode = np.array([1.0, 0.5, 0.0, 1.0])
+    assert metrics["accuracy"] == pytest.approx(0.625) and metrics["episodes"] == 4
+    assert metrics["accuracy_ci95"] == pytest.approx(1.96 * per_episode.std() / 2)
+
+
+# ------------------------------------------------------------------------------------------ LFT on episodes
+def test_lft_meta_trains_on_episodes_from_another_domain(tmp_path, digit_domains):
+    """Pseudo-seen episodes train the model with FT on; pseudo-unseen episodes from another seen domain, FT off, give
+    the meta loss; both optimizers step their own parameters and the test episodes are scored per episode."""
+    from metatrain import MetaTrainer, MetaTrainingArguments
+    from metatrain.modules import attach_feature_wise_transforms
+
+    seen = digit_domains["seen"]
+    ids = {name: i for i, name in enumerate(seen)}
+    train = EpisodeDataset(seen, n_way=3, k_shot=2, n_query=2, num_episodes=8, seed=0, domain_ids=ids)
+    meta = EpisodeDataset(seen, n_way=3, k_shot=2, n_query=2, num_episodes=8, seed=1, domain_ids=ids)
+    torch.manual_seed(0)
+    model = build_fewshot_model("test_resnet")
+    transforms = attach_feature_wise_transforms(model.backbone)
+    args = MetaTrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=3, logging_steps=1, learning_rate=1e-3,
+        optim="adamw_torch", weight_decay=0.0, per_device_train_batch_size=1, meta_batch_size=1,
+        hypergradient="evograd", hypergradient_kwargs={"sigma": "lr", "memory_lean": True},
+        meta_disjoint_key="domain", disable_tqdm=True, save_strategy="no",
+    )  # fmt: skip
+    trainer = MetaTrainer(
+        model=model, args=args, train_dataset=train, meta_dataset=meta, meta_module=transforms,
+        model_input_names=["support", "support_labels", "query"], compute_metrics=episode_accuracy,
+    )  # fmt: skip
+    pairs = []
+    draw = trainer._meta_batch_for
+
+    def recording(train_batch):
+        batch = draw(train_batch)
+        pairs.append((int(train_batch["domain"]), int(batch["domain"])))
+        return batch
+
+    trainer._meta_batch_for = recording
+    before = {k: v.clone() for k, v in transforms.state_dict().items()}
+    trainer.train()
+    assert len(pairs) == 3 and all(a != b for a, b in pairs)
+    assert any(not torch.equal(before[k], v) for k, v in transforms.state_dict().items())
+    assert all(e["hypergradient_norm"] > 0 for e in trainer.state.log_history if "hypergradient_norm" in e)
+    test = EpisodeDataset(digit_domains["unseen"], n_way=3, k_shot=1, n_query=3, num_episodes=5, seed=2)
+    metrics = trainer.evaluate(test, metric_key_prefix="test")
+    assert metrics["test_episodes"] == 5 and 0 <= metrics["test_accuracy"] <= 1 and metrics["test_accuracy_ci95"] >= 0
