@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from metatrain.data import EpisodeDataset, load_digit_domains, load_image_folder_domain
-from metatrain.experiments import episode_accuracy
+from metatrain.experiments import episode_accuracy, evaluate_episodes
 from metatrain.models import FewShotClassifier, ProtoNetHead, RelationNetHead, build_fewshot_model, class_means
 
 
@@ -196,3 +196,10 @@ def test_lft_meta_trains_on_episodes_from_another_domain(tmp_path, digit_domains
     test = EpisodeDataset(digit_domains["unseen"], n_way=3, k_shot=1, n_query=3, num_episodes=5, seed=2)
     metrics = trainer.evaluate(test, metric_key_prefix="test")
     assert metrics["test_episodes"] == 5 and 0 <= metrics["test_accuracy"] <= 1 and metrics["test_accuracy_ci95"] >= 0
+    # features cached once per image give the same scores as embedding every episode
+    trainer.model.train()
+    cached = evaluate_episodes(trainer.model, test, batch_size=100, episodes_per_batch=2)
+    assert cached["episodes"] == 5
+    assert cached["accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert cached["accuracy_ci95"] == pytest.approx(metrics["test_accuracy_ci95"])
+    assert trainer.model.training  # the mode is restored

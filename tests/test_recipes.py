@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -211,3 +212,57 @@ def test_rotation_recipe(tmp_path, no_network):
     assert torch.allclose(splits["test"][:4]["pixel_values"], expected)
     with pytest.raises(ValueError, match="rotation_magic"):
         rotation.main(["--methods", "rotation_magic", "--output_dir", str(tmp_path)])
+
+
+@pytest.fixture(scope="module")
+def lft_fewshot():
+    return load_recipe("lft_fewshot")
+
+
+def tiny_lft_flags(tmp_path) -> list[str]:
+    return ["--backbones", "test_resnet", "--image_size", "8", "--n_shot", "1", "--n_query", "2",
+            "--train_episodes", "4", "--max_steps", "2", "--test_episodes", "6", "--test_queries", "2", "--seeds", "0",
+            "--logging_steps", "1", "--results_dir", str(tmp_path / "results"), "--output_dir", str(tmp_path / "runs"), "--disable_tqdm", "true"]
+
+
+def test_lft_fewshot_on_embedded_digit_domains(lft_fewshot, tmp_path, no_network):
+    report = lft_fewshot.main(tiny_lft_flags(tmp_path))
+    results = tmp_path / "results"
+    for plot in ("accuracy.png", "seconds_per_step.png", "meta_step_memory.png"):
+        assert (results / plot).stat().st_size > 0
+    saved = json.loads((results / "results.json").read_text())
+    assert saved["summary"] == report["summary"] and set(saved["summary"]["test_resnet"]) == set(lft_fewshot.METHODS)
+    runs = {r["method"]: r for r in saved["runs"]}
+    for run in runs.values():
+        for shots in (1, 5):
+            assert 0 <= run[f"test_{shots}shot_accuracy"] <= 1 and run[f"test_{shots}shot_ci95"] >= 0
+        assert run["seconds_per_step"] > 0
+    assert "ft_mean_softplus" not in runs["no_ft"] and runs["no_ft"]["meta_step_seconds"] is None
+    # fixed FT keeps the hand-set scales; LFT moves them
+    assert runs["fixed_ft"]["ft_mean_softplus"] == pytest.approx({"gamma": 0.3, "beta": 0.5}, abs=1e-6)
+    for method in ("lft_t1t2", "lft_evograd"):
+        assert runs[method]["ft_mean_softplus"] != pytest.approx({"gamma": 0.3, "beta": 0.5}, abs=1e-6)
+        assert runs[method]["meta_step_seconds"] > 0 and runs[method]["meta_steps_skipped"] == 0
+    ratios = saved["cost_ratios"]["test_resnet"]
+    assert ratios["meta_step_memory_t1t2_over_evograd"] > 1  # memory-lean EvoGrad keeps one copy's graph at a time
+
+
+def test_lft_fewshot_on_image_folder_domains(lft_fewshot, tmp_path, no_network):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for domain in ("mini", "cars", "cub"):
+        for name in ("a", "b", "c"):
+            folder = tmp_path / "data" / domain / name
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    data = tmp_path / "data"
+    report = lft_fewshot.main(
+        [*tiny_lft_flags(tmp_path), "--seen_domains", str(data / "mini"), str(data / "cars"), "--unseen_domain",
+         str(data / "cub"), "--n_way", "3", "--test_shots", "1", "--methods", "no_ft", "lft_t1t2"]
+    )  # fmt: skip
+    assert {r["method"] for r in report["runs"]} == {"no_ft", "lft_t1t2"}
+    assert report["config"]["unseen_domain"].endswith("cub") and "test_1shot_accuracy" in report["runs"][0]
+    with pytest.raises(ValueError, match="Unknown methods"):
+        lft_fewshot.main([*tiny_lft_flags(tmp_path), "--methods", "lft_magic"])

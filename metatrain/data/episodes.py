@@ -86,14 +86,19 @@ class EpisodeDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_episodes
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def draw(self, index: int) -> tuple[str, np.ndarray]:
+        """The domain of episode `index` and the dataset rows of its examples, `[n_way, k_shot + n_query]` (row `c`
+        is class `c`: its first `k_shot` entries are the support, the rest the queries)."""
         if not 0 <= index < self.num_episodes:
             raise IndexError(f"episode {index} out of range for {self.num_episodes} episodes")
         rng = np.random.default_rng([self.seed, index])
         name = self.names[rng.integers(len(self.names))]
         classes = self.class_indices[name]
         chosen = rng.choice(len(classes), self.n_way, replace=False)
-        picks = np.stack([rng.choice(classes[c], self.k_shot + self.n_query, replace=False) for c in chosen])
+        return name, np.stack([rng.choice(classes[c], self.k_shot + self.n_query, replace=False) for c in chosen])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        name, picks = self.draw(index)
         images = self.domains[name][picks.reshape(-1).tolist()][self.image_key]
         images = images if isinstance(images, torch.Tensor) else torch.stack([torch.as_tensor(x) for x in images])
         images = images.view(self.n_way, self.k_shot + self.n_query, *images.shape[1:])

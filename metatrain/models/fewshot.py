@@ -91,13 +91,15 @@ class FewShotClassifier(nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone features of a batch of images, `[B, ...]`: what the head compares."""
+        return getattr(self.backbone, "forward_features", self.backbone)(images)
+
     def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         if support.dim() == 4:
             support, support_labels, query = support[None], support_labels[None], query[None]
         episodes, shots, queries = support.shape[0], support.shape[1], query.shape[1]
-        images = torch.cat([support.flatten(0, 1), query.flatten(0, 1)])
-        extract = getattr(self.backbone, "forward_features", self.backbone)
-        features = extract(images)
+        features = self.embed(torch.cat([support.flatten(0, 1), query.flatten(0, 1)]))
         support_features = features[: episodes * shots].unflatten(0, (episodes, shots))
         query_features = features[episodes * shots :].unflatten(0, (episodes, queries))
         return self.head(support_features, support_labels, query_features)

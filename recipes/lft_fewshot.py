@@ -1,0 +1,226 @@
+"""Learned feature-wise transformation (LFT) for cross-domain few-shot classification (EvoGrad paper Sec. 4.3, Table 4;
+Tseng et al., ICLR 2020).
+
+A metric-based few-shot classifier (timm ResNet backbone, ProtoNet or RelationNet head) is trained on episodes from
+several seen domains and tested on episodes from a held-out unseen domain. Methods, on the same domains, episodes and
+seeds: `no_ft` (plain episodic training), `fixed_ft` (feature-wise transformation layers with the hand-set
+initial values), `lft_t1t2` and `lft_evograd` (the FT layers learned by MetaTrainer: at each step a pseudo-seen episode
+trains the model with the FT layers on, and a pseudo-unseen episode from another seen domain, with the FT layers off,
+is the meta loss). Test: mean accuracy and 95% confidence interval over `test_episodes` unseen-domain episodes for each
+number of shots. Results go to `<results_dir>/results.json` with `accuracy.png`, `seconds_per_step.png` and
+`meta_step_memory.png` beside it.
+
+    python recipes/lft_fewshot.py                                         # embedded digit domains, ResNet-10
+    python recipes/lft_fewshot.py recipes/configs/lft_fewshot_resnet34.yaml
+    python recipes/lft_fewshot.py --seeds 0 --max_steps 50 --methods no_ft lft_evograd
+    accelerate launch recipes/lft_fewshot.py recipes/configs/lft_fewshot_cdfsl.yaml   # image folders on disk
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import set_seed
+
+from metatrain import MetaTrainer, MetaTrainingArguments, PerSampleLossTrainer
+from metatrain.cli import parse_config
+from metatrain.data import DIGIT_DOMAINS, DIGIT_SEEN_DOMAINS, DIGIT_UNSEEN_DOMAINS, EpisodeDataset, load_digit_domains, load_image_folder_domain
+from metatrain.experiments import (
+    check_methods,
+    episode_accuracy,
+    evaluate_episodes,
+    run_grid,
+    summarize,
+    write_results,
+)
+from metatrain.models import build_fewshot_model
+from metatrain.modules import attach_feature_wise_transforms
+from metatrain.plotting import plot_grouped_bars
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "lft_fewshot_digits.yaml")
+METHODS = {"no_ft": None, "fixed_ft": None, "lft_t1t2": "t1t2", "lft_evograd": "evograd"}
+MODEL_INPUTS = ["support", "support_labels", "query"]
+COST_KEYS = ("seconds_per_step", "meta_step_seconds", "meta_step_memory_mb", "peak_cuda_memory_mb")
+
+
+@dataclass
+class LFTArguments:
+    seen_domains: list[str] = field(
+        default_factory=lambda: list(DIGIT_SEEN_DOMAINS),
+        metadata={
+            "help": f"Training domains: names of embedded digit domains ({list(DIGIT_DOMAINS)}) or image folders with "
+            "one subfolder per class."
+        },
+    )
+    unseen_domain: str = field(
+        default=DIGIT_UNSEEN_DOMAINS[0], metadata={"help": "The held-out test domain: an embedded digit domain or an image folder."}
+    )
+    image_size: int = field(default=16, metadata={"help": "Side length of the images."})
+    backbones: list[str] = field(
+        default_factory=lambda: ["resnet10t"],
+        metadata={"help": "timm backbones, each trained with every method (resnet10t is LFT's ResNet-10)."},
+    )
+    head: str = field(default="protonet", metadata={"help": "Metric head: `protonet` or `relationnet`."})
+    n_way: int = field(default=5, metadata={"help": "Classes per episode."})
+    n_shot: int = field(default=5, metadata={"help": "Support examples per class in training episodes."})
+    n_query: int = field(default=16, metadata={"help": "Query examples per class in training episodes."})
+    train_episodes: int = field(
+        default=1000, metadata={"help": "Distinct training episodes (and pseudo-unseen episodes) per run."}
+    )
+    test_shots: list[int] = field(default_factory=lambda: [1, 5], metadata={"help": "Shots of the test episodes."})
+    test_episodes: int = field(default=600, metadata={"help": "Unseen-domain test episodes per number of shots."})
+    test_queries: int = field(default=15, metadata={"help": "Query examples per class in test episodes."})
+    ft_init_gamma: float = field(default=0.3, metadata={"help": "Initial theta_gamma of the FT layers."})
+    ft_init_beta: float = field(default=0.5, metadata={"help": "Initial theta_beta of the FT layers."})
+    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Any of {list(METHODS)}."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One run per seed and method."})
+    evograd_kwargs: str = field(
+        default='{"population": 2, "sigma": "lr", "temperature": 0.05, "memory_lean": true}',
+        metadata={"help": "JSON options of EvoGrad for `lft_evograd`: sigma tied to the model learning rate (EvoGrad's "
+                  "LFT code), copies processed one at a time (`memory_lean`)."},
+    )  # fmt: skip
+    results_dir: str = field(default="outputs/lft_fewshot", metadata={"help": "Where results.json and plots go."})
+
+
+def load_domains(args: LFTArguments, seed: int) -> tuple[dict, dict]:
+    """Seen and unseen domains: embedded digit renderings, or image folders (each name an existing directory)."""
+    names = [*args.seen_domains, args.unseen_domain]
+    if all(name in DIGIT_DOMAINS for name in names):
+        domains = load_digit_domains(args.seen_domains, [args.unseen_domain], image_size=args.image_size, seed=seed)
+        return domains["seen"], domains["unseen"]
+    load = lambda path: load_image_folder_domain(path, image_size=args.image_size)  # noqa: E731
+    seen = {os.path.basename(os.path.normpath(path)): load(path) for path in args.seen_domains}
+    return seen, {os.path.basename(os.path.normpath(args.unseen_domain)): load(args.unseen_domain)}
+
+
+def run(args: LFTArguments, training_args: MetaTrainingArguments, backbone: str, method: str, seed: int, domains):
+    seen, unseen = domains
+    set_seed(seed)
+    model = build_fewshot_model(backbone, args.head)
+    transforms = None
+    if method != "no_ft":
+        transforms = attach_feature_wise_transforms(model.backbone, args.ft_init_gamma, args.ft_init_beta)
+        transforms.requires_grad_(False)  # fixed FT: hand-set values; LFT: stepped by the meta-optimizer only
+
+    def episodes(shots: int, queries: int, count: int, episode_seed: int, pool: dict) -> EpisodeDataset:
+        ids = {name: i for i, name in enumerate(seen)}
+        return EpisodeDataset(pool, args.n_way, shots, queries, count, episode_seed, ids if pool is seen else None)
+
+    hypergradient = METHODS[method]
+    run_args = dataclasses.replace(
+        training_args,
+        output_dir=os.path.join(training_args.output_dir, backbone, method, f"seed{seed}"),
+        seed=seed,
+        hypergradient=hypergradient or training_args.hypergradient,
+        hypergradient_kwargs=json.loads(args.evograd_kwargs) if hypergradient == "evograd" else {},
+    )
+    common = dict(
+        model=model, args=run_args, train_dataset=episodes(args.n_shot, args.n_query, args.train_episodes, seed, seen),
+        compute_metrics=episode_accuracy, model_input_names=MODEL_INPUTS,
+    )  # fmt: skip
+    if hypergradient is None:
+        trainer = PerSampleLossTrainer(**common)
+    else:
+        pseudo_unseen = episodes(args.n_shot, args.n_query, args.train_episodes, seed + 1_000_003, seen)
+        trainer = MetaTrainer(**common, meta_dataset=pseudo_unseen, meta_module=transforms)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    output = trainer.train()
+    result = {"method": method, "backbone": backbone, "seed": seed}
+    for shots in args.test_shots:
+        # the same test episodes for every method of a seed: a paired comparison
+        test = episodes(shots, args.test_queries, args.test_episodes, 10_000 + seed, unseen)
+        metrics = evaluate_episodes(trainer.model, test)
+        result[f"test_{shots}shot_accuracy"] = metrics["accuracy"]
+        result[f"test_{shots}shot_ci95"] = metrics["accuracy_ci95"]
+    train_logs = [h for h in trainer.state.log_history if "meta_step_seconds" in h]
+    result.update(
+        seconds_per_step=output.metrics["train_runtime"] / max(trainer.state.global_step, 1),
+        meta_step_seconds=float(np.mean([h["meta_step_seconds"] for h in train_logs])) if train_logs else None,
+        meta_step_memory_mb=float(np.mean([h["meta_step_memory_mb"] for h in train_logs]))
+        if train_logs and "meta_step_memory_mb" in train_logs[0]
+        else None,
+        memory_kind="cuda_peak_allocated" if run_args.device.type == "cuda" else "cpu_saved_for_backward",
+        peak_cuda_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        meta_steps_skipped=getattr(trainer, "meta_steps_skipped", None),
+    )
+    if transforms is not None:  # the learned (or fixed) noise scales, averaged over layers and channels
+        with torch.no_grad():
+            result["ft_mean_softplus"] = {
+                name: float(torch.stack([F.softplus(getattr(layer, f"theta_{name}"), beta=100).mean()
+                                         for layer in transforms.layers.values()]).mean())
+                for name in ("gamma", "beta")
+            }  # fmt: skip
+    return result, trainer
+
+
+def cost_ratios(summary: dict) -> dict:
+    """T1-T2 over EvoGrad meta step time and memory per backbone (both measured in this run)."""
+    ratios = {}
+    for backbone, methods in summary.items():
+        t1t2, evograd = methods.get("lft_t1t2"), methods.get("lft_evograd")
+        if not (t1t2 and evograd) or not evograd["meta_step_seconds_mean"]:
+            continue
+        ratios[backbone] = {
+            "meta_step_time_t1t2_over_evograd": t1t2["meta_step_seconds_mean"] / evograd["meta_step_seconds_mean"],
+            "step_time_t1t2_over_evograd": t1t2["seconds_per_step_mean"] / evograd["seconds_per_step_mean"],
+        }
+        if evograd["meta_step_memory_mb_mean"]:
+            ratios[backbone]["meta_step_memory_t1t2_over_evograd"] = (
+                t1t2["meta_step_memory_mb_mean"] / evograd["meta_step_memory_mb_mean"]
+            )
+    return ratios
+
+
+def save_plots(args: LFTArguments, summary: dict) -> None:
+    colors = {method: f"C{i}" for i, method in enumerate(METHODS)}
+    accuracy = {
+        f"{backbone}\n{shots}-shot": {
+            method: (100 * s[f"test_{shots}shot_accuracy_mean"], 100 * s[f"test_{shots}shot_ci95_mean"])
+            for method, s in methods.items()
+        }
+        for backbone, methods in summary.items()
+        for shots in args.test_shots
+    }
+    unseen = os.path.basename(os.path.normpath(args.unseen_domain))
+    plot_grouped_bars(accuracy, os.path.join(args.results_dir, "accuracy.png"), "accuracy (%), 95% CI",
+                      f"{args.n_way}-way, unseen domain {unseen!r}", colors)  # fmt: skip
+    for key, name, label in (("seconds_per_step", "seconds_per_step", "seconds per training step"),
+                             ("meta_step_memory_mb", "meta_step_memory", "meta step memory (MB)")):  # fmt: skip
+        values = {
+            backbone: {m: (s[f"{key}_mean"], s[f"{key}_std"]) for m, s in methods.items() if s[f"{key}_mean"]}
+            for backbone, methods in summary.items()
+        }
+        plot_grouped_bars(values, os.path.join(args.results_dir, f"{name}.png"), label, "Cost per method", colors)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, training_args = parse_config((LFTArguments, MetaTrainingArguments), argv, DEFAULT_CONFIG)
+    check_methods(args.methods, METHODS)
+    accuracy_keys = [f"test_{shots}shot_{kind}" for shots in args.test_shots for kind in ("accuracy", "ci95")]
+    results, summary, is_main = [], {}, True
+    for backbone in args.backbones:
+        runs, is_main = run_grid(
+            args.seeds, args.methods, lambda seed: load_domains(args, seed),
+            lambda method, seed, data, b=backbone: run(args, training_args, b, method, seed, data),
+        )  # fmt: skip
+        results += runs
+        summary[backbone] = summarize(runs, [*accuracy_keys, *COST_KEYS])
+    report = {"config": dataclasses.asdict(args), "summary": summary, "cost_ratios": cost_ratios(summary),
+              "runs": results}  # fmt: skip
+    if is_main:
+        write_results(args.results_dir, report)
+        save_plots(args, summary)
+        print(json.dumps({"summary": summary, "cost_ratios": report["cost_ratios"]}, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
