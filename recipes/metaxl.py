@@ -12,7 +12,7 @@ target language's few labelled sentences, with the T1-T2 lookahead (MetaXL's own
 
 The default is an offline stand-in, not WikiANN: a generated language pair in WikiANN's schema whose target language
 is the source with every word replaced by its translation, a tiny XLM-R built from a config whose translated words'
-embeddings are their source words' plus one fixed offset (frozen), see `metatrain.data.crosslingual`.
+embeddings start as their source words' plus one fixed offset, see `metatrain.data.crosslingual`.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class MetaXLArguments:
         default=100, metadata={"help": "Labelled target sentences: target-train loss and meta loss (as in MetaXL)."}
     )
     target_test_size: int = field(default=300, metadata={"help": "Target test sentences (generated task only)."})
-    num_names: int = field(default=600, metadata={"help": "Generated task: names (entity words) per language."})
+    num_names: int = field(default=150, metadata={"help": "Generated task: names (entity words) per language."})
     trigger_probability: float = field(
         default=0.5, metadata={"help": "Generated task: probability that a trigger word precedes an entity."}
     )
@@ -85,7 +85,7 @@ class MetaXLArguments:
         metadata={"help": "Generated task: norm of the target language's embedding offset relative to theirs."},
     )
     freeze_word_embeddings: bool = field(
-        default=True, metadata={"help": "Generated task: keep the tied word embeddings fixed (as pretrained)."}
+        default=False, metadata={"help": "Generated task: keep the tied word embeddings fixed (as pretrained)."}
     )
     model: str = field(
         default="tiny",
