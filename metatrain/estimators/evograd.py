@@ -65,15 +65,6 @@ class EvoGrad(HypergradientEstimator):
             population and the averaged hypergradient (MetaTrainer averages across ranks) uses `K x world_size`
             copies. With `False` every rank draws rank 0's population (its seed is broadcast each call).
 
-        forward_only (`bool`, *optional*, defaults to `False`):
-            Replace the meta backward pass by `K + 1` forward passes. Through the softmax only the differences
-            between `d L_meta / d w_k = grad L_meta(theta*) . theta_k` matter, and to first order in `sigma` they are
-            `L_meta(theta_k) - L_meta(theta*)`: the meta loss is evaluated at every copy and at `theta*` without a
-            graph, so the meta step stores no activations at all (and holds one perturbation at a time, as
-            `memory_lean`). Exact when the meta loss is linear in the weights; otherwise off by the curvature along
-            `theta_k - theta*` (second order in `sigma`; keep `sigma` small and the loss in float32 or wider). A
-            direct dependence of the meta loss on the meta-parameters is still differentiated, at `theta*`.
-
     The noise of each call comes from a seed drawn from the global torch RNG, so a checkpoint of the RNG state (as
     `transformers.Trainer` saves) replays it; copy `k` is generated from `seed + k`.
     """
@@ -92,7 +83,6 @@ class EvoGrad(HypergradientEstimator):
         rescale: bool = False,
         memory_lean: bool = False,
         per_rank_noise: bool = True,
-        forward_only: bool = False,
     ):
         if isinstance(population, bool) or not isinstance(population, int) or population < 2:
             raise ValueError(f"EvoGrad option `population` must be an integer >= 2, got population={population!r}.")
@@ -101,7 +91,6 @@ class EvoGrad(HypergradientEstimator):
             "rescale": rescale,
             "memory_lean": memory_lean,
             "per_rank_noise": per_rank_noise,
-            "forward_only": forward_only,
         }
         for option, value in flags.items():
             if not isinstance(value, bool):
@@ -135,7 +124,6 @@ class EvoGrad(HypergradientEstimator):
         self.rescale = rescale
         self.memory_lean = memory_lean
         self.per_rank_noise = per_rank_noise
-        self.forward_only = forward_only
 
     def _step_per_sigma2(self) -> float:
         """Effective lookahead step divided by `sigma^2`: `1 / tau` for antithetic pairs, else `(K-1) / (K tau)`."""
@@ -220,10 +208,7 @@ class EvoGrad(HypergradientEstimator):
         def noise(k: int) -> dict[str, torch.Tensor]:
             return self._noise(theta, names, sigma, seed, k)
 
-        if self.forward_only:
-            estimate = self._estimate_forward
-        else:
-            estimate = self._estimate_lean if self.memory_lean else self._estimate
+        estimate = self._estimate_lean if self.memory_lean else self._estimate
         result = estimate(theta, names, noise, meta_params, train_loss, meta_loss, train_batch, meta_batch)
         if self.rescale:
             factor = self._check_lr(lr) / self.effective_lr(sigma)
@@ -274,28 +259,3 @@ class EvoGrad(HypergradientEstimator):
             for i, d in enumerate(direct)
         )
         return HypergradientResult(hyper, loss.detach())
-
-    def _estimate_forward(self, theta, names, noise, meta_params, train_loss, meta_loss, train_batch, meta_batch):
-        """No meta backward: `d L_meta / d lambda = direct + sum_k (L_meta(theta_k) - L_meta(theta*)) d w_k / d lambda`
-        (the softmax weights sum to one, so the baseline `L_meta(theta*)` only removes the common part)."""
-        losses, meta_losses = [], []
-        for k in range(self.population):
-            eps = noise(k)
-            copy = {**theta, **{n: theta[n] + e for n, e in eps.items()}}
-            losses.append(train_loss(copy, train_batch).reshape(()))
-            with torch.no_grad():
-                meta_losses.append(meta_loss(copy, meta_batch).reshape(()))
-            del eps, copy
-        weights = self._softmax_weights(torch.stack(losses))
-        moved = {name: theta[name].clone() for name in names}
-        for k, w in enumerate(weights.detach().tolist()):
-            eps = noise(k)
-            torch._foreach_add_([moved[n] for n in names], [eps[n] for n in names], alpha=w)
-            del eps
-        # grad mode stays on: a meta loss that depends on lambda directly keeps (only) that graph
-        loss = meta_loss({**theta, **moved}, meta_batch).reshape(())
-        differences = torch.stack(meta_losses).to(weights.dtype) - loss.detach().to(weights.dtype)
-        surrogate = (weights * differences).sum()
-        through_weights = grads_or_zeros(surrogate, meta_params)
-        direct = grads_or_zeros(loss, meta_params)
-        return HypergradientResult(tuple(a + b.to(a.dtype) for a, b in zip(direct, through_weights)), loss.detach())

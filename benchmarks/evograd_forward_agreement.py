@@ -1,0 +1,109 @@
+"""Agreement of EvoGrad's forward-only meta step (`benchmarks/forward_only.py`) with the standard one, on the benchmark's
+workloads: for each of `--draws` noise seeds, both estimate the hypergradient of one `MetaTrainer` meta step on the
+same training and meta batch from the same noise; reports the cosine and norm ratio of forward-only to standard
+(mean, min) and writes `forward_agreement.json`.
+
+    python benchmarks/evograd_forward_agreement.py --output_dir outputs/benchmarks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+import torch
+
+from metatrain import MetaTrainer, MetaTrainingArguments
+from metatrain.diagnostics import cosine, flatten
+from metatrain.models import build_model
+from metatrain.modules import MetaWeightNet, attach_feature_wise_transforms
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import forward_only  # noqa: E402
+
+forward_only.register()
+
+
+class RandomImages(torch.utils.data.Dataset):
+    def __init__(self, n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.x, self.y = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+def agreement(workload: str, size, sigma: float, draws: int, batch_size: int) -> dict:
+    torch.manual_seed(0)
+    if workload == "mwn":
+        model = build_model("cifar_resnet32", num_classes=10, width=size)
+        meta_module = MetaWeightNet()
+    else:
+        model = build_model(size, num_classes=10, zero_init_last=False)
+        meta_module = attach_feature_wise_transforms(model)
+    grads = {}
+    for use_forward in (False, True):
+        args = MetaTrainingArguments(
+            output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch_size, use_cpu=True, report_to=[],
+            optim="sgd", learning_rate=0.1, hypergradient="evograd_forward" if use_forward else "evograd",
+            hypergradient_kwargs={"sigma": sigma},
+        )  # fmt: skip
+        trainer = MetaTrainer(
+            model=model, args=args, train_dataset=RandomImages(batch_size, 1),
+            meta_dataset=RandomImages(batch_size, 2), meta_module=meta_module,
+        )  # fmt: skip
+        trainer.create_optimizer()
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        estimate, captured = trainer.estimator.estimate, []
+        trainer.estimator.estimate = lambda *a, **k: captured.append(estimate(*a, **k)) or captured[-1]
+        state = {k: v.clone() for k, v in meta_module.state_dict().items()}
+        for draw in range(draws):
+            torch.manual_seed(100 + draw)
+            trainer._meta_iter, trainer._meta_data_state = None, {"epoch": 0, "consumed": 0}
+            trainer.meta_step(batch)
+            meta_module.load_state_dict(state)  # every draw at the same meta-parameters
+        grads[use_forward] = [flatten(r.grads) for r in captured]
+    cosines = [cosine(f, s) for f, s in zip(grads[True], grads[False])]
+    ratios = [float(f.norm() / s.norm()) for f, s in zip(grads[True], grads[False])]
+    return {
+        "workload": workload, "size": size, "sigma": sigma, "draws": draws,
+        "cosine_mean": statistics.mean(cosines), "cosine_min": min(cosines),
+        "norm_ratio_mean": statistics.mean(ratios), "norm_ratio_min": min(ratios), "norm_ratio_max": max(ratios),
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", default="outputs/benchmarks")
+    parser.add_argument("--draws", type=int, default=5)
+    parser.add_argument("--batch_size", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1)
+    cli = parser.parse_args()
+    torch.set_num_threads(cli.threads)
+    rows = [
+        agreement("mwn", 1, 0.001, cli.draws, cli.batch_size),
+        agreement("mwn", 1, 0.01, cli.draws, cli.batch_size),
+        agreement("lft", "resnet10t", 0.001, cli.draws, cli.batch_size),
+    ]
+    os.makedirs(cli.output_dir, exist_ok=True)
+    with open(os.path.join(cli.output_dir, "forward_agreement.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print("| workload | sigma | draws | cosine mean (min) | norm ratio mean (min, max) |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        size = f"ResNet-32 width {r['size']}" if r["workload"] == "mwn" else r["size"]
+        print(
+            f"| {r['workload']}, {size} | {r['sigma']} | {r['draws']} | {r['cosine_mean']:.4f} ({r['cosine_min']:.4f}) "
+            f"| {r['norm_ratio_mean']:.3f} ({r['norm_ratio_min']:.3f}, {r['norm_ratio_max']:.3f}) |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""Wall time and peak memory of one training step of `MetaTrainer`, per hypergradient estimator, against plain
+training of the same model (EvoGrad paper, Figure 6; issue 6).
+
+    python benchmarks/step_cost.py --output_dir outputs/benchmarks
+
+Workloads:
+- `mwn`: Meta-Weight-Net on the CIFAR ResNet-32 (`cifar_resnet32` at width multipliers `--widths`), batch 100 of
+  random 3x32x32 images, 10 classes, meta batch 100, EvoGrad with the paper's K=2.
+- `lft`: feature-wise transformation layers (`attach_feature_wise_transforms`) on timm ResNets (`--lft_models`),
+  plain classification loss on the same random data, the FT layers off in the meta loss.
+
+Every configuration runs in a fresh process, one after the other, with `torch.set_num_threads(--threads)`: a step
+is the whole optimizer step Trainer takes (meta step, forward, backward, base update), timed between the
+`on_step_begin` and `on_step_end` callbacks; the first `--warmup` steps are dropped and the median of the next
+`--repeats` is reported, in wall time and in the process's CPU time (with one thread, the CPU time is the
+step's work, less sensitive to other jobs on a shared machine than wall time). Memory is the process's: on CPU the peak resident set size (`VmHWM`, reset through
+`/proc/self/clear_refs` just before `train()`) minus the resident set size at that point, so model, data and
+imports are excluded and everything training adds (optimizer state, activations, the meta step's graphs, allocator
+caching) is included; on a GPU the CUDA allocator's peak during `train()` minus what was allocated before it.
+Ratios are taken against plain training measured in the same run (`--append` adds a run to an existing
+`results.json`; each run keeps its own plain reference). Writes `results.json`, `time.png`,
+`memory.png` and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+METHODS: dict[str, tuple[str, dict[str, Any]] | None] = {
+    "plain": None,
+    "first_order": ("first_order", {}),
+    "evograd": ("evograd", {}),
+    "evograd_lean": ("evograd", {"memory_lean": True}),
+    "evograd_forward": ("evograd_forward", {}),  # benchmarks/forward_only.py, not part of the library
+    "t1t2": ("t1t2", {}),
+    "t1t2_fd": ("t1t2_fd", {}),
+    "neumann": ("neumann", {}),
+    "hyperdistill": ("hyperdistill", {}),
+}
+
+
+# ------------------------------------------------------------------------------------------------------- worker
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
+
+
+class _Memory:
+    """Peak memory added by a block of work: CUDA peak allocated on a GPU, peak RSS over the start RSS on CPU."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.start = _proc_status_kib("VmRSS") * 1024
+            with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS (Linux >= 4.0)
+                f.write("5")
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.start
+            self.kind = "cuda_peak_allocated"
+        else:
+            self.peak_bytes = _proc_status_kib("VmHWM") * 1024 - self.start
+            self.kind = "cpu_peak_rss_over_start"
+
+
+def run_configuration(config: dict[str, Any]) -> dict[str, Any]:
+    """Trains `warmup + repeats` steps of one configuration and returns its step times and peak memory."""
+    import torch
+    from transformers import TrainerCallback, TrainingArguments
+
+    from metatrain import MetaTrainer, MetaTrainingArguments
+    from metatrain.models import build_model
+    from metatrain.modules import MetaWeightNet, attach_feature_wise_transforms
+    from metatrain.trainer import PerSampleLossTrainer
+
+    torch.set_num_threads(config["threads"])
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import forward_only
+
+    forward_only.register()
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch, steps = config["batch_size"], config["warmup"] + config["repeats"]
+    if config["workload"] == "mwn":
+        model = build_model("cifar_resnet32", num_classes=10, width=config["size"])
+    else:
+        model = build_model(config["size"], num_classes=10, zero_init_last=False)
+    num_params = sum(p.numel() for p in model.parameters())
+
+    class RandomImages(torch.utils.data.Dataset):
+        def __init__(self, n: int, seed: int):
+            g = torch.Generator().manual_seed(seed)
+            self.x, self.y = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+        def __len__(self):
+            return len(self.y)
+
+        def __getitem__(self, i):
+            return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+            self.cpu_times: list[float] = []
+
+        def _sync(self):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._sync()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self._sync()
+            self.times.append(time.perf_counter() - self.start)
+            self.cpu_times.append(time.process_time() - self.cpu_start)
+
+    timer = StepTimer()
+    common = dict(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps, learning_rate=0.1,
+        optim="sgd", logging_steps=10**6, report_to=[], use_cpu=device.type == "cpu", save_strategy="no",
+        disable_tqdm=True, seed=0, dataloader_num_workers=0,
+    )  # fmt: skip
+    train_data = RandomImages(steps * batch, seed=1)
+    method = METHODS[config["method"]]
+    meta_params = 0
+    if method is None:
+        trainer = PerSampleLossTrainer(
+            model=model, args=TrainingArguments(**common), train_dataset=train_data, callbacks=[timer]
+        )
+    else:
+        name, options = method
+        meta_module = MetaWeightNet() if config["workload"] == "mwn" else attach_feature_wise_transforms(model)
+        meta_params = sum(p.numel() for p in meta_module.parameters())
+        args = MetaTrainingArguments(**common, hypergradient=name, hypergradient_kwargs=options)
+        trainer = MetaTrainer(
+            model=model, args=args, train_dataset=train_data, meta_dataset=RandomImages(batch, seed=2),
+            meta_module=meta_module, callbacks=[timer],
+        )  # fmt: skip
+    start_load = os.getloadavg()[0]
+    with _Memory(device) as memory:
+        trainer.train()
+    measured = timer.times[config["warmup"] :]
+    return {
+        **config,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "num_params": num_params,
+        "meta_params": meta_params,
+        "step_seconds": measured,
+        "median_seconds": statistics.median(measured),
+        "min_seconds": min(measured),
+        "cpu_seconds": timer.cpu_times[config["warmup"] :],
+        "median_cpu_seconds": statistics.median(timer.cpu_times[config["warmup"] :]),
+        "load_average_1min": [start_load, os.getloadavg()[0]],  # of the whole machine, before and after
+        "peak_bytes": memory.peak_bytes,
+        "memory_kind": memory.kind,
+        "meta_steps_skipped": getattr(trainer, "meta_steps_skipped", 0),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------- driver
+def configurations(cli: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every method per workload and size, with plain training both first and last (the machine's load drifts)."""
+    sizes = [("mwn", w) for w in cli.widths] + [("lft", name) for name in cli.lft_models]
+    methods = ["plain", *[m for m in cli.methods if m != "plain"], "plain"]
+    return [
+        {"workload": workload, "size": size, "method": method, "batch_size": cli.batch_size, "warmup": cli.warmup,
+         "repeats": cli.repeats, "threads": cli.threads}
+        for workload, size in sizes
+        for method in methods
+    ]  # fmt: skip
+
+
+def add_ratios(results: list[dict[str, Any]]) -> None:
+    """Time and memory of each configuration over plain training of the same workload and size in the same run:
+    the faster of its two plain measurements, and the smaller of their peaks (both conservative for the ratios)."""
+    plain: dict[tuple, list[dict[str, Any]]] = {}
+    for r in results:
+        if r["method"] == "plain":
+            plain.setdefault((r["run"], r["workload"], r["size"]), []).append(r)
+    for r in results:
+        bases = plain.get((r["run"], r["workload"], r["size"]))
+        if bases:
+            seconds, peak = min(b["median_seconds"] for b in bases), min(b["peak_bytes"] for b in bases)
+            r["time_ratio"] = r["median_seconds"] / seconds
+            r["cpu_time_ratio"] = r["median_cpu_seconds"] / min(b["median_cpu_seconds"] for b in bases)
+            r["memory_ratio"] = r["peak_bytes"] / peak if peak > 0 else None
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| workload | size | parameters | method | wall s / step (median) | x plain | CPU s / step (median) | x plain "
+        "| peak memory (MB) | x plain | load |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        ratio = lambda key: f"{r[key]:.2f}" if r.get(key) is not None else ""  # noqa: E731
+        size = f"width {r['size']}" if r["workload"] == "mwn" else r["size"]
+        lines.append(
+            f"| {r['workload']} | {size} | {r['num_params']:,} | {r['method']} | {r['median_seconds']:.3f} | "
+            f"{ratio('time_ratio')} | {r['median_cpu_seconds']:.3f} | {ratio('cpu_time_ratio')} | "
+            f"{r['peak_bytes'] / 2**20:.0f} | {ratio('memory_ratio')} | {max(r['load_average_1min']):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], output_dir: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = sorted({r["workload"] for r in results})
+    for key, label, filename in (
+        ("median_seconds", "wall seconds per training step (median)", "time.png"),
+        ("median_cpu_seconds", "CPU seconds per training step (median)", "cpu_time.png"),
+        ("peak_bytes", "peak memory over the pre-training state (MB)", "memory.png"),
+    ):
+        fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4), squeeze=False)
+        for ax, workload in zip(axes[0], workloads):
+            rows = [r for r in results if r["workload"] == workload]
+            for method in dict.fromkeys(r["method"] for r in rows):
+                best: dict[int, float] = {}  # plain is measured twice per size: the smaller of the two
+                for r in rows:
+                    if r["method"] == method:
+                        best[r["num_params"]] = min(best.get(r["num_params"], float("inf")), r[key])
+                xs, ys = zip(*sorted(best.items()))
+                ys = [y / 2**20 for y in ys] if key == "peak_bytes" else ys
+                ax.plot(xs, ys, marker="o", label=method, linestyle="--" if method == "plain" else "-")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("model parameters")
+            ax.set_ylabel(label)
+            ax.set_title({"mwn": "MWN, CIFAR ResNet-32 widths", "lft": "LFT, timm ResNets"}.get(workload, workload))
+            ax.grid(alpha=0.3, which="both")
+        axes[0][-1].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(output_dir, filename), dpi=120)
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--output_dir", default="outputs/benchmarks")
+    parser.add_argument("--widths", type=int, nargs="*", default=[1, 2, 3, 4, 5], help="ResNet-32 width multipliers")
+    parser.add_argument("--lft_models", nargs="*", default=["resnet10t", "resnet18", "resnet34"])
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--batch_size", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=2, help="steps dropped before the timed ones")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in every configuration")
+    parser.add_argument("--append", action="store_true", help="add to the output directory's results.json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # one configuration, as JSON, in this process
+    cli = parser.parse_args(argv)
+    if cli.worker:
+        print("RESULT " + json.dumps(run_configuration(json.loads(cli.worker))), flush=True)
+        return []
+    if "plain" not in cli.methods:
+        raise ValueError(f"--methods {cli.methods} lacks 'plain': the ratios are taken against it in the same run.")
+    os.makedirs(cli.output_dir, exist_ok=True)
+    path = os.path.join(cli.output_dir, "results.json")
+    results: list[dict[str, Any]] = []
+    if cli.append and os.path.isfile(path):
+        with open(path) as f:
+            results = json.load(f)["results"]
+    run = time.strftime("%Y-%m-%dT%H:%M:%S")  # ratios pair each configuration with plain training of its own run
+    env = {**os.environ, "OMP_NUM_THREADS": str(cli.threads), "MKL_NUM_THREADS": str(cli.threads)}
+    for config in configurations(cli):
+        done = subprocess.run(
+            [sys.executable, __file__, "--worker", json.dumps(config)], env=env, capture_output=True, text=True
+        )
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode or not lines:
+            raise RuntimeError(f"configuration {config} failed:\n{done.stderr[-3000:]}")
+        result = {**json.loads(lines[-1][len("RESULT ") :]), "run": run}
+        results.append(result)
+        print(
+            f"{result['workload']} {result['size']} {result['method']}: {result['median_seconds']:.3f} s/step, "
+            f"{result['peak_bytes'] / 2**20:.0f} MB",
+            flush=True,
+        )
+        add_ratios(results)
+        with open(path, "w") as f:  # after every configuration, so an interrupted run keeps what it measured
+            json.dump({"threads": cli.threads, "results": results}, f, indent=1)
+    plot(results, cli.output_dir)
+    print(markdown_table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
