@@ -249,14 +249,15 @@ def plot(results: list[dict[str, Any]], output_dir: str) -> None:
                         best[r["num_params"]] = min(best.get(r["num_params"], float("inf")), r[key])
                 xs, ys = zip(*sorted(best.items()))
                 ys = [y / 2**20 for y in ys] if key == "peak_bytes" else ys
-                ax.plot(xs, ys, marker="o", label=method, linestyle="--" if method == "plain" else "-")
+                color = plt.cm.tab10(list(METHODS).index(method) % 10)  # one color per method in every panel
+                ax.plot(xs, ys, marker="o", label=method, color=color, linestyle="--" if method == "plain" else "-")
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("model parameters")
             ax.set_ylabel(label)
             ax.set_title({"mwn": "MWN, CIFAR ResNet-32 widths", "lft": "LFT, timm ResNets"}.get(workload, workload))
             ax.grid(alpha=0.3, which="both")
-        axes[0][-1].legend(fontsize=8)
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(output_dir, filename), dpi=120)
         plt.close(fig)
