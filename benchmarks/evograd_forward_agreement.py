@@ -1,7 +1,7 @@
-"""Agreement of EvoGrad's forward-only meta step (`benchmarks/forward_only.py`) with the standard one, on the benchmark's
-workloads: for each of `--draws` noise seeds, both estimate the hypergradient of one `MetaTrainer` meta step on the
-same training and meta batch from the same noise; reports the cosine and norm ratio of forward-only to standard
-(mean, min) and writes `forward_agreement.json`.
+"""Agreement of EvoGrad's forward-only meta step (`benchmarks/forward_only.py`) with the standard one, on the
+benchmark's workloads: for each of `--draws` noise seeds, both estimate the hypergradient of one `MetaTrainer` meta
+step on the same training and meta batch from the same noise; reports the cosine and norm ratio of forward-only to
+standard (mean, min) and writes `forward_agreement.json`.
 
     python benchmarks/evograd_forward_agreement.py --output_dir outputs/benchmarks
 """
@@ -61,8 +61,13 @@ def agreement(workload: str, size, sigma: float, draws: int, batch_size: int) ->
         )  # fmt: skip
         trainer.create_optimizer()
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-        estimate, captured = trainer.estimator.estimate, []
-        trainer.estimator.estimate = lambda *a, **k: captured.append(estimate(*a, **k)) or captured[-1]
+        captured = []
+
+        def capturing(*a, estimate=trainer.estimator.estimate, captured=captured, **k):
+            captured.append(estimate(*a, **k))
+            return captured[-1]
+
+        trainer.estimator.estimate = capturing
         state = {k: v.clone() for k, v in meta_module.state_dict().items()}
         for draw in range(draws):
             torch.manual_seed(100 + draw)
@@ -100,8 +105,9 @@ def main() -> None:
     for r in rows:
         size = f"ResNet-32 width {r['size']}" if r["workload"] == "mwn" else r["size"]
         print(
-            f"| {r['workload']}, {size} | {r['sigma']} | {r['draws']} | {r['cosine_mean']:.4f} ({r['cosine_min']:.4f}) "
-            f"| {r['norm_ratio_mean']:.3f} ({r['norm_ratio_min']:.3f}, {r['norm_ratio_max']:.3f}) |"
+            f"| {r['workload']}, {size} | {r['sigma']} | {r['draws']} | {r['cosine_mean']:.4f} "
+            f"({r['cosine_min']:.4f}) | {r['norm_ratio_mean']:.3f} ({r['norm_ratio_min']:.3f}, "
+            f"{r['norm_ratio_max']:.3f}) |"
         )
 
 

@@ -9,17 +9,17 @@ Workloads:
 - `lft`: feature-wise transformation layers (`attach_feature_wise_transforms`) on timm ResNets (`--lft_models`),
   plain classification loss on the same random data, the FT layers off in the meta loss.
 
-Every configuration runs in a fresh process, one after the other, with `torch.set_num_threads(--threads)`: a step
-is the whole optimizer step Trainer takes (meta step, forward, backward, base update), timed between the
-`on_step_begin` and `on_step_end` callbacks; the first `--warmup` steps are dropped and the median of the next
-`--repeats` is reported, in wall time and in the process's CPU time (with one thread, the CPU time is the
-step's work, less sensitive to other jobs on a shared machine than wall time). Memory is the process's: on CPU the peak resident set size (`VmHWM`, reset through
-`/proc/self/clear_refs` just before `train()`) minus the resident set size at that point, so model, data and
+Every configuration runs in a fresh process, one after the other, with `torch.set_num_threads(--threads)`: a step is
+the whole optimizer step Trainer takes (meta step, forward, backward, base update), timed between the `on_step_begin`
+and `on_step_end` callbacks; the first `--warmup` steps are dropped and the median of the next `--repeats` is reported,
+in wall time and in the process's CPU time (with one thread, the CPU time is the step's work, less sensitive to other
+jobs on a shared machine than wall time). Memory is the process's: on CPU the peak resident set size (`VmHWM`, reset
+through `/proc/self/clear_refs` just before `train()`) minus the resident set size at that point, so model, data and
 imports are excluded and everything training adds (optimizer state, activations, the meta step's graphs, allocator
-caching) is included; on a GPU the CUDA allocator's peak during `train()` minus what was allocated before it.
-Ratios are taken against plain training measured in the same run (`--append` adds a run to an existing
-`results.json`; each run keeps its own plain reference). Writes `results.json`, `time.png`,
-`memory.png` and prints a Markdown table.
+caching) is included; on a GPU the CUDA allocator's peak during `train()` minus what was allocated before it. Ratios
+are taken against plain training measured in the same run (`--append` adds a run to an existing `results.json`; each
+run keeps its own plain reference). Writes `results.json`, `time.png`, `cpu_time.png`, `memory.png` and prints a
+Markdown table.
 """
 
 from __future__ import annotations
@@ -216,13 +216,16 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
         "| peak memory (MB) | x plain | load |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+
+    def ratio(r: dict[str, Any], key: str) -> str:
+        return f"{r[key]:.2f}" if r.get(key) is not None else ""
+
     for r in results:
-        ratio = lambda key: f"{r[key]:.2f}" if r.get(key) is not None else ""  # noqa: E731
         size = f"width {r['size']}" if r["workload"] == "mwn" else r["size"]
         lines.append(
             f"| {r['workload']} | {size} | {r['num_params']:,} | {r['method']} | {r['median_seconds']:.3f} | "
-            f"{ratio('time_ratio')} | {r['median_cpu_seconds']:.3f} | {ratio('cpu_time_ratio')} | "
-            f"{r['peak_bytes'] / 2**20:.0f} | {ratio('memory_ratio')} | {max(r['load_average_1min']):.1f} |"
+            f"{ratio(r, 'time_ratio')} | {r['median_cpu_seconds']:.3f} | {ratio(r, 'cpu_time_ratio')} | "
+            f"{r['peak_bytes'] / 2**20:.0f} | {ratio(r, 'memory_ratio')} | {max(r['load_average_1min']):.1f} |"
         )
     return "\n".join(lines)
 
@@ -264,7 +267,9 @@ def plot(results: list[dict[str, Any]], output_dir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--output_dir", default="outputs/benchmarks")
     parser.add_argument("--widths", type=int, nargs="*", default=[1, 2, 3, 4, 5], help="ResNet-32 width multipliers")
     parser.add_argument("--lft_models", nargs="*", default=["resnet10t", "resnet18", "resnet34"])

@@ -4,8 +4,9 @@
 
 Runs three short trainings (T1-T2; EvoGrad with a population per rank; EvoGrad with one shared population) with a
 Meta-Weight-Net and an SGD meta-optimizer at learning rate 1 (so a meta update is minus the applied hypergradient),
-and a global RNG that drifts apart between the ranks, and writes, per rank, `rank<r>.json`: for every meta step the local (this rank's) hypergradient, the meta-parameters
-before and after the step, EvoGrad's noise seed, and the final meta-parameters and model weights.
+and a global RNG that drifts apart between the ranks, and writes, per rank, `rank<r>.json`: for every meta step the
+local (this rank's) hypergradient, the meta-parameters before and after the step, EvoGrad's noise seed, and the
+final meta-parameters and model weights.
 """
 
 from __future__ import annotations

@@ -65,9 +65,7 @@ def test_forward_only_builds_no_graph_through_the_weights():
             return meta_loss(p, batch)
 
     torch.manual_seed(0)
-    ForwardOnlyEvoGrad(population=3, sigma=0.01).estimate(
-        params, [lam], train_loss, counting_meta_loss
-    )
+    ForwardOnlyEvoGrad(population=3, sigma=0.01).estimate(params, [lam], train_loss, counting_meta_loss)
     assert saved == []
     torch.manual_seed(0)
     EvoGrad(population=3, sigma=0.01).estimate(params, [lam], train_loss, counting_meta_loss)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_trainer import image_dataset, make_args, make_trainer, snapshot
+from test_trainer import make_args, make_trainer, snapshot
 from torch import nn
 
 from metatrain import MetaTrainer, MetaTrainingArguments
@@ -92,7 +92,9 @@ def test_bf16_autocasts_every_meta_forward_and_agrees_with_fp32(tmp_path):
         for module in modules:
             if not list(module.children()):
                 module.register_forward_hook(
-                    lambda m, i, o: forwards.append((type(m).__name__, torch.is_autocast_enabled("cpu"), o.dtype))
+                    lambda m, i, o, seen=forwards: seen.append(
+                        (type(m).__name__, torch.is_autocast_enabled("cpu"), o.dtype)
+                    )
                 )
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         hypergradients[bf16] = meta_step_grads(trainer, batch)
@@ -142,7 +144,9 @@ def test_fp16_meta_forwards_give_the_fp32_hypergradient_and_an_overflow_is_skipp
     assert cosine(fp16, fp32) > 0.99
     before = snapshot(trainer.meta_module)
     real_next = trainer._next_meta_batch
-    monkeypatch.setattr(trainer, "_next_meta_batch", lambda: {**(b := real_next()), "pixel_values": b["pixel_values"] * 1e5})
+    monkeypatch.setattr(
+        trainer, "_next_meta_batch", lambda: {**(b := real_next()), "pixel_values": b["pixel_values"] * 1e5}
+    )
     assert not trainer.meta_step(batch)
     assert trainer.meta_steps_skipped == 1
     assert all(torch.equal(v, before[k]) for k, v in snapshot(trainer.meta_module).items())
@@ -178,7 +182,9 @@ def test_accumulation_gives_the_meta_steps_of_the_equivalent_larger_batch(tmp_pa
     )
     assert steps == large_steps == [8, 8, 8]
     assert accumulated.state.global_step == large.state.global_step == 3
-    angle = {name: float(t.meta_module.angle) for name, t in (("large", large), ("acc", accumulated), ("micro", micro))}
+    angle = {
+        name: float(t.meta_module.angle) for name, t in (("large", large), ("acc", accumulated), ("micro", micro))
+    }
     assert abs(angle["large"] - 10.0 * np.pi / 180) > 1e-4  # the meta step moved the angle
     assert angle["acc"] == pytest.approx(angle["large"], abs=1e-6)
     assert abs(angle["micro"] - angle["large"]) > 1e-5  # one micro-batch is not the larger batch
@@ -199,7 +205,9 @@ def test_accumulation_with_a_weighting_net_meta_steps_on_the_whole_window(tmp_pa
 def test_unjoinable_micro_batches_name_the_fix():
     from metatrain.trainer import join_batches
 
-    joined = join_batches([{"x": torch.zeros(2, 3), "ids": [1, 2], "tag": "a"}, {"x": torch.ones(1, 3), "ids": [3], "tag": "a"}])
+    joined = join_batches(
+        [{"x": torch.zeros(2, 3), "ids": [1, 2], "tag": "a"}, {"x": torch.ones(1, 3), "ids": [3], "tag": "a"}]
+    )
     assert joined["x"].shape == (3, 3) and joined["ids"] == [1, 2, 3] and joined["tag"] == "a"
     with pytest.raises(ValueError, match="meta_train_batch='micro_batch'"):
         join_batches([{"input_ids": torch.zeros(2, 5)}, {"input_ids": torch.zeros(2, 7)}])
