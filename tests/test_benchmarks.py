@@ -1,5 +1,6 @@
-"""The forward-only EvoGrad variant the benchmarks measure (`benchmarks/forward_only.py`: K + 1 meta forwards
-replace the meta backward) against the standard path on the same noise."""
+"""The pieces of `benchmarks/` that compute numbers: the forward-only EvoGrad variant (`forward_only.py`: K + 1 meta
+forwards replace the meta backward) against the standard path on the same noise, and `step_cost.py`'s memory
+measurement and ratios."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from metatrain.estimators import EvoGrad
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from forward_only import ForwardOnlyEvoGrad  # noqa: E402 (not registered: ESTIMATORS stays the library's)
+from step_cost import _Memory, add_ratios, markdown_table  # noqa: E402
 
 
 def both(params, lam, train_loss, meta_loss, **options):
@@ -70,3 +72,42 @@ def test_forward_only_builds_no_graph_through_the_weights():
     torch.manual_seed(0)
     EvoGrad(population=3, sigma=0.01).estimate(params, [lam], train_loss, counting_meta_loss)
     assert sum(saved) > 0
+
+
+def test_cpu_memory_is_the_peak_over_the_start_of_the_block():
+    """200 MB written and freed inside the block: the peak RSS over the block's start sees them; neither what was
+    resident before (100 MB, still held) nor an earlier, higher peak (500 MB more, freed) counts."""
+    held = torch.ones(25_000_000, dtype=torch.float32)  # 100 MB resident before the block
+    spike = torch.ones(125_000_000, dtype=torch.float32)  # an earlier peak, returned to the system before the block
+    del spike
+    with _Memory(torch.device("cpu")) as memory:
+        block = torch.ones(50_000_000, dtype=torch.float32)  # 200 MB
+        del block
+    assert memory.kind == "cpu_peak_rss_over_start"
+    assert 190 * 2**20 < memory.peak_bytes < 260 * 2**20, memory.peak_bytes / 2**20
+    del held
+
+
+def test_ratios_pair_each_row_with_the_plain_rows_of_its_own_run():
+    def row(run, method, seconds, cpu, peak):
+        timing = {"median_seconds": seconds, "median_cpu_seconds": cpu, "load_average_1min": [1.0, 2.0]}
+        return {
+            "run": run,
+            "workload": "mwn",
+            "size": 1,
+            "method": method,
+            "peak_bytes": peak,
+            "num_params": 10,
+            **timing,
+        }
+
+    results = [
+        row("a", "plain", 2.0, 1.0, 100), row("a", "evograd", 6.0, 3.0, 110), row("a", "plain", 1.5, 1.2, 120),
+        row("b", "plain", 4.0, 4.0, 400), row("b", "evograd", 6.0, 6.0, 440),
+    ]  # fmt: skip
+    add_ratios(results)
+    # run a: the faster plain (1.5 s wall, 1.0 s CPU) and the smaller peak (100) of its two plain rows
+    assert (results[1]["time_ratio"], results[1]["cpu_time_ratio"], results[1]["memory_ratio"]) == (4.0, 3.0, 1.1)
+    assert (results[4]["time_ratio"], results[4]["cpu_time_ratio"], results[4]["memory_ratio"]) == (1.5, 1.5, 1.1)
+    table = markdown_table(results)
+    assert "| mwn | width 1 | 10 | evograd | 6.000 | 4.00 | 3.000 | 3.00 | 0 | 1.10 | 2.0 |" in table
