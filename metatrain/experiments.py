@@ -72,6 +72,28 @@ def evaluate_episodes(model, episodes, batch_size: int = 256, episodes_per_batch
     return _episode_summary(np.asarray(accuracies))
 
 
+def train_and_measure(trainer: Trainer) -> dict[str, Any]:
+    """Trains `trainer` and returns what a recipe reports of the cost: `seconds_per_step`, the mean
+    `meta_step_seconds` and `meta_step_memory_mb` of its logs (`None` for a trainer without meta step, or without
+    `meta_profile_memory`), `memory_kind`, the run's `peak_cuda_memory_mb` on a GPU and `meta_steps_skipped`."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    output = trainer.train()
+    logs = [h for h in trainer.state.log_history if "meta_step_seconds" in h]
+
+    def mean(key: str) -> float | None:
+        return float(np.mean([h[key] for h in logs])) if logs and key in logs[0] else None
+
+    return {
+        "seconds_per_step": output.metrics["train_runtime"] / max(trainer.state.global_step, 1),
+        "meta_step_seconds": mean("meta_step_seconds"),
+        "meta_step_memory_mb": mean("meta_step_memory_mb"),
+        "memory_kind": "cuda_peak_allocated" if trainer.args.device.type == "cuda" else "cpu_saved_for_backward",
+        "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "meta_steps_skipped": getattr(trainer, "meta_steps_skipped", None),
+    }
+
+
 def check_methods(methods: Iterable[str], allowed: Iterable[str]) -> None:
     """Raises a `ValueError` naming the methods that are not in `allowed`."""
     unknown = sorted(set(methods) - set(allowed))

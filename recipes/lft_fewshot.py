@@ -24,20 +24,27 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import set_seed
 
 from metatrain import MetaTrainer, MetaTrainingArguments, PerSampleLossTrainer
 from metatrain.cli import parse_config
-from metatrain.data import DIGIT_DOMAINS, DIGIT_SEEN_DOMAINS, DIGIT_UNSEEN_DOMAINS, EpisodeDataset, load_digit_domains, load_image_folder_domain
+from metatrain.data import (
+    DIGIT_DOMAINS,
+    DIGIT_SEEN_DOMAINS,
+    DIGIT_UNSEEN_DOMAINS,
+    EpisodeDataset,
+    load_digit_domains,
+    load_image_folder_domain,
+)
 from metatrain.experiments import (
     check_methods,
     episode_accuracy,
     evaluate_episodes,
     run_grid,
     summarize,
+    train_and_measure,
     write_results,
 )
 from metatrain.models import build_fewshot_model
@@ -60,7 +67,8 @@ class LFTArguments:
         },
     )
     unseen_domain: str = field(
-        default=DIGIT_UNSEEN_DOMAINS[0], metadata={"help": "The held-out test domain: an embedded digit domain or an image folder."}
+        default=DIGIT_UNSEEN_DOMAINS[0],
+        metadata={"help": "The held-out test domain: an embedded digit domain or an image folder."},
     )
     image_size: int = field(default=16, metadata={"help": "Side length of the images."})
     backbones: list[str] = field(
@@ -83,8 +91,10 @@ class LFTArguments:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One run per seed and method."})
     evograd_kwargs: str = field(
         default='{"population": 2, "sigma": "lr", "temperature": 0.05, "memory_lean": true}',
-        metadata={"help": "JSON options of EvoGrad for `lft_evograd`: sigma tied to the model learning rate (EvoGrad's "
-                  "LFT code), copies processed one at a time (`memory_lean`)."},
+        metadata={
+            "help": "JSON options of EvoGrad for `lft_evograd`: sigma tied to the model learning rate (EvoGrad's LFT "
+            "code), copies processed one at a time (`memory_lean`)."
+        },
     )  # fmt: skip
     results_dir: str = field(default="outputs/lft_fewshot", metadata={"help": "Where results.json and plots go."})
 
@@ -130,27 +140,13 @@ def run(args: LFTArguments, training_args: MetaTrainingArguments, backbone: str,
     else:
         pseudo_unseen = episodes(args.n_shot, args.n_query, args.train_episodes, seed + 1_000_003, seen)
         trainer = MetaTrainer(**common, meta_dataset=pseudo_unseen, meta_module=transforms)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    output = trainer.train()
-    result = {"method": method, "backbone": backbone, "seed": seed}
+    result = {"method": method, "backbone": backbone, "seed": seed, **train_and_measure(trainer)}
     for shots in args.test_shots:
         # the same test episodes for every method of a seed: a paired comparison
         test = episodes(shots, args.test_queries, args.test_episodes, 10_000 + seed, unseen)
         metrics = evaluate_episodes(trainer.model, test)
         result[f"test_{shots}shot_accuracy"] = metrics["accuracy"]
         result[f"test_{shots}shot_ci95"] = metrics["accuracy_ci95"]
-    train_logs = [h for h in trainer.state.log_history if "meta_step_seconds" in h]
-    result.update(
-        seconds_per_step=output.metrics["train_runtime"] / max(trainer.state.global_step, 1),
-        meta_step_seconds=float(np.mean([h["meta_step_seconds"] for h in train_logs])) if train_logs else None,
-        meta_step_memory_mb=float(np.mean([h["meta_step_memory_mb"] for h in train_logs]))
-        if train_logs and "meta_step_memory_mb" in train_logs[0]
-        else None,
-        memory_kind="cuda_peak_allocated" if run_args.device.type == "cuda" else "cpu_saved_for_backward",
-        peak_cuda_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-        meta_steps_skipped=getattr(trainer, "meta_steps_skipped", None),
-    )
     if transforms is not None:  # the learned (or fixed) noise scales, averaged over layers and channels
         with torch.no_grad():
             result["ft_mean_softplus"] = {

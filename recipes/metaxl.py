@@ -23,7 +23,6 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from transformers import (
     AutoModelForSequenceClassification,
@@ -47,7 +46,7 @@ from metatrain.data.crosslingual import (
     tie_translated_embeddings,
     tokenize_crosslingual,
 )
-from metatrain.experiments import accuracy, check_methods, run_grid, summarize, write_results
+from metatrain.experiments import accuracy, check_methods, run_grid, summarize, train_and_measure, write_results
 from metatrain.metrics import token_classification_metrics
 from metatrain.modules import attach_representation_transform
 from metatrain.plotting import plot_curves
@@ -212,12 +211,9 @@ def run(args: MetaXLArguments, training_args: MetaTrainingArguments, method: str
     else:
         rtn = attach_representation_transform(model, layer=args.rtn_layer, bottleneck=args.bottleneck)
         trainer = MetaTrainer(**common, meta_dataset=data["target_train"], meta_module=rtn)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    output = trainer.train()
+    costs = train_and_measure(trainer)
     final = trainer.evaluate()
     history = trainer.state.log_history
-    train_logs = [h for h in history if "meta_step_seconds" in h]
     curve = [h[f"eval_{metric_name}"] for h in history if f"eval_{metric_name}" in h][:-1]
     result = {
         "method": method,
@@ -227,14 +223,7 @@ def run(args: MetaXLArguments, training_args: MetaTrainingArguments, method: str
         "test_metrics": {k[5:]: v for k, v in final.items() if k in ("eval_f1", "eval_precision", "eval_recall",
                                                                        "eval_accuracy", "eval_loss")},
         "test_metric_per_eval": curve or [final[f"eval_{metric_name}"]],
-        "seconds_per_step": output.metrics["train_runtime"] / max(trainer.state.global_step, 1),
-        "meta_step_seconds": float(np.mean([h["meta_step_seconds"] for h in train_logs])) if train_logs else None,
-        "meta_step_memory_mb": float(np.mean([h["meta_step_memory_mb"] for h in train_logs]))
-        if train_logs and "meta_step_memory_mb" in train_logs[0]
-        else None,
-        "memory_kind": "cuda_peak_allocated" if run_args.device.type == "cuda" else "cpu_saved_for_backward",
-        "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-        "meta_steps_skipped": getattr(trainer, "meta_steps_skipped", None),
+        **costs,
     }  # fmt: skip
     return result, trainer
 

@@ -16,14 +16,13 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from transformers import set_seed
 
 from metatrain import MetaTrainer, MetaTrainingArguments, PerSampleLossTrainer
 from metatrain.cli import parse_config
 from metatrain.data import load_digits_dataset, load_image_classification_dataset, make_noisy_label_splits
-from metatrain.experiments import accuracy, check_methods, run_grid, summarize, write_results
+from metatrain.experiments import accuracy, check_methods, run_grid, summarize, train_and_measure, write_results
 from metatrain.models import build_model
 from metatrain.modules import MetaWeightNet
 from metatrain.plotting import plot_curves, plot_weighting_functions
@@ -86,26 +85,16 @@ def run(args: NoisyLabelsArguments, training_args: MetaTrainingArguments, method
         trainer = PerSampleLossTrainer(**common)
     else:
         trainer = MetaTrainer(**common, meta_dataset=splits["meta"], meta_module=MetaWeightNet())
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    output = trainer.train()
+    costs = train_and_measure(trainer)
     final = trainer.evaluate()
     history = trainer.state.log_history
-    train_logs = [h for h in history if "meta_step_seconds" in h]
     result = {
         "method": method,
         "seed": seed,
         "test_accuracy": final["eval_accuracy"],
         "test_accuracy_per_epoch": [h["eval_accuracy"] for h in history if "eval_accuracy" in h][:-1]
         or [final["eval_accuracy"]],
-        "seconds_per_step": output.metrics["train_runtime"] / max(trainer.state.global_step, 1),
-        "meta_step_seconds": float(np.mean([h["meta_step_seconds"] for h in train_logs])) if train_logs else None,
-        "meta_step_memory_mb": float(np.mean([h["meta_step_memory_mb"] for h in train_logs]))
-        if train_logs and "meta_step_memory_mb" in train_logs[0]
-        else None,
-        "memory_kind": "cuda_peak_allocated" if run_args.device.type == "cuda" else "cpu_saved_for_backward",
-        "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-        "meta_steps_skipped": getattr(trainer, "meta_steps_skipped", None),
+        **costs,
     }
     if hypergradient is not None:
         device = trainer.meta_module.net[0].weight.device

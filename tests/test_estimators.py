@@ -247,7 +247,8 @@ def test_evograd_sigma_tied_to_the_learning_rate():
     torch.manual_seed(0)
     tied = est.hypergradient(x, [lam], *one_dim_problem(lam), lr=0.2)
     torch.manual_seed(0)
-    fixed = create_estimator("evograd", sigma=0.2, noise="gaussian").hypergradient(x, [lam], *one_dim_problem(lam), lr=0.2)
+    fixed_sigma = create_estimator("evograd", sigma=0.2, noise="gaussian")
+    fixed = fixed_sigma.hypergradient(x, [lam], *one_dim_problem(lam), lr=0.2)
     assert tied[0].item() != 0 and torch.equal(tied[0], fixed[0])
 
 

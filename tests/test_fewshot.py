@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from metatrain.data import EpisodeDataset, load_digit_domains, load_image_folder_domain
 from metatrain.experiments import episode_accuracy, evaluate_episodes
@@ -85,9 +84,10 @@ def test_image_folder_domain_feeds_episodes(tmp_path, no_network):
 
     rng = np.random.default_rng(0)
     for name in ("albatross", "bunting", "cardinal"):
-        (tmp_path / "birds" / name).mkdir(parents=True)
+        folder = tmp_path / "birds" / name
+        folder.mkdir(parents=True)
         for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "birds" / name / f"{i}.jpg")
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
     domain = load_image_folder_domain(str(tmp_path / "birds"), image_size=12)
     assert domain.features["labels"].names == ["albatross", "bunting", "cardinal"]
     episode = EpisodeDataset({"birds": domain}, n_way=3, k_shot=1, n_query=2, num_episodes=2)[0]

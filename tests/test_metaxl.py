@@ -18,7 +18,6 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertForTokenClassification,
-    DataCollatorForTokenClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
     DistilBertForTokenClassification,

@@ -222,7 +222,8 @@ def lft_fewshot():
 def tiny_lft_flags(tmp_path) -> list[str]:
     return ["--backbones", "test_resnet", "--image_size", "8", "--n_shot", "1", "--n_query", "2",
             "--train_episodes", "4", "--max_steps", "2", "--test_episodes", "6", "--test_queries", "2", "--seeds", "0",
-            "--logging_steps", "1", "--results_dir", str(tmp_path / "results"), "--output_dir", str(tmp_path / "runs"), "--disable_tqdm", "true"]
+            "--logging_steps", "1", "--results_dir", str(tmp_path / "results"), "--output_dir", str(tmp_path / "runs"),
+            "--disable_tqdm", "true"]  # fmt: skip
 
 
 def test_lft_fewshot_on_embedded_digit_domains(lft_fewshot, tmp_path, no_network):
