@@ -434,20 +434,15 @@ class MetaTrainer(PerSampleLossTrainer):
             "episodes from at least two domains)."
         )
 
-    def _same_noise(self, stream: int) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def _same_noise(self, stream: int) -> Iterator[None]:
         """Runs a loss with random layers (dropout, LFT's noise) on the same draws at every call of one meta step, so
         that estimators comparing the loss at several weights (EvoGrad, finite differences) see the weights' effect
         only. Seeded by the run's seed and the step (the global RNG is untouched, so runs and resumes replay)."""
         devices = [] if self.args.device.type == "cpu" else [self.args.device]
-        seed = (self.args.seed * 1_000_003 + self.state.global_step) * 2 + stream
-
-        @contextlib.contextmanager
-        def context():
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed)
-                yield
-
-        return context()
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed((self.args.seed * 1_000_003 + self.state.global_step) * 2 + stream)
+            yield
 
     def _meta_step(self, train_batch: dict[str, Any]) -> bool:
         start = time.perf_counter()
