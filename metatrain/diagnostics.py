@@ -66,7 +66,7 @@ class EstimatorReport:
         reference_norm (`float`): norm of the reference hypergradient.
         seconds (`float`): median wall time of one call over the repeats, after the warm-up calls.
         memory_bytes (`int`): memory of one call measured by [`~metatrain.profiling.MemoryMeter`].
-        memory_kind (`str`): what `memory_bytes` measures (`"cuda_peak_allocated"` or `"cpu_saved_for_backward"`);
+        memory_kind (`str`): what `memory_bytes` measures (`"cuda_peak_allocated"` or `"cpu_peak_saved_for_backward"`);
             compare figures of one kind only.
         repeats (`int`): number of timed calls the statistics are taken over.
         meta_loss (`float`): the meta loss the first timed call differentiated.

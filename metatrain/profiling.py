@@ -1,18 +1,31 @@
-"""Memory of a block of work: the CUDA allocator's peak on GPU, bytes saved for backward on CPU."""
+"""Memory of a block of work: the CUDA allocator's peak on GPU, the peak of bytes saved for backward on CPU."""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+
+
+class _Saved:
+    """What the autograd graph holds instead of a saved tensor while a [`MemoryMeter`] watches: its lifetime is the
+    lifetime of the saved tensor in the graph."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
 
 
 class MemoryMeter:
     """Context manager measuring the memory a block of work adds, in bytes (`peak_bytes` after exit).
 
     On CUDA it is the allocator's peak during the block minus the memory allocated when it began. On CPU, where
-    torch keeps no allocator statistics, it is the total size of the distinct tensor storages the autograd graph
-    saves for backward inside the block: the part of memory that differs between hypergradient estimators (the
-    second-order graph of T1-T2 against EvoGrad's single first-order graph). The two are different quantities:
-    compare figures of one kind only, and `kind` says which.
+    torch keeps no allocator statistics, it is the peak, over the block, of the total size of the distinct tensor
+    storages that autograd graphs hold saved for backward at once: the part of memory that differs between
+    hypergradient estimators (the second-order graph of T1-T2, EvoGrad's `K` first-order graphs alive together, or one
+    at a time in its memory-lean mode). A storage counts from the first time a graph saves it until no graph holds it.
+    The two are different quantities: compare figures of one kind only, and `kind` says which.
 
     Args:
         device (`torch.device` or `str`): where the work runs.
@@ -20,7 +33,7 @@ class MemoryMeter:
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
-        self.kind = "cuda_peak_allocated" if self.device.type == "cuda" else "cpu_saved_for_backward"
+        self.kind = "cuda_peak_allocated" if self.device.type == "cuda" else "cpu_peak_saved_for_backward"
         self.peak_bytes = 0
 
     def __enter__(self) -> MemoryMeter:
@@ -29,17 +42,32 @@ class MemoryMeter:
             self._start = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            self._seen: set[int] = set()
-            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+            self._holders: dict[int, int] = {}  # storage pointer -> saved tensors of it alive in a graph
+            self._live = 0
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
             self._hooks.__enter__()
         return self
 
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+    def _pack(self, t: torch.Tensor) -> _Saved:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in self._seen:
-            self._seen.add(storage.data_ptr())
-            self.peak_bytes += storage.nbytes()
-        return t
+        key, size = storage.data_ptr(), storage.nbytes()
+        if not self._holders.get(key):
+            self._live += size
+            self.peak_bytes = max(self.peak_bytes, self._live)
+        self._holders[key] = self._holders.get(key, 0) + 1
+        saved = _Saved(t)
+        weakref.finalize(saved, self._release, key, size)
+        return saved
+
+    @staticmethod
+    def _unpack(saved: _Saved) -> torch.Tensor:
+        return saved.tensor
+
+    def _release(self, key: int, size: int) -> None:
+        self._holders[key] -= 1
+        if not self._holders[key]:
+            del self._holders[key]
+            self._live -= size
 
     def __exit__(self, *exc) -> None:
         if self.kind == "cuda_peak_allocated":

@@ -125,8 +125,8 @@ class MetaTrainingArguments(TrainingArguments):
     meta_profile_memory: bool = field(
         default=False,
         metadata={
-            "help": "Measure the memory of each meta step (CUDA peak on GPU, bytes saved for backward on CPU; see "
-            "`metatrain.profiling.MemoryMeter`) and log its mean as `meta_step_memory_mb`."
+            "help": "Measure the memory of each meta step (CUDA peak on GPU, peak bytes saved for backward on CPU; "
+            "see `metatrain.profiling.MemoryMeter`) and log its mean as `meta_step_memory_mb`."
         },
     )
 

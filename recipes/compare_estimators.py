@@ -9,8 +9,8 @@ state reached, in training mode as in MetaTrainer's meta step, `metatrain.diagno
 every estimator on one training batch and one meta batch, on MetaTrainer's objective (the weighting net's input held
 at the current weights for the estimators that perturb the weights, EvoGrad and `t1t2_fd`): its cosine with the
 exact reverse-mode hypergradient through the last `reference_horizon` real steps and with T1-T2 (the one-step
-lookahead that the cheap estimators approximate), its norm ratio, its median time per call and its memory (bytes
-saved for backward on CPU, the allocator's peak on CUDA), next to a training step (forward and backward of the
+lookahead that the cheap estimators approximate), its norm ratio, its median time per call and its memory (peak
+bytes saved for backward on CPU, the allocator's peak on CUDA), next to a training step (forward and backward of the
 training batch) measured in the same run. Writes `results.json`, `table.md` and `estimators.png` to `--results_dir`;
 about a minute on 2 idle CPU cores.
 

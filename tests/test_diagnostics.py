@@ -62,7 +62,7 @@ def test_t1t2_against_itself_and_first_order_has_no_direction():
     assert math.isnan(first.cosine) and math.isnan(first.cosine_of_mean)
 
     for report in (t1t2, first):
-        assert report.seconds > 0 and report.repeats == 2 and report.memory_kind == "cpu_saved_for_backward"
+        assert report.seconds > 0 and report.repeats == 2 and report.memory_kind == "cpu_peak_saved_for_backward"
         assert math.isfinite(report.meta_loss)
     # T1-T2 keeps a second-order graph; first-order builds none here, so it saves nothing for backward
     assert t1t2.memory_bytes > first.memory_bytes >= 0
@@ -181,7 +181,7 @@ def test_format_table_and_to_dict():
     table = format_table(reports)
     lines = table.splitlines()
     assert len(lines) == 2 + len(estimators) and all(line.startswith("| ") or line.startswith("|-") for line in lines)
-    assert "cpu_saved_for_backward" in lines[0] and "time (ms)" in lines[0]
+    assert "cpu_peak_saved_for_backward" in lines[0] and "time (ms)" in lines[0]
     rows = [line.split(" | ")[0].removeprefix("| ") for line in lines[2:]]
     assert rows == ["t1t2", "first_order", "evograd(population=4)", "evograd(population=8)"]
     assert "n/a" in lines[3]
@@ -268,3 +268,22 @@ def test_every_registered_estimator_runs_with_its_defaults(name):
     assert report.name == name and report.options == {} and report.repeats == 1
     assert math.isfinite(report.norm) and report.seconds > 0 and report.memory_bytes >= 0
     assert math.isnan(report.cosine) or -1 - 1e-9 <= report.cosine <= 1 + 1e-9
+
+
+def test_cpu_memory_meter_reports_the_peak_of_graphs_alive_at_once():
+    """Two graphs of the same size: held together they count twice, built and freed one after the other once."""
+    from metatrain.profiling import MemoryMeter
+
+    w = torch.randn(256, 256, requires_grad=True)
+    x = torch.randn(64, 256)
+    saved = 64 * 256 * 4  # x @ w saves its input x for the gradient w.r.t. w
+
+    with MemoryMeter("cpu") as together:
+        first, second = (x @ w).sum(), (2 * x @ w).sum()
+        torch.autograd.grad(first + second, w)
+    with MemoryMeter("cpu") as one_at_a_time:
+        for scale in (1, 2):
+            torch.autograd.grad((scale * x @ w).sum(), w)
+    assert one_at_a_time.kind == "cpu_peak_saved_for_backward"
+    assert saved <= one_at_a_time.peak_bytes < 1.5 * saved
+    assert together.peak_bytes >= 2 * saved

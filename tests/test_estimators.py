@@ -522,3 +522,25 @@ def test_evograd_noise_is_replayed_from_the_global_rng_and_differs_per_rank(monk
     assert torch.equal(shared.hypergradient(params, [lam], train_loss, meta_loss)[0], a)
     with pytest.raises(ValueError, match="memory_lean"):
         create_estimator("evograd", memory_lean=1)
+
+
+def test_evograd_memory_lean_draws_sign_noise_once_per_copy(monkeypatch):
+    """Sign perturbations are kept as int8 signs between the lean path's passes instead of being drawn three times:
+    one draw per copy, and still the default path's estimate."""
+    params, lam, train_loss, meta_loss = weighted_mlp_problem()
+    calls = []
+    real = EvoGrad._noise
+    monkeypatch.setattr(EvoGrad, "_noise", lambda self, *a, **k: calls.append(a[-1]) or real(self, *a, **k))
+    estimates = []
+    for lean in (False, True):
+        calls.clear()
+        torch.manual_seed(3)
+        est = create_estimator("evograd", population=4, sigma=0.05, memory_lean=lean)
+        estimates.append(est.hypergradient(params, [lam], train_loss, meta_loss)[0])
+        assert calls == [0, 1, 2, 3]
+    torch.testing.assert_close(estimates[1], estimates[0], rtol=1e-9, atol=1e-12)
+    calls.clear()
+    create_estimator("evograd", population=4, sigma=0.05, noise="gaussian", memory_lean=True).hypergradient(
+        params, [lam], train_loss, meta_loss
+    )
+    assert calls == [0, 1, 2, 3] * 3  # Gaussian noise is regenerated from its seed

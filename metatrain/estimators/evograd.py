@@ -55,11 +55,12 @@ class EvoGrad(HypergradientEstimator):
             meta-parameters act on the inputs) and let `rescale` set the size that the meta-optimizer's weight decay
             or an SGD meta-optimizer sees. Needs `lr`.
         memory_lean (`bool`, *optional*, defaults to `False`):
-            Process the copies one at a time and regenerate each perturbation from its seed instead of holding all
-            `K` of them: peak memory is about two copies of the perturbed weights whatever `K` (plus `K` gradients
-            of the training loss w.r.t. the meta-parameters, which are small). Same estimate as the default path
-            for the same seed; costs one backward of each copy's training loss to the meta-parameters, which the
-            default path does in one go.
+            Process the copies one at a time instead of holding all `K` perturbations and training graphs at once:
+            each copy's training loss is differentiated to the meta-parameters right away, and its perturbation is
+            kept as `int8` signs (sign noise: a quarter of a weight copy each, so drawing it again is not needed)
+            or regenerated from its seed (Gaussian noise). Peak memory is about two copies of the perturbed weights
+            and one training graph whatever `K` (plus the signs and `K` gradients w.r.t. the meta-parameters). Same
+            estimate as the default path for the same seed.
         per_rank_noise (`bool`, *optional*, defaults to `True`):
             Under `torch.distributed`, offset the noise seed by the process rank, so each rank draws its own
             population and the averaged hypergradient (MetaTrainer averages across ranks) uses `K x world_size`
@@ -208,8 +209,8 @@ class EvoGrad(HypergradientEstimator):
         def noise(k: int) -> dict[str, torch.Tensor]:
             return self._noise(theta, names, sigma, seed, k)
 
-        estimate = self._estimate_lean if self.memory_lean else self._estimate
-        result = estimate(theta, names, noise, meta_params, train_loss, meta_loss, train_batch, meta_batch)
+        inputs = (theta, names, noise, meta_params, train_loss, meta_loss, train_batch, meta_batch)
+        result = self._estimate_lean(*inputs, sigma) if self.memory_lean else self._estimate(*inputs)
         if self.rescale:
             factor = self._check_lr(lr) / self.effective_lr(sigma)
             result = HypergradientResult(tuple(g * factor for g in result.grads), result.meta_loss)
@@ -229,20 +230,29 @@ class EvoGrad(HypergradientEstimator):
         loss = meta_loss(theta_star, meta_batch)
         return HypergradientResult(grads_or_zeros(loss, meta_params), loss.detach())
 
-    def _estimate_lean(self, theta, names, noise, meta_params, train_loss, meta_loss, train_batch, meta_batch):
+    def _estimate_lean(self, theta, names, noise, meta_params, train_loss, meta_loss, train_batch, meta_batch, sigma):
         """One copy at a time: `d L_meta / d lambda = direct - (1 / tau) sum_k w_k (c_k - c_bar) d l_k / d lambda`,
         with `c_k = grad L_meta(theta*) . eps_k` and `c_bar = sum_k w_k c_k` (the chain rule through the softmax)."""
-        losses, loss_grads = [], []
+        losses, loss_grads, signs = [], [], []
         for k in range(self.population):
             eps = noise(k)
+            if self.noise == "sign":  # +/- sigma: kept as int8 signs, a quarter of a weight copy, not drawn again
+                signs.append({n: e.sign().to(torch.int8) for n, e in eps.items()})
             loss_k = train_loss({**theta, **{n: theta[n] + e for n, e in eps.items()}}, train_batch).reshape(())
             losses.append(loss_k.detach())
             loss_grads.append(grads_or_zeros(loss_k, meta_params))
             del eps, loss_k
+
+        def again(k: int) -> dict[str, torch.Tensor]:
+            if not signs:
+                return noise(k)
+            # the values `_noise` drew: +/- sigma rounded in float32, then cast to the weights' dtype
+            return {n: s.to(torch.float32).mul_(sigma).to(theta[n].dtype) for n, s in signs[k].items()}
+
         weights = self._softmax_weights(torch.stack(losses))
         moved = {name: theta[name].clone() for name in names}
         for k in range(self.population):
-            eps = noise(k)
+            eps = again(k)
             for name in names:
                 moved[name].add_(eps[name], alpha=weights[k].item())
             del eps  # before the next copy is drawn
@@ -251,8 +261,9 @@ class EvoGrad(HypergradientEstimator):
         grads = grads_or_zeros(loss, [*moved.values(), *meta_params])
         g_star, direct = dict(zip(names, grads[: len(names)])), grads[len(names) :]
         c = torch.stack(
-            [sum((g_star[n].double() * e.double()).sum() for n, e in noise(k).items()) for k in range(self.population)]
-        )
+            [sum((g_star[n] * e).sum(dtype=torch.float64) for n, e in again(k).items())
+             for k in range(self.population)]
+        )  # fmt: skip
         coefficient = -(weights.double() * (c - (weights.double() * c).sum())) / self.temperature
         hyper = tuple(
             d + sum(coefficient[k].to(d.dtype) * loss_grads[k][i] for k in range(self.population))
