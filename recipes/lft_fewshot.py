@@ -177,16 +177,19 @@ def cost_ratios(summary: dict) -> dict:
 
 def save_plots(args: LFTArguments, summary: dict) -> None:
     colors = {method: f"C{i}" for i, method in enumerate(METHODS)}
+    # error bars: the spread over seeds when there are several (it dwarfs one run's 95% CI), else that CI
+    spread = "accuracy_std" if len(args.seeds) > 1 else "ci95_mean"
     accuracy = {
         f"{backbone}\n{shots}-shot": {
-            method: (100 * s[f"test_{shots}shot_accuracy_mean"], 100 * s[f"test_{shots}shot_ci95_mean"])
+            method: (100 * s[f"test_{shots}shot_accuracy_mean"], 100 * s[f"test_{shots}shot_{spread}"])
             for method, s in methods.items()
         }
         for backbone, methods in summary.items()
         for shots in args.test_shots
     }
     unseen = os.path.basename(os.path.normpath(args.unseen_domain))
-    plot_grouped_bars(accuracy, os.path.join(args.results_dir, "accuracy.png"), "accuracy (%), 95% CI",
+    ylabel = f"accuracy (%), std over {len(args.seeds)} seeds" if len(args.seeds) > 1 else "accuracy (%), 95% CI"
+    plot_grouped_bars(accuracy, os.path.join(args.results_dir, "accuracy.png"), ylabel,
                       f"{args.n_way}-way, unseen domain {unseen!r}", colors)  # fmt: skip
     for key, name, label in (("seconds_per_step", "seconds_per_step", "seconds per training step"),
                              ("meta_step_memory_mb", "meta_step_memory", "meta step memory (MB)")):  # fmt: skip
