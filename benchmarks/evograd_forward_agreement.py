@@ -24,20 +24,9 @@ from metatrain.modules import MetaWeightNet, attach_feature_wise_transforms
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import forward_only  # noqa: E402
+from _data import RandomImages  # noqa: E402
 
 forward_only.register()
-
-
-class RandomImages(torch.utils.data.Dataset):
-    def __init__(self, n: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        self.x, self.y = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.x[i], "labels": self.y[i]}
 
 
 def agreement(workload: str, size, sigma: float, draws: int, batch_size: int) -> dict:

@@ -98,6 +98,7 @@ def run_configuration(config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(config["threads"])
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import forward_only
+    from _data import RandomImages
 
     forward_only.register()
     torch.manual_seed(0)
@@ -108,17 +109,6 @@ def run_configuration(config: dict[str, Any]) -> dict[str, Any]:
     else:
         model = build_model(config["size"], num_classes=10, zero_init_last=False)
     num_params = sum(p.numel() for p in model.parameters())
-
-    class RandomImages(torch.utils.data.Dataset):
-        def __init__(self, n: int, seed: int):
-            g = torch.Generator().manual_seed(seed)
-            self.x, self.y = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
-
-        def __len__(self):
-            return len(self.y)
-
-        def __getitem__(self, i):
-            return {"pixel_values": self.x[i], "labels": self.y[i]}
 
     class StepTimer(TrainerCallback):
         def __init__(self):
