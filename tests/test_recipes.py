@@ -267,3 +267,22 @@ def test_lft_fewshot_on_image_folder_domains(lft_fewshot, tmp_path, no_network):
     assert report["config"]["unseen_domain"].endswith("cub") and "test_1shot_accuracy" in report["runs"][0]
     with pytest.raises(ValueError, match="Unknown methods"):
         lft_fewshot.main([*tiny_lft_flags(tmp_path), "--methods", "lft_magic"])
+
+
+RECIPE_OF_CONFIG = {"noisy_labels": "noisy_labels", "rotation": "rotation", "lft_fewshot": "lft_fewshot",
+                    "metaxl": "metaxl"}  # fmt: skip
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "recipes" / "configs").glob("*.yaml")))
+def test_every_config_parses_into_its_recipe_arguments(config):
+    """Each shipped YAML config names only fields its recipe and `MetaTrainingArguments` have (GPU configs with bf16
+    are read with `use_cpu`, as this machine has no GPU)."""
+    from metatrain import MetaTrainingArguments
+    from metatrain.cli import parse_config
+
+    name = next(recipe for prefix, recipe in RECIPE_OF_CONFIG.items() if config.startswith(prefix))
+    recipe = load_recipe(name)
+    arguments = next(v for k, v in vars(recipe).items() if k.endswith("Arguments") and k != "MetaTrainingArguments")
+    path = str(ROOT / "recipes" / "configs" / config)
+    args, training_args = parse_config((arguments, MetaTrainingArguments), [path, "--use_cpu", "true"])
+    assert isinstance(training_args, MetaTrainingArguments) and args.results_dir
