@@ -243,27 +243,29 @@ class EvoGrad(HypergradientEstimator):
             loss_grads.append(grads_or_zeros(loss_k, meta_params))
             del eps, loss_k
 
-        def again(k: int) -> dict[str, torch.Tensor]:
+        def again(k: int) -> tuple[dict[str, torch.Tensor], float]:
+            """Copy `k`'s perturbation as `(tensors, scale)`: the int8 signs and sigma as `_noise` rounds it (float32),
+            used as they are (no float copy), or Gaussian noise drawn again and 1."""
             if not signs:
-                return noise(k)
-            # the values `_noise` drew: +/- sigma rounded in float32, then cast to the weights' dtype
-            return {n: s.to(torch.float32).mul_(sigma).to(theta[n].dtype) for n, s in signs[k].items()}
+                return noise(k), 1.0
+            return signs[k], float(torch.tensor(sigma, dtype=torch.float32))
 
         weights = self._softmax_weights(torch.stack(losses))
         moved = {name: theta[name].clone() for name in names}
         for k in range(self.population):
-            eps = again(k)
+            eps, scale = again(k)
             for name in names:
-                moved[name].add_(eps[name], alpha=weights[k].item())
+                moved[name].add_(eps[name], alpha=weights[k].item() * scale)
             del eps  # before the next copy is drawn
         theta_star = {**theta, **{name: p.requires_grad_() for name, p in moved.items()}}
         loss = meta_loss(theta_star, meta_batch)
         grads = grads_or_zeros(loss, [*moved.values(), *meta_params])
         g_star, direct = dict(zip(names, grads[: len(names)])), grads[len(names) :]
-        c = torch.stack(
-            [sum((g_star[n] * e).sum(dtype=torch.float64) for n, e in again(k).items())
-             for k in range(self.population)]
-        )  # fmt: skip
+        c = []
+        for k in range(self.population):
+            eps, scale = again(k)
+            c.append(scale * sum((g_star[n] * e).sum(dtype=torch.float64) for n, e in eps.items()))
+        c = torch.stack(c)
         coefficient = -(weights.double() * (c - (weights.double() * c).sum())) / self.temperature
         hyper = tuple(
             d + sum(coefficient[k].to(d.dtype) * loss_grads[k][i] for k in range(self.population))
