@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from transformers import Trainer
 
+from .data.episodes import stack_images
+
 
 def accuracy(eval_pred) -> dict[str, float]:
     """`compute_metrics` for classification: the fraction of argmax predictions equal to the labels."""
@@ -54,8 +56,7 @@ def evaluate_episodes(model, episodes, batch_size: int = 256, episodes_per_batch
     for name, domain in episodes.domains.items():
         chunks = []
         for start in range(0, len(domain), batch_size):
-            images = domain[start : start + batch_size][episodes.image_key]
-            images = images if isinstance(images, torch.Tensor) else torch.stack([torch.as_tensor(x) for x in images])
+            images = stack_images(domain[start : start + batch_size][episodes.image_key])
             chunks.append(model.embed(images.to(device)))
         features[name] = torch.cat(chunks)
     n_way, shots = episodes.n_way, episodes.k_shot

@@ -9,6 +9,12 @@ import numpy as np
 import torch
 
 
+def stack_images(images: Any) -> torch.Tensor:
+    """The image column of a batch of dataset rows as one tensor: torch-formatted datasets give a tensor already,
+    datasets with a `set_transform` give a list of tensors."""
+    return images if isinstance(images, torch.Tensor) else torch.stack([torch.as_tensor(x) for x in images])
+
+
 class EpisodeDataset(torch.utils.data.Dataset):
     """A map-style dataset of few-shot episodes over one or several domains (LFT's episodic training and testing).
 
@@ -99,8 +105,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         name, picks = self.draw(index)
-        images = self.domains[name][picks.reshape(-1).tolist()][self.image_key]
-        images = images if isinstance(images, torch.Tensor) else torch.stack([torch.as_tensor(x) for x in images])
+        images = stack_images(self.domains[name][picks.reshape(-1).tolist()][self.image_key])
         images = images.view(self.n_way, self.k_shot + self.n_query, *images.shape[1:])
         labels = torch.arange(self.n_way)
         return {
