@@ -124,6 +124,16 @@ def run_grid(
     return results, is_main
 
 
+def per_method(results: Sequence[dict[str, Any]], key: str) -> dict[str, list[Any]]:
+    """`{method: [run[key] for each of its runs]}`, methods in order of appearance; runs without `key` are left out
+    (e.g. the per-seed curves a recipe plots)."""
+    values: dict[str, list[Any]] = {}
+    for r in results:
+        if key in r:
+            values.setdefault(r["method"], []).append(r[key])
+    return values
+
+
 def summarize(results: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, dict[str, float | None]]:
     """Per method (in order of appearance), the mean and standard deviation over seeds of each of `keys`, as
     `<key>_mean` and `<key>_std`; runs without a value (or with `None`) are left out; a key no run has is `None`."""

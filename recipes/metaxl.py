@@ -46,7 +46,15 @@ from metatrain.data.crosslingual import (
     tie_translated_embeddings,
     tokenize_crosslingual,
 )
-from metatrain.experiments import accuracy, check_methods, run_grid, summarize, train_and_measure, write_results
+from metatrain.experiments import (
+    accuracy,
+    check_methods,
+    per_method,
+    run_grid,
+    summarize,
+    train_and_measure,
+    write_results,
+)
 from metatrain.metrics import token_classification_metrics
 from metatrain.modules import attach_representation_transform
 from metatrain.plotting import plot_curves
@@ -239,9 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"config": dataclasses.asdict(args), "summary": summary, "runs": results}
     if is_main:
         write_results(args.results_dir, report)
-        curves = {r["method"]: [] for r in results}
-        for r in results:
-            curves[r["method"]].append(r["test_metric_per_eval"])
+        curves = per_method(results, "test_metric_per_eval")
         colors = {method: f"C{i}" for i, method in enumerate(METHODS)}
         metric = results[0]["metric"]
         title = "generated language pair" if args.dataset == "generated" else (

@@ -22,7 +22,15 @@ from transformers import set_seed
 from metatrain import MetaTrainer, MetaTrainingArguments, PerSampleLossTrainer
 from metatrain.cli import parse_config
 from metatrain.data import load_digits_dataset, load_image_classification_dataset, make_noisy_label_splits
-from metatrain.experiments import accuracy, check_methods, run_grid, summarize, train_and_measure, write_results
+from metatrain.experiments import (
+    accuracy,
+    check_methods,
+    per_method,
+    run_grid,
+    summarize,
+    train_and_measure,
+    write_results,
+)
 from metatrain.models import build_model
 from metatrain.modules import MetaWeightNet
 from metatrain.plotting import plot_curves, plot_weighting_functions
@@ -115,9 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"config": dataclasses.asdict(args), "summary": summary, "runs": results}
     if is_main:
         write_results(args.results_dir, report)
-        curves = {r["method"]: [] for r in results}
-        for r in results:
-            curves[r["method"]].append(r["test_accuracy_per_epoch"])
+        curves = per_method(results, "test_accuracy_per_epoch")
         colors = {method: f"C{i}" for i, method in enumerate(METHODS)}
         plot_curves(curves, os.path.join(args.results_dir, "test_accuracy.png"), "epoch", "test accuracy",
                     f"{args.dataset}, {args.noise_rate:.0%} {args.noise_type} noise", colors)  # fmt: skip

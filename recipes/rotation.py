@@ -28,7 +28,7 @@ from metatrain import MetaTrainer, MetaTrainingArguments, PerSampleLossTrainer
 from metatrain.cli import parse_config
 from metatrain.data import class_balanced_meta_split, load_digits_dataset
 from metatrain.estimators import ESTIMATORS
-from metatrain.experiments import accuracy, check_methods, run_grid, summarize, write_results
+from metatrain.experiments import accuracy, check_methods, per_method, run_grid, summarize, write_results
 from metatrain.models import build_model
 from metatrain.modules import LearnableRotation, rotate_images
 from metatrain.plotting import plot_curves
@@ -131,10 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"config": dataclasses.asdict(args), "summary": summary, "runs": results}
     if is_main:
         write_results(args.results_dir, report)
-        curves = {}
-        for r in results:
-            if "degrees_per_step" in r:
-                curves.setdefault(r["method"], []).append(r["degrees_per_step"])
+        curves = per_method(results, "degrees_per_step")
         if curves:
             title = f"Learned rotation (true: {args.true_degrees:g} degrees)"
             path = os.path.join(args.results_dir, "angle.png")

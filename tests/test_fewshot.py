@@ -156,28 +156,37 @@ def test_episode_accuracy_and_its_confidence_interval():
 
 
 # ------------------------------------------------------------------------------------------ LFT on episodes
-def test_lft_meta_trains_on_episodes_from_another_domain(tmp_path, digit_domains):
-    """Pseudo-seen episodes train the model with FT on; pseudo-unseen episodes from another seen domain, FT off, give
-    the meta loss; both optimizers step their own parameters and the test episodes are scored per episode."""
+def lft_episode_trainer(tmp_path, seen, k_shot, train_episodes, meta_episodes, **overrides):
+    """A few-shot `test_resnet` with FT layers attached under `MetaTrainer`: pseudo-seen training episodes and
+    pseudo-unseen meta episodes over the same domain ids, meta batches from another domain."""
     from metatrain import MetaTrainer, MetaTrainingArguments
     from metatrain.modules import attach_feature_wise_transforms
 
-    seen = digit_domains["seen"]
-    ids = {name: i for i, name in enumerate(seen)}
-    train = EpisodeDataset(seen, n_way=3, k_shot=2, n_query=2, num_episodes=8, seed=0, domain_ids=ids)
-    meta = EpisodeDataset(seen, n_way=3, k_shot=2, n_query=2, num_episodes=8, seed=1, domain_ids=ids)
+    shape = dict(n_way=3, k_shot=k_shot, n_query=2, domain_ids={name: i for i, name in enumerate(seen)})
+    train = EpisodeDataset(seen, num_episodes=train_episodes, seed=0, **shape)
+    meta = EpisodeDataset(seen, num_episodes=meta_episodes, seed=1, **shape)
     torch.manual_seed(0)
     model = build_fewshot_model("test_resnet")
     transforms = attach_feature_wise_transforms(model.backbone)
+    compute_metrics = overrides.pop("compute_metrics", None)
     args = MetaTrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=3, logging_steps=1, learning_rate=1e-3,
-        optim="adamw_torch", weight_decay=0.0, per_device_train_batch_size=1, meta_batch_size=1,
-        hypergradient="evograd", hypergradient_kwargs={"sigma": "lr", "memory_lean": True},
-        meta_disjoint_key="domain", disable_tqdm=True, save_strategy="no",
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], logging_steps=1, per_device_train_batch_size=1,
+        meta_batch_size=1, meta_disjoint_key="domain", disable_tqdm=True, save_strategy="no", **overrides,
     )  # fmt: skip
     trainer = MetaTrainer(
         model=model, args=args, train_dataset=train, meta_dataset=meta, meta_module=transforms,
-        model_input_names=["support", "support_labels", "query"], compute_metrics=episode_accuracy,
+        model_input_names=["support", "support_labels", "query"], compute_metrics=compute_metrics,
+    )  # fmt: skip
+    return trainer, transforms
+
+
+def test_lft_meta_trains_on_episodes_from_another_domain(tmp_path, digit_domains):
+    """Pseudo-seen episodes train the model with FT on; pseudo-unseen episodes from another seen domain, FT off, give
+    the meta loss; both optimizers step their own parameters and the test episodes are scored per episode."""
+    trainer, transforms = lft_episode_trainer(
+        tmp_path, digit_domains["seen"], k_shot=2, train_episodes=8, meta_episodes=8, max_steps=3, learning_rate=1e-3,
+        optim="adamw_torch", weight_decay=0.0, hypergradient="evograd",
+        hypergradient_kwargs={"sigma": "lr", "memory_lean": True}, compute_metrics=episode_accuracy,
     )  # fmt: skip
     pairs = []
     draw = trainer._meta_batch_for
@@ -215,24 +224,10 @@ def test_every_estimator_meta_trains_lft_on_episodes(tmp_path, digit_domains, es
     """The episodic LFT setup (embedded FT layers, meta loss with FT off, meta episodes from another domain) with each
     of the other estimators (EvoGrad above): two meta steps, finite, none skipped, FT layers moved (except
     `first_order`, whose direct term is zero here: the meta loss does not see the FT layers)."""
-    from metatrain import MetaTrainer, MetaTrainingArguments
-    from metatrain.modules import attach_feature_wise_transforms
-
-    seen = digit_domains["seen"]
-    ids = {name: i for i, name in enumerate(seen)}
-    train = EpisodeDataset(seen, n_way=3, k_shot=1, n_query=2, num_episodes=4, seed=0, domain_ids=ids)
-    meta = EpisodeDataset(seen, n_way=3, k_shot=1, n_query=2, num_episodes=12, seed=1, domain_ids=ids)
-    torch.manual_seed(0)
-    model = build_fewshot_model("test_resnet")
-    transforms = attach_feature_wise_transforms(model.backbone)
-    args = MetaTrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2, logging_steps=1, learning_rate=0.01,
-        per_device_train_batch_size=1, meta_batch_size=1, hypergradient=estimator, hypergradient_kwargs=options,
-        meta_disjoint_key="domain",
-        meta_weight_decay=0.0, disable_tqdm=True, save_strategy="no",
+    trainer, transforms = lft_episode_trainer(
+        tmp_path, digit_domains["seen"], k_shot=1, train_episodes=4, meta_episodes=12, max_steps=2,
+        learning_rate=0.01, hypergradient=estimator, hypergradient_kwargs=options, meta_weight_decay=0.0,
     )  # fmt: skip
-    trainer = MetaTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta, meta_module=transforms,
-                          model_input_names=["support", "support_labels", "query"])  # fmt: skip
     before = {k: v.clone() for k, v in transforms.state_dict().items()}
     trainer.train()
     logs = [e for e in trainer.state.log_history if "hypergradient_norm" in e]
