@@ -7,7 +7,11 @@ Workloads:
 - `mwn`: Meta-Weight-Net on the CIFAR ResNet-32 (`cifar_resnet32` at width multipliers `--widths`), batch 100 of
   random 3x32x32 images, 10 classes, meta batch 100, EvoGrad with the paper's K=2.
 - `lft`: feature-wise transformation layers (`attach_feature_wise_transforms`) on timm ResNets (`--lft_models`),
-  plain classification loss on the same random data, the FT layers off in the meta loss.
+  plain classification loss on random images of side `--lft_image_size` (32 by default), the FT layers off in the
+  meta loss.
+
+Methods ending in `_after` run the meta step after the base step's forward (`meta_step_position="after"`), where
+EvoGrad and `t1t2_fd` reuse its per-example losses as the weighting net's input instead of a forward of their own.
 
 Every configuration runs in a fresh process, one after the other, with `torch.set_num_threads(--threads)`: a step is
 the whole optimizer step Trainer takes (meta step, forward, backward, base update), timed between the `on_step_begin`
@@ -35,16 +39,23 @@ import tempfile
 import time
 from typing import Any
 
-METHODS: dict[str, tuple[str, dict[str, Any]] | None] = {
+# method: (estimator, its options, other MetaTrainingArguments); `_after` methods run the meta step after the base
+# step's forward (`meta_step_position="after"`), which lets EvoGrad and `t1t2_fd` reuse its per-example losses as
+# the weighting net's input instead of a forward of their own
+AFTER = {"meta_step_position": "after"}
+METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]] | None] = {
     "plain": None,
-    "first_order": ("first_order", {}),
-    "evograd": ("evograd", {}),
-    "evograd_lean": ("evograd", {"memory_lean": True}),
-    "evograd_forward": ("evograd_forward", {}),  # benchmarks/forward_only.py, not part of the library
-    "t1t2": ("t1t2", {}),
-    "t1t2_fd": ("t1t2_fd", {}),
-    "neumann": ("neumann", {}),
-    "hyperdistill": ("hyperdistill", {}),
+    "first_order": ("first_order", {}, {}),
+    "evograd": ("evograd", {}, {}),
+    "evograd_after": ("evograd", {}, AFTER),
+    "evograd_lean": ("evograd", {"memory_lean": True}, {}),
+    "evograd_lean_after": ("evograd", {"memory_lean": True}, AFTER),
+    "evograd_forward": ("evograd_forward", {}, {}),  # benchmarks/forward_only.py, not part of the library
+    "t1t2": ("t1t2", {}, {}),
+    "t1t2_fd": ("t1t2_fd", {}, {}),
+    "t1t2_fd_after": ("t1t2_fd", {}, AFTER),
+    "neumann": ("neumann", {}, {}),
+    "hyperdistill": ("hyperdistill", {}, {}),
 }
 
 
@@ -134,7 +145,7 @@ def run_configuration(config: dict[str, Any]) -> dict[str, Any]:
         optim="sgd", logging_steps=10**6, report_to=[], use_cpu=device.type == "cpu", save_strategy="no",
         disable_tqdm=True, seed=0, dataloader_num_workers=0,
     )  # fmt: skip
-    train_data = RandomImages(steps * batch, seed=1)
+    train_data = RandomImages(steps * batch, seed=1, size=config["image_size"])
     method = METHODS[config["method"]]
     meta_params = 0
     if method is None:
@@ -142,13 +153,14 @@ def run_configuration(config: dict[str, Any]) -> dict[str, Any]:
             model=model, args=TrainingArguments(**common), train_dataset=train_data, callbacks=[timer]
         )
     else:
-        name, options = method
+        name, options, overrides = method
         meta_module = MetaWeightNet() if config["workload"] == "mwn" else attach_feature_wise_transforms(model)
         meta_params = sum(p.numel() for p in meta_module.parameters())
-        args = MetaTrainingArguments(**common, hypergradient=name, hypergradient_kwargs=options)
+        args = MetaTrainingArguments(**common, **overrides, hypergradient=name, hypergradient_kwargs=options)
         trainer = MetaTrainer(
-            model=model, args=args, train_dataset=train_data, meta_dataset=RandomImages(batch, seed=2),
-            meta_module=meta_module, callbacks=[timer],
+            model=model, args=args, train_dataset=train_data,
+            meta_dataset=RandomImages(batch, seed=2, size=config["image_size"]), meta_module=meta_module,
+            callbacks=[timer],
         )  # fmt: skip
     start_load = os.getloadavg()[0]
     with _Memory(device) as memory:
@@ -178,7 +190,8 @@ def configurations(cli: argparse.Namespace) -> list[dict[str, Any]]:
     methods = ["plain", *[m for m in cli.methods if m != "plain"], "plain"]
     return [
         {"workload": workload, "size": size, "method": method, "batch_size": cli.batch_size, "warmup": cli.warmup,
-         "repeats": cli.repeats, "threads": cli.threads}
+         "repeats": cli.repeats, "threads": cli.threads,
+         "image_size": 32 if workload == "mwn" else cli.lft_image_size}
         for workload, size in sizes
         for method in methods
     ]  # fmt: skip
@@ -265,6 +278,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--lft_models", nargs="*", default=["resnet10t", "resnet18", "resnet34"])
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--batch_size", type=int, default=100)
+    parser.add_argument("--lft_image_size", type=int, default=32, help="side of the LFT workload's random images")
     parser.add_argument("--warmup", type=int, default=2, help="steps dropped before the timed ones")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in every configuration")

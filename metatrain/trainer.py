@@ -274,11 +274,15 @@ class MetaTrainer(PerSampleLossTrainer):
         self._meta_sampler: EpochSeededSampler | None = None
         self._meta_iter = None
         self._at_window_start = True
+        # the base step's detached per-example losses of the current accumulation window (None outside training_step)
+        self._base_losses: list[torch.Tensor] | None = None
         self._meta_log = _empty_meta_log()
 
     def reduce_loss(self, losses: torch.Tensor, training: bool) -> torch.Tensor:
         """The loss weighter's `sum(w * l) / sum(w)` in training, the plain mean otherwise."""
         if self.loss_weighter is not None and training:
+            if self._base_losses is not None:  # inside training_step: kept for the meta step (`after`)
+                self._base_losses.append(losses.detach())
             with self.accelerator.autocast():  # an external module is not prepared: Accelerate does not autocast it
                 return self.loss_weighter.weighted_loss(losses)
         return losses.mean()
@@ -377,37 +381,50 @@ class MetaTrainer(PerSampleLossTrainer):
         self._window_batches = batch_samples
         return batch_samples, num_items_in_batch
 
-    def _meta_train_batch(self, inputs: dict[str, Any]) -> dict[str, Any]:
+    def _meta_train_batch(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor | None]:
         """The meta step's training batch: with `meta_train_batch="window"`, the micro-batches of the accumulation
-        window joined into the equivalent larger batch; otherwise (or outside Trainer's loop) `inputs`."""
+        window joined into the equivalent larger batch; otherwise (or outside Trainer's loop) `inputs`. Also the base
+        step's per-example losses of that batch where the base step has computed them already (`after`, not on a
+        joined window: a batch norm there normalizes each micro-batch by its own statistics)."""
         window = getattr(self, "_window_batches", None) or []
         if self.args.meta_train_batch != "window" or len(window) < 2 or not any(b is inputs for b in window):
-            return self._prepare_inputs(inputs)
-        return join_batches([self._prepare_inputs(b) for b in window])
+            return self._prepare_inputs(inputs), (self._base_losses[-1] if self._base_losses else None)
+        return join_batches([self._prepare_inputs(b) for b in window]), None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Trainer's step plus one meta step per optimizer step (every `meta_interval` steps)."""
         due = self.state.global_step % self.args.meta_interval == 0
-        if self.args.meta_step_position == "before" and self._at_window_start and due:
-            self.meta_step(self._meta_train_batch(inputs))
+        if self._at_window_start:
+            self._base_losses = []
+            if self.args.meta_step_position == "before" and due:
+                self.meta_step(self._meta_train_batch(inputs)[0])
         self._at_window_start = False
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:
             if self.args.meta_step_position == "after" and due:
-                self.meta_step(self._meta_train_batch(inputs))
+                self.meta_step(*self._meta_train_batch(inputs))
             self._at_window_start = True
+            self._base_losses = None
         return loss
 
-    def meta_step(self, train_batch: dict[str, Any]) -> bool:
+    def meta_step(self, train_batch: dict[str, Any], base_losses: torch.Tensor | None = None) -> bool:
         """Estimates the hypergradient on `train_batch` and a meta batch and steps the meta-optimizer.
+
+        Args:
+            train_batch (`dict[str, Any]`): the training batch, prepared (on the device).
+            base_losses (`torch.Tensor`, *optional*): the detached per-example losses of `train_batch` at the current
+                weights, as the base step computed them. Estimators that perturb the weights (EvoGrad, `t1t2_fd`)
+                hold a loss weighter's input at these losses; without them the meta step computes them with one more
+                forward pass of the training batch. [`~MetaTrainer.training_step`] passes them when the meta step
+                runs `after` the base step's forward.
 
         Returns `False` (and changes no weight) when the hypergradient is not finite; the skip is counted in
         `meta_steps_skipped` and logged.
         """
         if not self.args.meta_profile_memory:
-            return self._meta_step(train_batch)
+            return self._meta_step(train_batch, base_losses)
         with MemoryMeter(self.args.device) as meter:
-            done = self._meta_step(train_batch)
+            done = self._meta_step(train_batch, base_losses)
         if done:
             self._meta_log["memory_mb"] = self._meta_log.get("memory_mb", 0.0) + meter.peak_bytes / 2**20
         return done
@@ -444,7 +461,7 @@ class MetaTrainer(PerSampleLossTrainer):
             torch.manual_seed((self.args.seed * 1_000_003 + self.state.global_step) * 2 + stream)
             yield
 
-    def _meta_step(self, train_batch: dict[str, Any]) -> bool:
+    def _meta_step(self, train_batch: dict[str, Any], base_losses: torch.Tensor | None = None) -> bool:
         start = time.perf_counter()
         model = self.model
         model.train()
@@ -475,6 +492,8 @@ class MetaTrainer(PerSampleLossTrainer):
         anchored: dict[str, torch.Tensor] = {}
         estimators = [self.estimator, self.reference_estimator]
         hold_inputs = any(est is not None and est.perturbs_weights for est in estimators)
+        if base_losses is not None and base_losses.shape == self._split_inputs(train_batch)[2].shape:
+            anchored["losses"] = base_losses  # the base step's forward at these weights: no forward of our own
 
         def weighter_inputs(losses: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
             # The weighting net sees detached per-sample losses. Estimators that perturb the weights would feed it

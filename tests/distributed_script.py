@@ -59,11 +59,11 @@ def run(name: str, estimator: str, options: dict, output_dir: str, use_cpu: bool
         steps[-1]["local"] = flat(result.grads)
         return result
 
-    def recording_meta_step(batch):
+    def recording_meta_step(batch, *rest):
         steps.append({"before": flat(trainer.meta_params)})
         if trainer.args.process_index == 1:
             torch.rand(1)  # the ranks' global RNG streams drift apart: a shared population must not depend on them
-        done = meta_step(batch)
+        done = meta_step(batch, *rest)
         steps[-1]["after"] = flat(trainer.meta_params)
         return done
 

@@ -165,7 +165,7 @@ def accumulated_run(tmp_path, batch_size: int, accumulation: int, meta_module: n
     )  # fmt: skip
     trainer = make_trainer(tmp_path, model=no_bn_model(), meta_module=meta_module, **{**options, **overrides})
     steps, meta_step = [], trainer.meta_step
-    trainer.meta_step = lambda batch: steps.append(len(batch["labels"])) or meta_step(batch)
+    trainer.meta_step = lambda batch, *rest: steps.append(len(batch["labels"])) or meta_step(batch, *rest)
     trainer.train()
     return trainer, steps
 

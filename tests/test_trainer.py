@@ -144,10 +144,56 @@ def test_one_meta_step_per_optimizer_step_with_accumulation(tmp_path, position, 
     )
     calls = []
     real = trainer.meta_step
-    monkeypatch.setattr(trainer, "meta_step", lambda batch: calls.append(trainer.state.global_step) or real(batch))
+    monkeypatch.setattr(trainer, "meta_step", lambda *a: calls.append(trainer.state.global_step) or real(*a))
     trainer.train()
     assert trainer.state.global_step == 4
     assert calls == [0, 2]
+
+
+def count_forwards(tmp_path, position: str, accumulation: int, meta_train_batch: str):
+    """Trains 2 steps of EvoGrad (K=2); returns the model's forwards, and per meta step its training batch size and
+    whether it got the base step's losses, having checked those against a fresh forward at the current weights."""
+    trainer = make_trainer(
+        tmp_path, hypergradient="evograd", hypergradient_kwargs={"sigma": 0.01}, meta_step_position=position,
+        gradient_accumulation_steps=accumulation, per_device_train_batch_size=8 // accumulation, max_steps=2,
+        meta_train_batch=meta_train_batch,
+    )  # fmt: skip
+    model, count, seen, real = trainer.model, [], [], trainer.meta_step
+    model.register_forward_pre_hook(lambda *_: count.append(1))
+
+    def checking(batch, base_losses=None):
+        seen.append((len(batch["labels"]), base_losses is not None))
+        if base_losses is not None:
+            buffers = {n: b.clone() for n, b in model.named_buffers()}
+            with torch.no_grad():
+                logits = functional_call(
+                    model, {**dict(model.named_parameters()), **buffers}, (batch["pixel_values"],)
+                )
+            count.pop()  # this check's own forward
+            expected = nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+            torch.testing.assert_close(base_losses, expected)
+        return real(batch, base_losses)
+
+    trainer.meta_step = checking
+    trainer.train()
+    assert trainer.meta_steps_skipped == 0
+    return len(count), seen
+
+
+@pytest.mark.parametrize(
+    "accumulation, meta_train_batch, size, reused",
+    [(1, "window", 8, True), (2, "window", 8, False), (2, "micro_batch", 4, True)],
+)
+def test_meta_step_after_reuses_the_base_step_losses(tmp_path, accumulation, meta_train_batch, size, reused):
+    """`after`, the weighting net's held input is the base step's per-example losses of the meta step's training
+    batch, equal to a fresh forward at the current weights, and EvoGrad's step runs one forward of the model fewer
+    than `before`, where the meta step computes them itself. Not on a joined window: its batch norm statistics are
+    not those of the micro-batches the base step saw."""
+    before, seen_before = count_forwards(tmp_path, "before", accumulation, meta_train_batch)
+    after, seen_after = count_forwards(tmp_path, "after", accumulation, meta_train_batch)
+    assert seen_before == [(size, False)] * 2 and seen_after == [(size, reused)] * 2
+    # per step: the base forwards, K=2 copies, the meta forward, and the forward at the current weights unless reused
+    assert (before, after) == (2 * (accumulation + 4), 2 * (accumulation + 4 - reused))
 
 
 @pytest.mark.parametrize("estimator, options", [("t1t2", None), ("evograd", {"sigma": "auto"})])
