@@ -499,7 +499,8 @@ class MetaTrainer(PerSampleLossTrainer):
             # The weighting net sees detached per-sample losses. Estimators that perturb the weights would feed it
             # the perturbed copies' losses and so differentiate through its input: for the current batch it gets
             # the losses at the current weights instead, and every estimator targets the same objective (for one
-            # that evaluates the current batch at the current weights, these are the same values).
+            # that evaluates the current batch at the current weights, these are the same values). `after`, the base
+            # step has computed them (`base_losses`); otherwise one no-grad forward here.
             if not (hold_inputs and batch is train_batch):
                 return losses
             if "losses" not in anchored:

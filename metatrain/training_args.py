@@ -80,7 +80,9 @@ class MetaTrainingArguments(TrainingArguments):
         metadata={
             "help": "`before`: the meta step runs on the first micro-batch of an optimizer step, so the base update "
             "already uses the new meta-parameters (Meta-Weight-Net's order). `after`: it runs once the base "
-            "gradients of the last micro-batch are computed, so the base update uses the old meta-parameters. "
+            "gradients of the last micro-batch are computed, so the base update uses the old meta-parameters, and "
+            "estimators that perturb the weights (EvoGrad, `t1t2_fd`) take a loss weighter's input from the base "
+            "step's per-example losses instead of a forward pass of their own (except on a joined `window`). "
             "Both differentiate at the weights before the base update."
         },
     )

@@ -1,9 +1,9 @@
 """Learned feature-wise transformation (LFT) for cross-domain few-shot classification (EvoGrad paper Sec. 4.3, Table 4;
 Tseng et al., ICLR 2020).
 
-A metric-based few-shot classifier (timm ResNet backbone, ProtoNet or RelationNet head) is trained on episodes from
-several seen domains and tested on episodes from a held-out unseen domain. Methods, on the same domains, episodes and
-seeds: `no_ft` (plain episodic training), `fixed_ft` (feature-wise transformation layers with the hand-set
+A metric-based few-shot classifier (timm ResNet backbone, ProtoNet, RelationNet or MatchingNet head) is trained on
+episodes from several seen domains and tested on episodes from a held-out unseen domain. Methods, on the same domains,
+episodes and seeds: `no_ft` (plain episodic training), `fixed_ft` (feature-wise transformation layers with the hand-set
 initial values), `lft_t1t2` and `lft_evograd` (the FT layers learned by MetaTrainer: at each step a pseudo-seen episode
 trains the model with the FT layers on, and a pseudo-unseen episode from another seen domain, with the FT layers off,
 is the meta loss). Test: mean accuracy and 95% confidence interval over `test_episodes` unseen-domain episodes for each
@@ -75,7 +75,9 @@ class LFTArguments:
         default_factory=lambda: ["resnet10t"],
         metadata={"help": "timm backbones, each trained with every method (resnet10t is LFT's ResNet-10)."},
     )
-    head: str = field(default="protonet", metadata={"help": "Metric head: `protonet` or `relationnet`."})
+    head: str = field(
+        default="protonet", metadata={"help": "Metric head: `protonet`, `relationnet` or `matchingnet` (with FCE)."}
+    )
     n_way: int = field(default=5, metadata={"help": "Classes per episode."})
     n_shot: int = field(default=5, metadata={"help": "Support examples per class in training episodes."})
     n_query: int = field(default=16, metadata={"help": "Query examples per class in training episodes."})

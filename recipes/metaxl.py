@@ -250,8 +250,10 @@ def main(argv: list[str] | None = None) -> dict:
         curves = per_method(results, "test_metric_per_eval")
         colors = {method: f"C{i}" for i, method in enumerate(METHODS)}
         metric = results[0]["metric"]
-        title = "generated language pair" if args.dataset == "generated" else (
-            f"{args.dataset}: {args.source_language} -> {args.target_language}"
+        title = (
+            "generated language pair"
+            if args.dataset == "generated"
+            else (f"{args.dataset}: {args.source_language} -> {args.target_language}")
         )
         plot_curves(curves, os.path.join(args.results_dir, f"test_{metric}.png"), "evaluation",
                     f"target test {metric}", title, colors)  # fmt: skip

@@ -9,7 +9,14 @@ import torch
 
 from metatrain.data import EpisodeDataset, load_digit_domains, load_image_folder_domain
 from metatrain.experiments import episode_accuracy, evaluate_episodes
-from metatrain.models import FewShotClassifier, ProtoNetHead, RelationNetHead, build_fewshot_model, class_means
+from metatrain.models import (
+    FewShotClassifier,
+    MatchingNetHead,
+    ProtoNetHead,
+    RelationNetHead,
+    build_fewshot_model,
+    class_means,
+)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +135,40 @@ def test_relation_net_scores_each_query_class_pair():
         head(support.flatten(2), labels, query.flatten(2))
 
 
-@pytest.mark.parametrize("head", ["protonet", "relationnet"])
+def test_matching_net_attends_over_the_support_set():
+    """Without FCE: log of the cosine-attention mass on each class (checked by loops); with FCE, the attention LSTM
+    refines each query against its own episode's support only (batched = episode by episode, and = a loop over the
+    support steps), and the output are log-probabilities."""
+    g = torch.Generator().manual_seed(0)
+    support, query = torch.randn(2, 4, 3, generator=g), torch.randn(2, 3, 3, generator=g)
+    labels = torch.tensor([[0, 1, 0, 1], [1, 1, 0, 0]])
+    plain = MatchingNetHead(3, fce=False)
+    assert not list(plain.parameters())
+    logits = plain(support, labels, query)
+    for e in range(2):
+        for q in range(3):
+            cosine = torch.nn.functional.cosine_similarity(query[e, q][None], support[e], dim=-1)
+            attention = torch.softmax(100 * cosine.clamp(min=0), dim=0)
+            for n in range(2):
+                expected = (attention[labels[e] == n].sum() + 1e-6).log()
+                torch.testing.assert_close(logits[e, q, n], expected, rtol=1e-4, atol=1e-5)
+    torch.manual_seed(0)
+    head = MatchingNetHead(3)
+    out = head(support, labels, query)
+    torch.testing.assert_close(out.exp().sum(-1), torch.ones(2, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(head(support[1:], labels[1:], query[1:]), out[1:])
+    g_support = head.embed_support(support)
+    f, read_dim = query[0, 0][None], support.shape[-1]
+    h, c = f, torch.zeros_like(f)
+    for _ in range(4):  # one step per support example
+        attention = torch.softmax(h @ g_support[0].T, dim=-1)
+        h, c = head.query_encoder(torch.cat([f, attention @ g_support[0]], dim=-1), (h, c))
+        h = h + f
+    assert h.shape[-1] == read_dim
+    torch.testing.assert_close(head.embed_query(query, g_support)[0, 0], h[0])
+
+
+@pytest.mark.parametrize("head", ["protonet", "relationnet", "matchingnet"])
 def test_few_shot_classifier_on_one_episode_or_a_batch(head):
     torch.manual_seed(0)
     model = build_fewshot_model("test_resnet", head, in_chans=1).eval()
@@ -156,7 +196,7 @@ def test_episode_accuracy_and_its_confidence_interval():
 
 
 # ------------------------------------------------------------------------------------------ LFT on episodes
-def lft_episode_trainer(tmp_path, seen, k_shot, train_episodes, meta_episodes, **overrides):
+def lft_episode_trainer(tmp_path, seen, k_shot, train_episodes, meta_episodes, head="protonet", **overrides):
     """A few-shot `test_resnet` with FT layers attached under `MetaTrainer`: pseudo-seen training episodes and
     pseudo-unseen meta episodes over the same domain ids, meta batches from another domain."""
     from metatrain import MetaTrainer, MetaTrainingArguments
@@ -166,7 +206,7 @@ def lft_episode_trainer(tmp_path, seen, k_shot, train_episodes, meta_episodes, *
     train = EpisodeDataset(seen, num_episodes=train_episodes, seed=0, **shape)
     meta = EpisodeDataset(seen, num_episodes=meta_episodes, seed=1, **shape)
     torch.manual_seed(0)
-    model = build_fewshot_model("test_resnet")
+    model = build_fewshot_model("test_resnet", head)
     transforms = attach_feature_wise_transforms(model.backbone)
     compute_metrics = overrides.pop("compute_metrics", None)
     args = MetaTrainingArguments(
@@ -235,3 +275,19 @@ def test_every_estimator_meta_trains_lft_on_episodes(tmp_path, digit_domains, es
     assert all(np.isfinite(e["meta_loss"]) and np.isfinite(e["hypergradient_norm"]) for e in logs)
     moved = any(not torch.equal(before[k], v) for k, v in transforms.state_dict().items())
     assert moved == (estimator != "first_order")
+
+
+@pytest.mark.parametrize("head", ["relationnet", "matchingnet"])
+def test_lft_meta_trains_with_the_other_heads(tmp_path, digit_domains, head):
+    """T1-T2 differentiates the lookahead through the head too (the relation module's batch norms, MatchingNet's
+    LSTMs): two meta steps, finite, the FT layers moved."""
+    trainer, transforms = lft_episode_trainer(
+        tmp_path, digit_domains["seen"], k_shot=2, train_episodes=4, meta_episodes=12, max_steps=2, head=head,
+        learning_rate=0.01, hypergradient="t1t2", meta_weight_decay=0.0,
+    )  # fmt: skip
+    before = {k: v.clone() for k, v in transforms.state_dict().items()}
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "hypergradient_norm" in e]
+    assert len(logs) == 2 and trainer.meta_steps_skipped == 0
+    assert all(np.isfinite(e["meta_loss"]) and e["hypergradient_norm"] > 0 for e in logs)
+    assert any(not torch.equal(before[k], v) for k, v in transforms.state_dict().items())

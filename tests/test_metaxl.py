@@ -118,8 +118,9 @@ def test_attach_transforms_source_examples_only_and_detach_restores_the_model(ki
     before_layer = layer_input(model, 1, batch)
 
     transform = attach_representation_transform(model, layer=1, bottleneck=4)
-    assert set(model.state_dict()) - set(keys_before) == {f"representation_transform.{k}" for k in
-                                                          ("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias")}
+    assert set(model.state_dict()) - set(keys_before) == {
+        f"representation_transform.{k}" for k in ("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias")
+    }
     names = {n for n, _ in model.named_parameters()}
     assert all(f"representation_transform.{n}" in names for n, _ in transform.network.named_parameters())
     source = torch.tensor([True, False, True, False])
@@ -200,8 +201,18 @@ def text_dataset(n: int, seed: int, source: list[bool] | None = None, token_labe
 def metaxl_trainer(tmp_path, kind: str = "xlmr-token", **overrides):
     model = tiny(kind)
     transform = attach_representation_transform(model, layer=1, bottleneck=4)
-    options = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=3, learning_rate=0.1,
-                   logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    options = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        max_steps=3,
+        learning_rate=0.1,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
     options.update(overrides)  # fmt: skip
     token = kind.endswith("token")
     trainer = MetaTrainer(

@@ -261,9 +261,10 @@ def test_lft_fewshot_on_image_folder_domains(lft_fewshot, tmp_path, no_network):
     data = tmp_path / "data"
     report = lft_fewshot.main(
         [*tiny_lft_flags(tmp_path), "--seen_domains", str(data / "mini"), str(data / "cars"), "--unseen_domain",
-         str(data / "cub"), "--n_way", "3", "--test_shots", "1", "--methods", "no_ft", "lft_t1t2"]
+         str(data / "cub"), "--n_way", "3", "--test_shots", "1", "--methods", "no_ft", "lft_t1t2", "--head",
+         "matchingnet"]
     )  # fmt: skip
-    assert {r["method"] for r in report["runs"]} == {"no_ft", "lft_t1t2"}
+    assert {r["method"] for r in report["runs"]} == {"no_ft", "lft_t1t2"} and report["config"]["head"] == "matchingnet"
     assert report["config"]["unseen_domain"].endswith("cub") and "test_1shot_accuracy" in report["runs"][0]
     with pytest.raises(ValueError, match="Unknown methods"):
         lft_fewshot.main([*tiny_lft_flags(tmp_path), "--methods", "lft_magic"])

@@ -11,6 +11,7 @@ from .cifar_resnet import BasicBlock, CifarResNet, ShortcutA
 from .fewshot import (
     FEWSHOT_HEADS,
     FewShotClassifier,
+    MatchingNetHead,
     ProtoNetHead,
     RelationNetHead,
     build_fewshot_model,
@@ -69,6 +70,7 @@ __all__ = [
     "BasicBlock",
     "CifarResNet",
     "FewShotClassifier",
+    "MatchingNetHead",
     "ProtoNetHead",
     "RelationNetHead",
     "ShortcutA",

@@ -1,4 +1,5 @@
-"""Metric-based few-shot classifiers: a backbone (e.g. a timm ResNet) and a ProtoNet or RelationNet head."""
+"""Metric-based few-shot classifiers: a backbone (e.g. a timm ResNet) and a ProtoNet, RelationNet or MatchingNet
+head."""
 
 from __future__ import annotations
 
@@ -70,6 +71,69 @@ class RelationNetHead(nn.Module):
         return self.relation(pairs.flatten(0, 2)).view(episodes, queries, ways)
 
 
+class MatchingNetHead(nn.Module):
+    """Matching Networks (Vinyals et al., 2016) as LFT's code trains them (from Chen et al.'s "A Closer Look at
+    Few-shot Classification"): pooled features, optionally with full context embeddings (FCE), scored by cosine
+    attention over the support set.
+
+    With `fce`, the support features `g` become `g + h_fwd + h_bwd` of a bidirectional LSTM over the support set, and
+    each query feature `f` is refined by an attention LSTM run for as many steps as there are support examples
+    (`h <- LSTMCell([f, a(h) G], (h, c)) + f`, `a` a softmax over `h . G`). The attention of a query over the support
+    examples is `softmax(100 * relu(cos(f, g)))`, and the head returns `log(attention @ one_hot(labels) + 1e-6)`:
+    log-probabilities, which cross-entropy accepts as logits (they are already normalized up to the 1e-6).
+
+    Args:
+        features (`int`): size `D` of the backbone's features (after global average pooling of feature maps).
+        fce (`bool`, *optional*, defaults to `True`): use full context embeddings; without, plain cosine attention
+            and no parameters.
+
+    The support LSTM runs with cuDNN off, so that second-order estimators can differentiate through it on a GPU too
+    (cuDNN's LSTM has no double backward); this is tested on CPU only.
+    """
+
+    def __init__(self, features: int, fce: bool = True):
+        super().__init__()
+        self.fce = fce
+        if fce:
+            self.support_encoder = nn.LSTM(features, features, batch_first=True, bidirectional=True)
+            self.query_encoder = nn.LSTMCell(2 * features, features)
+
+    def embed_support(self, support: torch.Tensor) -> torch.Tensor:
+        """Support features `[E, S, D]` in the support set's context (the bidirectional LSTM, with `fce`)."""
+        if not self.fce:
+            return support
+        # cuDNN's LSTM has no double backward (pytorch/pytorch#5261), which T1-T2 needs; the native one has
+        with torch.backends.cudnn.flags(enabled=False):
+            out = self.support_encoder(support)[0]  # [E, S, 2D]
+        return support + out[..., : support.shape[-1]] + out[..., support.shape[-1] :]
+
+    def embed_query(self, query: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+        """Query features `[E, Q, D]` refined by attention over the embedded support `[E, S, D]` (with `fce`)."""
+        if not self.fce:
+            return query
+        episodes, queries, dim = query.shape
+        f = query.reshape(episodes * queries, dim)
+        memory = support.repeat_interleave(queries, dim=0)  # [E*Q, S, D]: each query attends to its episode
+        h, c = f, torch.zeros_like(f)
+        for _ in range(support.shape[1]):
+            attention = torch.softmax(torch.einsum("bd,bsd->bs", h, memory), dim=-1)
+            read = torch.einsum("bs,bsd->bd", attention, memory)
+            h, c = self.query_encoder(torch.cat([f, read], dim=-1), (h, c))
+            h = h + f
+        return h.view(episodes, queries, dim)
+
+    def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        if support.dim() > 3:
+            support, query = support.flatten(3).mean(-1), query.flatten(3).mean(-1)
+        g = self.embed_support(support)
+        f = self.embed_query(query, g)
+        scores = 100 * F.relu(
+            torch.einsum("eqd,esd->eqs", F.normalize(f, dim=-1, eps=1e-5), F.normalize(g, dim=-1, eps=1e-5))
+        )
+        one_hot = F.one_hot(support_labels).to(scores.dtype)  # [E, S, N]
+        return (torch.einsum("eqs,esn->eqn", torch.softmax(scores, dim=-1), one_hot) + 1e-6).log()
+
+
 class FewShotClassifier(nn.Module):
     """A backbone and a metric-based head that classifies the queries of an episode from its support set.
 
@@ -84,7 +148,7 @@ class FewShotClassifier(nn.Module):
     Args:
         backbone (`nn.Module`): the feature extractor.
         head (`nn.Module`): maps `(support_features, support_labels, query_features)` to logits, e.g.
-            [`ProtoNetHead`] or [`RelationNetHead`].
+            [`ProtoNetHead`], [`RelationNetHead`] or [`MatchingNetHead`].
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module):
@@ -105,7 +169,7 @@ class FewShotClassifier(nn.Module):
         return self.head(support_features, support_labels, query_features)
 
 
-FEWSHOT_HEADS = ("protonet", "relationnet")
+FEWSHOT_HEADS = ("protonet", "relationnet", "matchingnet")
 
 
 def build_fewshot_model(backbone: str, head: str = "protonet", in_chans: int = 3, **timm_kwargs) -> FewShotClassifier:
@@ -114,7 +178,8 @@ def build_fewshot_model(backbone: str, head: str = "protonet", in_chans: int = 3
     Args:
         backbone (`str`): a timm model name, e.g. `"resnet10t"` (LFT's ResNet-10), `"resnet18"`, `"resnet34"`,
             or `"test_resnet"` for tests.
-        head (`str`, *optional*, defaults to `"protonet"`): `"protonet"` or `"relationnet"`.
+        head (`str`, *optional*, defaults to `"protonet"`): `"protonet"`, `"relationnet"` or `"matchingnet"` (with
+            full context embeddings).
         in_chans (`int`, *optional*, defaults to 3): channels of the input images.
         timm_kwargs: passed to `timm.create_model`. For timm ResNets `zero_init_last` defaults to `False` here:
             timm's default zeroes the last batch norm of each block, which blocks the hypergradient of an FT layer
@@ -127,4 +192,5 @@ def build_fewshot_model(backbone: str, head: str = "protonet", in_chans: int = 3
     if backbone in timm.list_models(module="resnet"):
         timm_kwargs.setdefault("zero_init_last", False)
     net = timm.create_model(backbone, pretrained=False, num_classes=0, in_chans=in_chans, **timm_kwargs)
-    return FewShotClassifier(net, ProtoNetHead() if head == "protonet" else RelationNetHead(net.num_features))
+    heads = {"protonet": ProtoNetHead, "relationnet": RelationNetHead, "matchingnet": MatchingNetHead}
+    return FewShotClassifier(net, heads[head]() if head == "protonet" else heads[head](net.num_features))
