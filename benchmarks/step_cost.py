@@ -244,10 +244,12 @@ def plot(results: list[dict[str, Any]], output_dir: str) -> None:
         ("median_seconds", "wall seconds per training step (median)", "time.png"),
         ("median_cpu_seconds", "CPU seconds per training step (median)", "cpu_time.png"),
         ("peak_bytes", "peak memory over the pre-training state (MB)", "memory.png"),
+        ("cpu_time_ratio", "CPU time per step / plain training's (same run)", "cpu_time_ratio.png"),
+        ("memory_ratio", "peak memory / plain training's (same run)", "memory_ratio.png"),
     ):
         fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4), squeeze=False)
         for ax, workload in zip(axes[0], workloads):
-            rows = [r for r in results if r["workload"] == workload]
+            rows = [r for r in results if r["workload"] == workload and r.get(key) is not None]
             for method in dict.fromkeys(r["method"] for r in rows):
                 best: dict[int, float] = {}  # plain is measured twice per size: the smaller of the two
                 for r in rows:
@@ -255,7 +257,7 @@ def plot(results: list[dict[str, Any]], output_dir: str) -> None:
                         best[r["num_params"]] = min(best.get(r["num_params"], float("inf")), r[key])
                 xs, ys = zip(*sorted(best.items()))
                 ys = [y / 2**20 for y in ys] if key == "peak_bytes" else ys
-                color = plt.cm.tab10(list(METHODS).index(method) % 10)  # one color per method in every panel
+                color = plt.cm.tab20(list(METHODS).index(method) % 20)  # one color per method in every panel
                 ax.plot(xs, ys, marker="o", label=method, color=color, linestyle="--" if method == "plain" else "-")
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -284,7 +286,22 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in every configuration")
     parser.add_argument("--append", action="store_true", help="add to the output directory's results.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one configuration, as JSON, in this process
+    parser.add_argument(
+        "--plot_from", nargs="+", metavar="RESULTS_JSON",
+        help="measure nothing: plot the rows of these results.json files (e.g. runs of different widths) together "
+        "into --output_dir; each row keeps the ratios of its own run",
+    )  # fmt: skip
     cli = parser.parse_args(argv)
+    if cli.plot_from:
+        results = []
+        for source in cli.plot_from:
+            with open(source) as f:
+                results += json.load(f)["results"]
+        add_ratios(results)
+        os.makedirs(cli.output_dir, exist_ok=True)
+        plot(results, cli.output_dir)
+        print(markdown_table(results))
+        return results
     if cli.worker:
         print("RESULT " + json.dumps(run_configuration(json.loads(cli.worker))), flush=True)
         return []
