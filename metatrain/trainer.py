@@ -416,7 +416,8 @@ class MetaTrainer(PerSampleLossTrainer):
                 weights, as the base step computed them. Estimators that perturb the weights (EvoGrad, `t1t2_fd`)
                 hold a loss weighter's input at these losses; without them the meta step computes them with one more
                 forward pass of the training batch. [`~MetaTrainer.training_step`] passes them when the meta step
-                runs `after` the base step's forward.
+                runs `after` the base step's forward. With random layers (dropout) they carry the base step's draws,
+                not the meta step's common ones: still losses at the current weights, as the weighting net's input.
 
         Returns `False` (and changes no weight) when the hypergradient is not finite; the skip is counted in
         `meta_steps_skipped` and logged.
