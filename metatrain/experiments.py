@@ -148,6 +148,38 @@ def summarize(results: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[st
     return summary
 
 
+def paired_differences(
+    results: Sequence[dict[str, Any]], baseline: str, keys: Sequence[str]
+) -> dict[str, dict[str, dict[str, float | int | None]]]:
+    """Per method other than `baseline`, each of `keys` minus the baseline's value in the run of the same seed, over
+    the seeds both have: `mean`, `std`, the half-width `ci95` of a t confidence interval for the mean difference
+    (`None` with fewer than 2 seeds), `n` and `positive` (how many seeds the method is above the baseline on).
+
+    Seeds share data, episodes and initialization across methods, so the paired difference removes what a seed does
+    to every method alike: its interval is the honest test of "method beats baseline" when the spread over seeds is
+    larger than the gap between methods.
+    """
+    from scipy import stats
+
+    base = {r["seed"]: r for r in results if r["method"] == baseline}
+    report: dict[str, dict[str, dict[str, float | int | None]]] = {}
+    for method in dict.fromkeys(r["method"] for r in results if r["method"] != baseline):
+        report[method] = {}
+        for key in keys:
+            diffs = np.array([
+                r[key] - base[r["seed"]][key] for r in results
+                if r["method"] == method and r["seed"] in base
+                and r.get(key) is not None and base[r["seed"]].get(key) is not None
+            ])  # fmt: skip
+            n = len(diffs)
+            ci = float(stats.t.ppf(0.975, n - 1) * diffs.std(ddof=1) / np.sqrt(n)) if n > 1 else None
+            report[method][key] = {
+                "mean": float(diffs.mean()) if n else None, "std": float(diffs.std(ddof=1)) if n > 1 else None,
+                "ci95": ci, "n": n, "positive": int((diffs > 0).sum()),
+            }  # fmt: skip
+    return report
+
+
 def write_results(results_dir: str, report: dict[str, Any]) -> str:
     """Writes `report` to `<results_dir>/results.json` (creating the folder) and returns the path."""
     os.makedirs(results_dir, exist_ok=True)

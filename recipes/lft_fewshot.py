@@ -42,6 +42,7 @@ from metatrain.experiments import (
     check_methods,
     episode_accuracy,
     evaluate_episodes,
+    paired_differences,
     run_grid,
     summarize,
     train_and_measure,
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, training_args = parse_config((LFTArguments, MetaTrainingArguments), argv, DEFAULT_CONFIG)
     check_methods(args.methods, METHODS)
     accuracy_keys = [f"test_{shots}shot_{kind}" for shots in args.test_shots for kind in ("accuracy", "ci95")]
-    results, summary, is_main = [], {}, True
+    results, summary, paired, is_main = [], {}, {}, True
     for backbone in args.backbones:
         runs, is_main = run_grid(
             args.seeds, args.methods, lambda seed: load_domains(args, seed),
@@ -214,12 +215,16 @@ def main(argv: list[str] | None = None) -> dict:
         )  # fmt: skip
         results += runs
         summary[backbone] = summarize(runs, [*accuracy_keys, *COST_KEYS])
-    report = {"config": dataclasses.asdict(args), "summary": summary, "cost_ratios": cost_ratios(summary),
-              "runs": results}  # fmt: skip
+        if "no_ft" in args.methods:  # each method against no FT on the same seed (same data, episodes, init)
+            paired[backbone] = paired_differences(runs, "no_ft", [k for k in accuracy_keys if "accuracy" in k])
+    report = {"config": dataclasses.asdict(args), "summary": summary, "paired_vs_no_ft": paired,
+              "cost_ratios": cost_ratios(summary), "runs": results}  # fmt: skip
     if is_main:
         write_results(args.results_dir, report)
         save_plots(args, summary)
-        print(json.dumps({"summary": summary, "cost_ratios": report["cost_ratios"]}, indent=2))
+        print(
+            json.dumps({"summary": summary, "paired_vs_no_ft": paired, "cost_ratios": report["cost_ratios"]}, indent=2)
+        )
     return report
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from metatrain.data import EpisodeDataset, load_digit_domains, load_image_folder_domain
-from metatrain.experiments import episode_accuracy, evaluate_episodes
+from metatrain.experiments import episode_accuracy, evaluate_episodes, paired_differences
 from metatrain.models import (
     FewShotClassifier,
     MatchingNetHead,
@@ -183,6 +183,22 @@ def test_few_shot_classifier_on_one_episode_or_a_batch(head):
         build_fewshot_model("test_resnet", "matching")
     with pytest.raises(ValueError, match="Unknown backbone 'resnet-10'"):
         build_fewshot_model("resnet-10")
+
+
+def test_paired_differences_against_a_baseline_by_seed():
+    """Differences are taken seed by seed: a seed that lowers every method alike leaves them unchanged, and the
+    interval is the t interval of their mean (checked by hand for n = 3: t(0.975, 2) = 4.3027)."""
+    base = {0: 0.60, 1: 0.40, 2: 0.55}
+    gains = {0: 0.02, 1: 0.03, 2: 0.04}
+    runs = [{"method": "no_ft", "seed": s, "acc": a} for s, a in base.items()]
+    runs += [{"method": "lft", "seed": s, "acc": base[s] + gains[s]} for s in (2, 0, 1)]
+    runs += [{"method": "other", "seed": 0, "acc": 0.5}, {"method": "other", "seed": 1, "acc": None}]
+    report = paired_differences(runs, "no_ft", ["acc"])
+    lft = report["lft"]["acc"]
+    assert lft["n"] == 3 and lft["positive"] == 3
+    assert lft["mean"] == pytest.approx(0.03) and lft["std"] == pytest.approx(0.01)
+    assert lft["ci95"] == pytest.approx(4.3027 * 0.01 / np.sqrt(3), rel=1e-4)
+    assert report["other"]["acc"] == {"mean": pytest.approx(-0.1), "std": None, "ci95": None, "n": 1, "positive": 0}
 
 
 def test_episode_accuracy_and_its_confidence_interval():
