@@ -55,7 +55,10 @@ class MemoryMeter:
             self._live += size
             self.peak_bytes = max(self.peak_bytes, self._live)
         self._holders[key] = self._holders.get(key, 0) + 1
-        saved = _Saved(t)
+        # detached: a tensor saved by the op that made it would otherwise hold its own grad_fn through this wrapper,
+        # a cycle through C++ that Python's collector cannot free (every T1-T2 step leaked its graph); autograd
+        # restores the graph links of what the unpack hook returns
+        saved = _Saved(t.detach())
         weakref.finalize(saved, self._release, key, size)
         return saved
 

@@ -287,3 +287,45 @@ def test_cpu_memory_meter_reports_the_peak_of_graphs_alive_at_once():
     assert one_at_a_time.kind == "cpu_peak_saved_for_backward"
     assert saved <= one_at_a_time.peak_bytes < 1.5 * saved
     assert together.peak_bytes >= 2 * saved
+
+
+def test_cpu_memory_meter_frees_the_graphs_it_watches():
+    """T1-T2 through a ResNet with FT layers under the meter: the hypergradient is the one without it, and repeated
+    meta steps leave no tensors behind (wrapping the saved tensors themselves leaked every second-order graph)."""
+    import gc
+
+    from torch.func import functional_call
+
+    from metatrain.estimators import T1T2
+    from metatrain.models import build_fewshot_model
+    from metatrain.modules import attach_feature_wise_transforms
+    from metatrain.profiling import MemoryMeter
+
+    torch.manual_seed(0)
+    model = build_fewshot_model("test_resnet").train()
+    ft_ids = {id(p) for p in attach_feature_wise_transforms(model.backbone).parameters()}
+    named = list(model.named_parameters())
+    params = {n: p.detach() for n, p in named if id(p) not in ft_ids}
+    names, meta = zip(*[(n, p.detach().requires_grad_()) for n, p in named if id(p) in ft_ids])
+    support, labels, query = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2] * 2), torch.randn(6, 3, 16, 16)
+
+    def loss(weights, batch):
+        logits = functional_call(model, {**weights, **dict(zip(names, meta))}, (support, labels, query))[0]
+        return F.cross_entropy(logits, labels)
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+
+    torch.manual_seed(1)
+    expected = T1T2().hypergradient(params, meta, loss, loss, lr=0.01)
+    counts = []
+    for _ in range(3):
+        torch.manual_seed(1)  # the FT layers' noise
+        with MemoryMeter("cpu") as meter:
+            grads = T1T2().hypergradient(params, meta, loss, loss, lr=0.01)
+        counts.append(live_tensors())
+    assert meter.peak_bytes > 0
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+    assert counts[2] == counts[1], counts
