@@ -107,8 +107,13 @@ def run_grid(
     methods: Sequence[str],
     load_data: Callable[[int], Any],
     run: Callable[[str, int, Any], tuple[dict[str, Any], Trainer]],
+    results_dir: str | None = None,
 ) -> tuple[list[dict[str, Any]], bool]:
     """Runs every method on every seed, the data loaded once per seed and shared by the methods.
+
+    Args:
+        results_dir (`str`, *optional*): where the main process writes `runs_done.json`, the results of the runs
+            finished so far, after every run: an interrupted or crashed grid keeps what it measured.
 
     Returns:
         `tuple[list[dict], bool]`: the result of each run, and whether this process is the main one (the one that
@@ -121,6 +126,10 @@ def run_grid(
             result, trainer = run(method, seed, data)
             results.append(result)
             is_main = trainer.is_world_process_zero()
+            if results_dir is not None and is_main:
+                os.makedirs(results_dir, exist_ok=True)
+                with open(os.path.join(results_dir, "runs_done.json"), "w") as f:
+                    json.dump(results, f, indent=1)
     return results, is_main
 
 

@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs, is_main = run_grid(
             args.seeds, args.methods, lambda seed: load_domains(args, seed),
             lambda method, seed, data, b=backbone: run(args, training_args, b, method, seed, data),
+            os.path.join(args.results_dir, backbone),
         )  # fmt: skip
         results += runs
         summary[backbone] = summarize(runs, [*accuracy_keys, *COST_KEYS])

@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     results, is_main = run_grid(
         args.seeds, args.methods, lambda seed: load_data(args, seed),
         lambda method, seed, data: run(args, training_args, method, seed, *data),
+        args.results_dir,
     )  # fmt: skip
     summary = summarize(results, SUMMARY_KEYS)
     report = {"config": dataclasses.asdict(args), "summary": summary, "runs": results}

@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     results, is_main = run_grid(
         args.seeds, args.methods, lambda seed: load_data(args, seed),
         lambda method, seed, splits: run(args, training_args, method, seed, splits),
+        args.results_dir,
     )  # fmt: skip
     summary = summarize(results, ("test_accuracy", "learned_degrees"))
     report = {"config": dataclasses.asdict(args), "summary": summary, "runs": results}

@@ -233,6 +233,7 @@ def test_lft_fewshot_on_embedded_digit_domains(lft_fewshot, tmp_path, no_network
         assert (results / plot).stat().st_size > 0
     saved = json.loads((results / "results.json").read_text())
     assert saved["summary"] == report["summary"] and set(saved["summary"]["test_resnet"]) == set(lft_fewshot.METHODS)
+    assert json.loads((results / "test_resnet" / "runs_done.json").read_text()) == saved["runs"]
     paired = saved["paired_vs_no_ft"]["test_resnet"]  # one seed: a difference, no interval
     assert (
         set(paired) == {"fixed_ft", "lft_t1t2", "lft_evograd"} and paired["fixed_ft"]["test_1shot_accuracy"]["n"] == 1
