@@ -202,18 +202,10 @@ def metaxl_trainer(tmp_path, kind: str = "xlmr-token", **overrides):
     model = tiny(kind)
     transform = attach_representation_transform(model, layer=1, bottleneck=4)
     options = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        max_steps=3,
-        learning_rate=0.1,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
-    options.update(overrides)  # fmt: skip
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=3, learning_rate=0.1,
+        logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    options.update(overrides)
     token = kind.endswith("token")
     trainer = MetaTrainer(
         model=model, args=MetaTrainingArguments(**options),
