@@ -22,8 +22,8 @@ through `/proc/self/clear_refs` just before `train()`) minus the resident set si
 imports are excluded and everything training adds (optimizer state, activations, the meta step's graphs, allocator
 caching) is included; on a GPU the CUDA allocator's peak during `train()` minus what was allocated before it. Ratios
 are taken against plain training measured in the same run (`--append` adds a run to an existing `results.json`; each
-run keeps its own plain reference). Writes `results.json`, `time.png`, `cpu_time.png`, `memory.png` and prints a
-Markdown table.
+run keeps its own plain reference). Writes `results.json`, `time.png`, `cpu_time.png`, `memory.png`,
+`cpu_time_ratio.png`, `memory_ratio.png` and prints a Markdown table; `--plot_from` redraws these from saved runs.
 """
 
 from __future__ import annotations
