@@ -12,6 +12,7 @@ import torch
 from transformers import Trainer
 
 from .data.episodes import stack_images
+from .profiling import MemoryMeter
 
 
 def accuracy(eval_pred) -> dict[str, float]:
@@ -89,7 +90,7 @@ def train_and_measure(trainer: Trainer) -> dict[str, Any]:
         "seconds_per_step": output.metrics["train_runtime"] / max(trainer.state.global_step, 1),
         "meta_step_seconds": mean("meta_step_seconds"),
         "meta_step_memory_mb": mean("meta_step_memory_mb"),
-        "memory_kind": "cuda_peak_allocated" if trainer.args.device.type == "cuda" else "cpu_peak_saved_for_backward",
+        "memory_kind": MemoryMeter(trainer.args.device).kind,
         "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "meta_steps_skipped": getattr(trainer, "meta_steps_skipped", None),
     }

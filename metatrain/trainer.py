@@ -274,15 +274,14 @@ class MetaTrainer(PerSampleLossTrainer):
         self._meta_sampler: EpochSeededSampler | None = None
         self._meta_iter = None
         self._at_window_start = True
-        # the base step's detached per-example losses of the current accumulation window (None outside training_step)
-        self._base_losses: list[torch.Tensor] | None = None
+        # the detached per-example losses of the last training forward in the current accumulation window
+        self._base_losses: torch.Tensor | None = None
         self._meta_log = _empty_meta_log()
 
     def reduce_loss(self, losses: torch.Tensor, training: bool) -> torch.Tensor:
         """The loss weighter's `sum(w * l) / sum(w)` in training, the plain mean otherwise."""
         if self.loss_weighter is not None and training:
-            if self._base_losses is not None:  # inside training_step: kept for the meta step (`after`)
-                self._base_losses.append(losses.detach())
+            self._base_losses = losses.detach()  # for the meta step `after` (cleared at each window's ends)
             with self.accelerator.autocast():  # an external module is not prepared: Accelerate does not autocast it
                 return self.loss_weighter.weighted_loss(losses)
         return losses.mean()
@@ -388,14 +387,14 @@ class MetaTrainer(PerSampleLossTrainer):
         joined window: a batch norm there normalizes each micro-batch by its own statistics)."""
         window = getattr(self, "_window_batches", None) or []
         if self.args.meta_train_batch != "window" or len(window) < 2 or not any(b is inputs for b in window):
-            return self._prepare_inputs(inputs), (self._base_losses[-1] if self._base_losses else None)
+            return self._prepare_inputs(inputs), self._base_losses
         return join_batches([self._prepare_inputs(b) for b in window]), None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Trainer's step plus one meta step per optimizer step (every `meta_interval` steps)."""
         due = self.state.global_step % self.args.meta_interval == 0
         if self._at_window_start:
-            self._base_losses = []
+            self._base_losses = None
             if self.args.meta_step_position == "before" and due:
                 self.meta_step(self._meta_train_batch(inputs)[0])
         self._at_window_start = False
