@@ -150,13 +150,18 @@ def run(args: LFTArguments, training_args: MetaTrainingArguments, backbone: str,
         metrics = evaluate_episodes(trainer.model, test)
         result[f"test_{shots}shot_accuracy"] = metrics["accuracy"]
         result[f"test_{shots}shot_ci95"] = metrics["accuracy_ci95"]
-    if transforms is not None:  # the learned (or fixed) noise scales, averaged over layers and channels
+    if transforms is not None:  # the learned (or fixed) noise scales: their mean, and how far each channel moved
         with torch.no_grad():
-            result["ft_mean_softplus"] = {
-                name: float(torch.stack([F.softplus(getattr(layer, f"theta_{name}"), beta=100).mean()
-                                         for layer in transforms.layers.values()]).mean())
-                for name in ("gamma", "beta")
-            }  # fmt: skip
+            init = {"gamma": args.ft_init_gamma, "beta": args.ft_init_beta}
+            for name in init:
+                theta = [getattr(layer, f"theta_{name}") for layer in transforms.layers.values()]
+                change = (torch.cat([t.flatten() for t in theta]) - init[name]).abs()
+                result.setdefault("ft_mean_softplus", {})[name] = float(
+                    torch.stack([F.softplus(t, beta=100).mean() for t in theta]).mean()
+                )  # per layer, then over layers
+                # a mean over channels hides moves of opposite sign: the per-channel distance from the initial value
+                result.setdefault("ft_theta_mean_abs_change", {})[name] = float(change.mean())
+                result.setdefault("ft_theta_max_abs_change", {})[name] = float(change.max())
     return result, trainer
 
 

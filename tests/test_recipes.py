@@ -246,8 +246,12 @@ def test_lft_fewshot_on_embedded_digit_domains(lft_fewshot, tmp_path, no_network
     assert "ft_mean_softplus" not in runs["no_ft"] and runs["no_ft"]["meta_step_seconds"] is None
     # fixed FT keeps the hand-set scales; LFT moves them
     assert runs["fixed_ft"]["ft_mean_softplus"] == pytest.approx({"gamma": 0.3, "beta": 0.5}, abs=1e-6)
+    assert runs["fixed_ft"]["ft_theta_max_abs_change"] == {"gamma": 0.0, "beta": 0.0}
     for method in ("lft_t1t2", "lft_evograd"):
         assert runs[method]["ft_mean_softplus"] != pytest.approx({"gamma": 0.3, "beta": 0.5}, abs=1e-6)
+        mean_change, max_change = runs[method]["ft_theta_mean_abs_change"], runs[method]["ft_theta_max_abs_change"]
+        for name in ("gamma", "beta"):
+            assert 0 < mean_change[name] <= max_change[name]
         assert runs[method]["meta_step_seconds"] > 0 and runs[method]["meta_steps_skipped"] == 0
     ratios = saved["cost_ratios"]["test_resnet"]
     assert ratios["meta_step_memory_t1t2_over_evograd"] > 1  # memory-lean EvoGrad keeps one copy's graph at a time
