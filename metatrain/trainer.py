@@ -461,6 +461,16 @@ class MetaTrainer(PerSampleLossTrainer):
             torch.manual_seed((self.args.seed * 1_000_003 + self.state.global_step) * 2 + stream)
             yield
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _eval_mode(model: nn.Module) -> Iterator[None]:
+        """The model in evaluation mode for the meta loss (`meta_loss_mode="eval"`), back in training mode after."""
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train()
+
     def _meta_step(self, train_batch: dict[str, Any], base_losses: torch.Tensor | None = None) -> bool:
         start = time.perf_counter()
         model = self.model
@@ -485,8 +495,11 @@ class MetaTrainer(PerSampleLossTrainer):
                 if not training and isinstance(self.meta_module, AttachedTransform)
                 else contextlib.nullcontext()
             )
-            with self._same_noise(int(training)), attached_off, self.batch_context(batch), self.accelerator.autocast():
-                outputs = functional_call(model, substituted, args, kwargs)
+            meta_eval = not training and self.args.meta_loss_mode == "eval"
+            mode = self._eval_mode(model) if meta_eval else contextlib.nullcontext()
+            with self._same_noise(int(training)), attached_off, mode, self.batch_context(batch):
+                with self.accelerator.autocast():
+                    outputs = functional_call(model, substituted, args, kwargs)
             return self.per_sample_loss(logits_of(outputs), labels)
 
         anchored: dict[str, torch.Tensor] = {}

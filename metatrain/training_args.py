@@ -11,6 +11,7 @@ from transformers import TrainingArguments
 META_OPTIMIZERS = ("adam", "adamw", "sgd")
 META_STEP_POSITIONS = ("before", "after")
 META_TRAIN_BATCHES = ("window", "micro_batch")
+META_LOSS_MODES = ("train", "eval")
 SUPPORTED_SETUPS = (
     "a single device (CPU or GPU) or DDP over several processes or machines (`accelerate launch` with a "
     "MULTI_GPU/MULTI_CPU config, or `torchrun`), in fp32, bf16 or fp16 mixed precision (`bf16`/`fp16` or the "
@@ -86,6 +87,16 @@ class MetaTrainingArguments(TrainingArguments):
             "Both differentiate at the weights before the base update."
         },
     )
+    meta_loss_mode: str = field(
+        default="train",
+        metadata={
+            "help": "Mode of the model in the meta loss's forward. `train`: batch norm normalizes the meta batch by "
+            "its own statistics and dropout is on (Meta-Weight-Net's code). `eval`: batch norm uses the running "
+            "statistics of training and dropout is off (LFT's code: the pseudo-unseen episode is scored as a test "
+            "episode is, so its shift of feature statistics from the training domains shows). The meta step's "
+            "training losses always run in training mode."
+        },
+    )
     meta_disjoint_key: str | None = field(
         default=None,
         metadata={
@@ -159,6 +170,8 @@ class MetaTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"Unknown `meta_step_position={self.meta_step_position!r}`: choose one of {META_STEP_POSITIONS}."
             )
+        if self.meta_loss_mode not in META_LOSS_MODES:
+            raise ValueError(f"Unknown `meta_loss_mode={self.meta_loss_mode!r}`: choose one of {META_LOSS_MODES}.")
         if self.meta_train_batch not in META_TRAIN_BATCHES:
             raise ValueError(
                 f"Unknown `meta_train_batch={self.meta_train_batch!r}`: choose one of {META_TRAIN_BATCHES}."

@@ -5,10 +5,10 @@ A metric-based few-shot classifier (timm ResNet backbone, ProtoNet, RelationNet 
 episodes from several seen domains and tested on episodes from a held-out unseen domain. Methods, on the same domains,
 episodes and seeds: `no_ft` (plain episodic training), `fixed_ft` (feature-wise transformation layers with the hand-set
 initial values), `lft_t1t2` and `lft_evograd` (the FT layers learned by MetaTrainer: at each step a pseudo-seen episode
-trains the model with the FT layers on, and a pseudo-unseen episode from another seen domain, with the FT layers off,
-is the meta loss). Test: mean accuracy and 95% confidence interval over `test_episodes` unseen-domain episodes for each
-number of shots. Results go to `<results_dir>/results.json` with `accuracy.png`, `seconds_per_step.png` and
-`meta_step_memory.png` beside it.
+trains the model with the FT layers on, and a pseudo-unseen episode from another seen domain, with the FT layers off
+and batch norm on its running statistics (`meta_loss_mode: eval`, as LFT's code), is the meta loss). Test: mean
+accuracy and 95% confidence interval over `test_episodes` unseen-domain episodes for each number of shots. Results go
+to `<results_dir>/results.json` with `accuracy.png`, `seconds_per_step.png` and `meta_step_memory.png` beside it.
 
     python recipes/lft_fewshot.py                                         # embedded digit domains, ResNet-10
     python recipes/lft_fewshot.py recipes/configs/lft_fewshot_resnet34.yaml

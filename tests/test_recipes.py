@@ -247,8 +247,7 @@ def test_lft_fewshot_on_embedded_digit_domains(lft_fewshot, tmp_path, no_network
     # fixed FT keeps the hand-set scales; LFT moves them
     assert runs["fixed_ft"]["ft_mean_softplus"] == pytest.approx({"gamma": 0.3, "beta": 0.5}, abs=1e-6)
     assert runs["fixed_ft"]["ft_theta_max_abs_change"] == {"gamma": 0.0, "beta": 0.0}
-    for method in ("lft_t1t2", "lft_evograd"):
-        assert runs[method]["ft_mean_softplus"] != pytest.approx({"gamma": 0.3, "beta": 0.5}, abs=1e-6)
+    for method in ("lft_t1t2", "lft_evograd"):  # each channel's theta moves (their mean over channels need not)
         mean_change, max_change = runs[method]["ft_theta_mean_abs_change"], runs[method]["ft_theta_max_abs_change"]
         for name in ("gamma", "beta"):
             assert 0 < mean_change[name] <= max_change[name]

@@ -101,6 +101,53 @@ def test_meta_step_matches_unrolled_reference_and_touches_nothing_else(tmp_path)
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_meta_loss_in_eval_mode_uses_running_statistics_and_matches_reference(tmp_path):
+    """`meta_loss_mode="eval"` (LFT's code): the meta loss's forward normalizes by batch norm's running statistics, the
+    lookahead's training loss by the batch's own. Checked against autograd through a hand-unrolled SGD step."""
+    trainer = make_trainer(
+        tmp_path, hypergradient="t1t2", meta_optimizer="sgd", meta_learning_rate=1.0, meta_momentum=0.0,
+        meta_weight_decay=0.0, meta_loss_mode="eval",
+    )  # fmt: skip
+    trainer.create_optimizer()
+    model, mwn = trainer.model, trainer.meta_module
+    with torch.no_grad():  # running statistics far from any batch's, so that the two modes differ
+        model[1].running_mean.fill_(0.5)
+        model[1].running_var.fill_(4.0)
+    train_batch = next(iter(trainer.get_train_dataloader()))
+    meta_batch = next(iter(trainer.get_meta_dataloader()))
+    model_before, mwn_before = snapshot(model), snapshot(mwn)
+    theta = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    lam = {n: p.detach().clone().requires_grad_() for n, p in mwn.named_parameters()}
+    bufs = lambda: {n: b.clone() for n, b in model.named_buffers()}  # noqa: E731
+    ce = nn.functional.cross_entropy(
+        functional_call(model, {**theta, **bufs()}, (train_batch["pixel_values"],)), train_batch["labels"],
+        reduction="none",
+    )  # fmt: skip
+    inner = weighted_mean(ce, functional_call(mwn, lam, (ce,)))
+    g = torch.autograd.grad(inner, list(theta.values()), create_graph=True)
+    stepped = {n: p - 0.1 * gi for (n, p), gi in zip(theta.items(), g)}
+
+    def outer(mode: bool) -> torch.Tensor:
+        model.train(mode)
+        logits = functional_call(model, {**stepped, **bufs()}, (meta_batch["pixel_values"],))
+        model.train()
+        return nn.functional.cross_entropy(logits, meta_batch["labels"])
+
+    expected = torch.autograd.grad(outer(False), list(lam.values()), retain_graph=True)
+    in_train_mode = torch.autograd.grad(outer(True), list(lam.values()))
+    assert not all(torch.allclose(a, b, rtol=1e-2) for a, b in zip(expected, in_train_mode))
+
+    trainer._meta_loader = None
+    assert trainer.meta_step(train_batch)
+    for (name, p), e in zip(mwn.named_parameters(), expected):
+        torch.testing.assert_close(mwn_before[name] - p.detach(), e, rtol=1e-4, atol=1e-7)
+    assert model.training and all(m.training for m in model.modules())
+    for name, value in snapshot(model).items():  # weights and running statistics untouched
+        assert torch.equal(value, model_before[name]), name
+    with pytest.raises(ValueError, match="meta_loss_mode='test'.*'train', 'eval'"):
+        make_args(tmp_path, meta_loss_mode="test")
+
+
 @pytest.mark.parametrize("estimator", ["evograd", "t1t2", "first_order"])
 def test_train_runs_logs_and_keeps_meta_params_out_of_base_optimizer(tmp_path, estimator):
     trainer = make_trainer(tmp_path, hypergradient=estimator, hypergradient_kwargs='{"sigma": 0.01}'
