@@ -65,17 +65,10 @@ def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def test_meta_step_matches_unrolled_reference_and_touches_nothing_else(tmp_path):
-    trainer = make_trainer(
-        tmp_path, hypergradient="t1t2", meta_optimizer="sgd", meta_learning_rate=1.0, meta_momentum=0.0,
-        meta_weight_decay=0.0,
-    )  # fmt: skip
-    trainer.create_optimizer()
-    model, mwn = trainer.model, trainer.meta_module
-    train_batch = next(iter(trainer.get_train_dataloader()))
-    meta_batch = next(iter(trainer.get_meta_dataloader()))
-    model_before, mwn_before = snapshot(model), snapshot(mwn)
-    # reference: unroll one SGD step by hand, with its own copies of weights and buffers
+def unrolled_hypergradient(model, mwn, train_batch, meta_batch, meta_training_mode: bool = True):
+    """Reference: one SGD step (lr 0.1) on the weighted training loss unrolled by hand, with its own copies of weights
+    and buffers, and the meta loss's gradient w.r.t. the weighting net through it; the meta loss's forward runs with
+    the model in training mode or not (`meta_training_mode`)."""
     theta = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
     lam = {n: p.detach().clone().requires_grad_() for n, p in mwn.named_parameters()}
     bufs = lambda: {n: b.clone() for n, b in model.named_buffers()}  # noqa: E731
@@ -86,10 +79,24 @@ def test_meta_step_matches_unrolled_reference_and_touches_nothing_else(tmp_path)
     inner = weighted_mean(ce, functional_call(mwn, lam, (ce,)))
     g = torch.autograd.grad(inner, list(theta.values()), create_graph=True)
     stepped = {n: p - 0.1 * gi for (n, p), gi in zip(theta.items(), g)}
-    outer = nn.functional.cross_entropy(
-        functional_call(model, {**stepped, **bufs()}, (meta_batch["pixel_values"],)), meta_batch["labels"]
-    )
-    expected = dict(zip(lam, torch.autograd.grad(outer, list(lam.values()))))
+    model.train(meta_training_mode)
+    logits = functional_call(model, {**stepped, **bufs()}, (meta_batch["pixel_values"],))
+    model.train()
+    outer = nn.functional.cross_entropy(logits, meta_batch["labels"])
+    return dict(zip(lam, torch.autograd.grad(outer, list(lam.values()))))
+
+
+def test_meta_step_matches_unrolled_reference_and_touches_nothing_else(tmp_path):
+    trainer = make_trainer(
+        tmp_path, hypergradient="t1t2", meta_optimizer="sgd", meta_learning_rate=1.0, meta_momentum=0.0,
+        meta_weight_decay=0.0,
+    )  # fmt: skip
+    trainer.create_optimizer()
+    model, mwn = trainer.model, trainer.meta_module
+    train_batch = next(iter(trainer.get_train_dataloader()))
+    meta_batch = next(iter(trainer.get_meta_dataloader()))
+    model_before, mwn_before = snapshot(model), snapshot(mwn)
+    expected = unrolled_hypergradient(model, mwn, train_batch, meta_batch)
 
     trainer._meta_loader = None  # the trainer draws the same first meta batch
     assert trainer.meta_step(train_batch)
@@ -116,31 +123,14 @@ def test_meta_loss_in_eval_mode_uses_running_statistics_and_matches_reference(tm
     train_batch = next(iter(trainer.get_train_dataloader()))
     meta_batch = next(iter(trainer.get_meta_dataloader()))
     model_before, mwn_before = snapshot(model), snapshot(mwn)
-    theta = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
-    lam = {n: p.detach().clone().requires_grad_() for n, p in mwn.named_parameters()}
-    bufs = lambda: {n: b.clone() for n, b in model.named_buffers()}  # noqa: E731
-    ce = nn.functional.cross_entropy(
-        functional_call(model, {**theta, **bufs()}, (train_batch["pixel_values"],)), train_batch["labels"],
-        reduction="none",
-    )  # fmt: skip
-    inner = weighted_mean(ce, functional_call(mwn, lam, (ce,)))
-    g = torch.autograd.grad(inner, list(theta.values()), create_graph=True)
-    stepped = {n: p - 0.1 * gi for (n, p), gi in zip(theta.items(), g)}
-
-    def outer(mode: bool) -> torch.Tensor:
-        model.train(mode)
-        logits = functional_call(model, {**stepped, **bufs()}, (meta_batch["pixel_values"],))
-        model.train()
-        return nn.functional.cross_entropy(logits, meta_batch["labels"])
-
-    expected = torch.autograd.grad(outer(False), list(lam.values()), retain_graph=True)
-    in_train_mode = torch.autograd.grad(outer(True), list(lam.values()))
-    assert not all(torch.allclose(a, b, rtol=1e-2) for a, b in zip(expected, in_train_mode))
+    expected = unrolled_hypergradient(model, mwn, train_batch, meta_batch, meta_training_mode=False)
+    in_train_mode = unrolled_hypergradient(model, mwn, train_batch, meta_batch)
+    assert not all(torch.allclose(expected[n], in_train_mode[n], rtol=1e-2) for n in expected)
 
     trainer._meta_loader = None
     assert trainer.meta_step(train_batch)
-    for (name, p), e in zip(mwn.named_parameters(), expected):
-        torch.testing.assert_close(mwn_before[name] - p.detach(), e, rtol=1e-4, atol=1e-7)
+    for name, p in mwn.named_parameters():
+        torch.testing.assert_close(mwn_before[name] - p.detach(), expected[name], rtol=1e-4, atol=1e-7)
     assert model.training and all(m.training for m in model.modules())
     for name, value in snapshot(model).items():  # weights and running statistics untouched
         assert torch.equal(value, model_before[name]), name
