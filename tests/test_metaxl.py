@@ -12,6 +12,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from test_trainer import make_args
 from torch import nn
 from torch.func import functional_call
 from transformers import (
@@ -28,7 +29,7 @@ from transformers import (
     XLMRobertaForTokenClassification,
 )
 
-from metatrain import MetaTrainer, MetaTrainingArguments
+from metatrain import MetaTrainer
 from metatrain.data.crosslingual import (
     WIKIANN_LABELS,
     build_word_level_tokenizer,
@@ -201,14 +202,9 @@ def text_dataset(n: int, seed: int, source: list[bool] | None = None, token_labe
 def metaxl_trainer(tmp_path, kind: str = "xlmr-token", **overrides):
     model = tiny(kind)
     transform = attach_representation_transform(model, layer=1, bottleneck=4)
-    options = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=3, learning_rate=0.1,
-        logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
-    )  # fmt: skip
-    options.update(overrides)
     token = kind.endswith("token")
     trainer = MetaTrainer(
-        model=model, args=MetaTrainingArguments(**options),
+        model=model, args=make_args(tmp_path, **{"max_steps": 3, "logging_steps": 1, **overrides}),
         train_dataset=text_dataset(32, 1, [i % 2 == 0 for i in range(32)], token_labels=token),
         meta_dataset=text_dataset(16, 2, token_labels=token), meta_module=transform,
     )  # fmt: skip
