@@ -35,6 +35,7 @@ from metatrain.data import (
     DIGIT_SEEN_DOMAINS,
     DIGIT_UNSEEN_DOMAINS,
     EpisodeDataset,
+    PooledDomains,
     load_digit_domains,
     load_image_folder_domain,
 )
@@ -88,6 +89,15 @@ class LFTArguments:
     test_shots: list[int] = field(default_factory=lambda: [1, 5], metadata={"help": "Shots of the test episodes."})
     test_episodes: int = field(default=600, metadata={"help": "Unseen-domain test episodes per number of shots."})
     test_queries: int = field(default=15, metadata={"help": "Query examples per class in test episodes."})
+    pretrain_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Steps of classification pre-training of the backbone on the pooled seen domains (classes matched "
+            "by name) before episodic training, as LFT starts from a pre-trained encoder; done once per seed and "
+            "backbone, every method starts from the same weights. 0: train from scratch."
+        },
+    )
+    pretrain_batch_size: int = field(default=64, metadata={"help": "Images per pre-training step."})
     ft_init_gamma: float = field(default=0.3, metadata={"help": "Initial theta_gamma of the FT layers."})
     ft_init_beta: float = field(default=0.5, metadata={"help": "Initial theta_beta of the FT layers."})
     methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Any of {list(METHODS)}."})
@@ -113,14 +123,48 @@ def load_domains(args: LFTArguments, seed: int) -> tuple[dict, dict]:
     return seen, {os.path.basename(os.path.normpath(args.unseen_domain)): load(args.unseen_domain)}
 
 
-def run(args: LFTArguments, training_args: MetaTrainingArguments, backbone: str, method: str, seed: int, domains):
-    seen, unseen = domains
+def pretrain(args: LFTArguments, training_args: MetaTrainingArguments, backbone: str, seed: int, seen: dict):
+    """The backbone's weights after `pretrain_steps` of classification (a linear layer on the pooled features, then
+    dropped) on the pooled seen domains, or `None` without pre-training."""
+    if not args.pretrain_steps:
+        return None
+    pooled = PooledDomains(seen)
+    set_seed(seed)
+    net = build_fewshot_model(backbone, args.head).backbone
+    net.reset_classifier(len(pooled.classes))
+    pretrain_args = dataclasses.replace(
+        training_args,
+        output_dir=os.path.join(training_args.output_dir, backbone, "pretrain", f"seed{seed}"),
+        seed=seed, max_steps=args.pretrain_steps, per_device_train_batch_size=args.pretrain_batch_size,
+    )  # fmt: skip
+    PerSampleLossTrainer(model=net, args=pretrain_args, train_dataset=pooled).train()
+    net.reset_classifier(0)
+    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+
+
+def load_data(args: LFTArguments, training_args: MetaTrainingArguments, backbone: str, seed: int) -> tuple:
+    """Seen and unseen domains of a seed, and the pre-trained backbone weights (or `None`) every method starts from."""
+    seen, unseen = load_domains(args, seed)
+    return seen, unseen, pretrain(args, training_args, backbone, seed, seen)
+
+
+def build_model(args: LFTArguments, backbone: str, method: str, seed: int, pretrained: dict | None = None):
+    """The few-shot model of a run (the backbone loaded with the pre-trained weights, if any) and its FT layers (or
+    `None` for `no_ft`)."""
     set_seed(seed)
     model = build_fewshot_model(backbone, args.head)
+    if pretrained is not None:
+        model.backbone.load_state_dict(pretrained)
     transforms = None
     if method != "no_ft":
         transforms = attach_feature_wise_transforms(model.backbone, args.ft_init_gamma, args.ft_init_beta)
         transforms.requires_grad_(False)  # fixed FT: hand-set values; LFT: stepped by the meta-optimizer only
+    return model, transforms
+
+
+def run(args: LFTArguments, training_args: MetaTrainingArguments, backbone: str, method: str, seed: int, data):
+    seen, unseen, pretrained = data
+    model, transforms = build_model(args, backbone, method, seed, pretrained)
 
     def episodes(shots: int, queries: int, count: int, episode_seed: int, pool: dict) -> EpisodeDataset:
         ids = {name: i for i, name in enumerate(seen)}
@@ -215,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     results, summary, paired, is_main = [], {}, {}, True
     for backbone in args.backbones:
         runs, is_main = run_grid(
-            args.seeds, args.methods, lambda seed: load_domains(args, seed),
+            args.seeds, args.methods, lambda seed, b=backbone: load_data(args, training_args, b, seed),
             lambda method, seed, data, b=backbone: run(args, training_args, b, method, seed, data),
             os.path.join(args.results_dir, backbone),
         )  # fmt: skip

@@ -3,11 +3,12 @@ metric, and LFT meta-training on episodes under MetaTrainer."""
 
 from __future__ import annotations
 
+import datasets
 import numpy as np
 import pytest
 import torch
 
-from metatrain.data import EpisodeDataset, load_digit_domains, load_image_folder_domain
+from metatrain.data import EpisodeDataset, PooledDomains, load_digit_domains, load_image_folder_domain
 from metatrain.experiments import episode_accuracy, evaluate_episodes, paired_differences
 from metatrain.models import (
     FewShotClassifier,
@@ -101,6 +102,33 @@ def test_image_folder_domain_feeds_episodes(tmp_path, no_network):
     assert episode["support"].shape == (3, 3, 12, 12) and episode["query"].shape == (6, 3, 12, 12)
     with pytest.raises(ValueError, match="does not exist"):
         load_image_folder_domain(str(tmp_path / "cars"))
+
+
+def test_pooled_domains_match_classes_by_name(digit_domains, tmp_path, no_network):
+    """Pre-training data: the digit renderings share their ten classes; image folders with other class names add
+    classes; a domain without named classes is refused."""
+    from PIL import Image
+
+    seen = digit_domains["seen"]
+    pooled = PooledDomains(seen)
+    assert len(pooled) == 3 * 1257 and pooled.classes == [str(d) for d in range(10)]
+    for i, (name, j) in ((0, ("gray", 0)), (1257 + 5, ("inverted", 5)), (-1, ("noisy", 1256))):
+        row, item = seen[name][j], pooled[i]
+        assert torch.equal(item["pixel_values"], row["pixel_values"]) and item["labels"] == int(row["labels"])
+    with pytest.raises(IndexError):
+        pooled[len(pooled)]
+
+    rng = np.random.default_rng(0)
+    for domain, classes in (("birds", ("albatross", "bunting")), ("cars", ("audi", "bunting"))):
+        for name in classes:
+            (tmp_path / domain / name).mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save(tmp_path / domain / name / "0.png")
+    folders = {d: load_image_folder_domain(str(tmp_path / d), image_size=6) for d in ("birds", "cars")}
+    pooled = PooledDomains(folders)
+    assert pooled.classes == ["albatross", "bunting", "audi"] and len(pooled) == 4
+    assert [pooled[i]["labels"] for i in range(4)] == [0, 1, 2, 1] and pooled[3]["pixel_values"].shape == (3, 6, 6)
+    with pytest.raises(ValueError, match="Domain 'plain' has no ClassLabel column 'labels'"):
+        PooledDomains({"plain": seen["gray"].cast_column("labels", datasets.Value("int64"))})
 
 
 # ------------------------------------------------------------------------------------------------------ heads

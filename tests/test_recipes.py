@@ -3,6 +3,7 @@ EvoGrad problem against its closed form."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -270,12 +271,39 @@ def test_lft_fewshot_on_image_folder_domains(lft_fewshot, tmp_path, no_network):
     report = lft_fewshot.main(
         [*tiny_lft_flags(tmp_path), "--seen_domains", str(data / "mini"), str(data / "cars"), "--unseen_domain",
          str(data / "cub"), "--n_way", "3", "--test_shots", "1", "--methods", "no_ft", "lft_t1t2", "--head",
-         "matchingnet"]
+         "matchingnet", "--pretrain_steps", "2", "--pretrain_batch_size", "4"]
     )  # fmt: skip
     assert {r["method"] for r in report["runs"]} == {"no_ft", "lft_t1t2"} and report["config"]["head"] == "matchingnet"
     assert report["config"]["unseen_domain"].endswith("cub") and "test_1shot_accuracy" in report["runs"][0]
+    assert report["config"]["pretrain_steps"] == 2  # pre-trained on the pooled folders' classes first
     with pytest.raises(ValueError, match="Unknown methods"):
         lft_fewshot.main([*tiny_lft_flags(tmp_path), "--methods", "lft_magic"])
+
+
+def test_lft_fewshot_pretrains_the_backbone_once_per_seed(lft_fewshot, tmp_path, no_network):
+    """`pretrain_steps`: classification on the pooled seen domains gives the backbone weights every method of a seed
+    starts from (the same for each call, not the fresh initialisation), and the grid runs from them."""
+    from metatrain.cli import parse_config
+    from metatrain.models import build_fewshot_model
+
+    flags = [*tiny_lft_flags(tmp_path), "--pretrain_steps", "3", "--pretrain_batch_size", "8"]
+    args, training_args = parse_config((lft_fewshot.LFTArguments, lft_fewshot.MetaTrainingArguments), flags)
+    seen, unseen, weights = lft_fewshot.load_data(args, training_args, "test_resnet", 0)
+    no_pretraining = dataclasses.replace(args, pretrain_steps=0)
+    assert lft_fewshot.pretrain(no_pretraining, training_args, "test_resnet", 0, seen) is None
+    again = lft_fewshot.pretrain(args, training_args, "test_resnet", 0, seen)
+    torch.manual_seed(0)
+    fresh = build_fewshot_model("test_resnet").backbone.state_dict()
+    assert weights.keys() == fresh.keys() == again.keys() and not any(k.startswith("fc.") for k in weights)
+    assert all(torch.equal(weights[k], again[k]) for k in weights)  # deterministic: one start for every method
+    assert weights["bn1.running_mean"].abs().sum() > 0  # batch-norm statistics of the seen domains come along
+    assert any(not torch.equal(weights[k], fresh[k]) for k in weights if k.endswith("weight"))
+    for method in ("no_ft", "lft_evograd"):  # FT layers attach to the pre-trained backbone
+        model, _ = lft_fewshot.build_model(args, "test_resnet", method, 0, weights)
+        state = model.backbone.state_dict()
+        assert all(torch.equal(state[k], weights[k]) for k in weights)
+    report = lft_fewshot.main([*flags, "--methods", "no_ft", "lft_evograd"])
+    assert report["config"]["pretrain_steps"] == 3 and len(report["runs"]) == 2
 
 
 RECIPE_OF_CONFIG = {"noisy_labels": "noisy_labels", "rotation": "rotation", "lft_fewshot": "lft_fewshot",

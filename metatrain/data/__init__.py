@@ -6,6 +6,7 @@ from .domains import (
     DIGIT_DOMAINS,
     DIGIT_SEEN_DOMAINS,
     DIGIT_UNSEEN_DOMAINS,
+    PooledDomains,
     load_digit_domains,
     load_image_folder_domain,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "DIGIT_UNSEEN_DOMAINS",
     "EpisodeDataset",
     "NOISE_TYPES",
+    "PooledDomains",
     "ImageClassificationTransform",
     "class_balanced_meta_split",
     "corrupt_labels",

@@ -3,8 +3,10 @@ folders (miniImageNet, CUB, Cars, Places, Plantae laid out one folder per class)
 
 from __future__ import annotations
 
+import bisect
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import datasets
 import numpy as np
@@ -129,3 +131,54 @@ def load_image_folder_domain(path: str, image_size: int = 84, **load_dataset_kwa
     dataset = dataset.rename_column("label", "labels")
     dataset.set_transform(ImageClassificationTransform(image_size, train=False, resize=True))
     return dataset
+
+
+class PooledDomains(torch.utils.data.Dataset):
+    """The examples of several domains as one classification dataset, for pre-training a backbone on the seen
+    domains before meta-training (LFT starts from an encoder pre-trained by classification on its seen classes).
+
+    Classes are matched by name across domains: a class that several domains share (the digits of every digit
+    rendering) is one label, and classes of different names (miniImageNet's and CUB's) are different labels. Item `i`
+    is a dict of `pixel_values` and `labels` (an `int` in `0 .. len(classes) - 1`).
+
+    Args:
+        domains (`Mapping[str, Any]`):
+            Domain name to dataset: each indexable by an integer, returning a dict with the image and label columns,
+            and with a `ClassLabel` feature for the label column (`datasets.Dataset`s from [`load_digit_domains`] or
+            [`load_image_folder_domain`]).
+        image_key (`str`, *optional*, defaults to `"pixel_values"`), label_key (`str`, *optional*, defaults to
+            `"labels"`): the columns read.
+
+    Attributes:
+        classes (`list[str]`): the class names in label order (first appearance over the domains).
+    """
+
+    def __init__(self, domains: Mapping[str, Any], image_key: str = "pixel_values", label_key: str = "labels"):
+        if not domains:
+            raise ValueError("PooledDomains needs at least one domain.")
+        self.image_key, self.label_key = image_key, label_key
+        self.datasets = list(domains.values())
+        names = []
+        for name, dataset in domains.items():
+            feature = getattr(dataset, "features", {}).get(label_key)
+            if not hasattr(feature, "names"):
+                raise ValueError(
+                    f"Domain {name!r} has no ClassLabel column {label_key!r} (got {feature!r}): classes are pooled "
+                    "by name, so each domain needs named classes (`datasets.ClassLabel`)."
+                )
+            names.append(feature.names)
+        self.classes = list(dict.fromkeys(n for domain_names in names for n in domain_names))
+        index = {n: i for i, n in enumerate(self.classes)}
+        self._labels = [[index[n] for n in domain_names] for domain_names in names]
+        self._ends = np.cumsum([len(d) for d in self.datasets]).tolist()
+
+    def __len__(self) -> int:
+        return self._ends[-1]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} examples")
+        i %= len(self)
+        domain = bisect.bisect_right(self._ends, i)
+        row = self.datasets[domain][i - (self._ends[domain - 1] if domain else 0)]
+        return {"pixel_values": row[self.image_key], "labels": self._labels[domain][int(row[self.label_key])]}
