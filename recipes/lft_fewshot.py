@@ -98,6 +98,13 @@ class LFTArguments:
         },
     )
     pretrain_batch_size: int = field(default=64, metadata={"help": "Images per pre-training step."})
+    pretrain_domains: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Seen domains (entries of `seen_domains`) to pre-train on, e.g. only miniImageNet as LFT; "
+            "default: all seen domains."
+        },
+    )
     ft_init_gamma: float = field(default=0.3, metadata={"help": "Initial theta_gamma of the FT layers."})
     ft_init_beta: float = field(default=0.5, metadata={"help": "Initial theta_beta of the FT layers."})
     methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Any of {list(METHODS)}."})
@@ -125,10 +132,18 @@ def load_domains(args: LFTArguments, seed: int) -> tuple[dict, dict]:
 
 def pretrain(args: LFTArguments, training_args: MetaTrainingArguments, backbone: str, seed: int, seen: dict):
     """The backbone's weights after `pretrain_steps` of classification (a linear layer on the pooled features, then
-    dropped) on the pooled seen domains, or `None` without pre-training."""
+    dropped) on the pooled seen domains (or `pretrain_domains`), or `None` without pre-training."""
     if not args.pretrain_steps:
         return None
-    pooled = PooledDomains(seen)
+    chosen = args.pretrain_domains or args.seen_domains
+    unknown = sorted(set(chosen) - set(args.seen_domains))
+    if unknown:
+        raise ValueError(
+            f"pretrain_domains {unknown} are not seen domains: choose from seen_domains {args.seen_domains} (the "
+            "unseen domain is never trained on)."
+        )
+    keys = dict(zip(args.seen_domains, seen))  # entry of seen_domains -> name of its loaded domain
+    pooled = PooledDomains({keys[entry]: seen[keys[entry]] for entry in chosen})
     set_seed(seed)
     net = build_fewshot_model(backbone, args.head).backbone
     net.reset_classifier(len(pooled.classes))
@@ -136,6 +151,7 @@ def pretrain(args: LFTArguments, training_args: MetaTrainingArguments, backbone:
         training_args,
         output_dir=os.path.join(training_args.output_dir, backbone, "pretrain", f"seed{seed}"),
         seed=seed, max_steps=args.pretrain_steps, per_device_train_batch_size=args.pretrain_batch_size,
+        dataloader_drop_last=True,  # no last batch of one image, which batch norm cannot train on
     )  # fmt: skip
     PerSampleLossTrainer(model=net, args=pretrain_args, train_dataset=pooled).train()
     net.reset_classifier(0)

@@ -221,10 +221,11 @@ def lft_fewshot():
 
 
 def tiny_lft_flags(tmp_path) -> list[str]:
+    """A seconds-long run from scratch (the configs pre-train for 300 steps; the pre-training tests ask for it)."""
     return ["--backbones", "test_resnet", "--image_size", "8", "--n_shot", "1", "--n_query", "2",
             "--train_episodes", "4", "--max_steps", "2", "--test_episodes", "6", "--test_queries", "2", "--seeds", "0",
             "--logging_steps", "1", "--results_dir", str(tmp_path / "results"), "--output_dir", str(tmp_path / "runs"),
-            "--disable_tqdm", "true"]  # fmt: skip
+            "--disable_tqdm", "true", "--pretrain_steps", "0", "--pretrain_batch_size", "8"]  # fmt: skip
 
 
 def test_lft_fewshot_on_embedded_digit_domains(lft_fewshot, tmp_path, no_network):
@@ -271,11 +272,11 @@ def test_lft_fewshot_on_image_folder_domains(lft_fewshot, tmp_path, no_network):
     report = lft_fewshot.main(
         [*tiny_lft_flags(tmp_path), "--seen_domains", str(data / "mini"), str(data / "cars"), "--unseen_domain",
          str(data / "cub"), "--n_way", "3", "--test_shots", "1", "--methods", "no_ft", "lft_t1t2", "--head",
-         "matchingnet", "--pretrain_steps", "2", "--pretrain_batch_size", "4"]
+         "matchingnet", "--pretrain_steps", "2", "--pretrain_domains", str(data / "mini")]
     )  # fmt: skip
     assert {r["method"] for r in report["runs"]} == {"no_ft", "lft_t1t2"} and report["config"]["head"] == "matchingnet"
     assert report["config"]["unseen_domain"].endswith("cub") and "test_1shot_accuracy" in report["runs"][0]
-    assert report["config"]["pretrain_steps"] == 2  # pre-trained on the pooled folders' classes first
+    assert report["config"]["pretrain_domains"] == [str(data / "mini")]  # pre-trained on one folder's classes first
     with pytest.raises(ValueError, match="Unknown methods"):
         lft_fewshot.main([*tiny_lft_flags(tmp_path), "--methods", "lft_magic"])
 
@@ -286,7 +287,7 @@ def test_lft_fewshot_pretrains_the_backbone_once_per_seed(lft_fewshot, tmp_path,
     from metatrain.cli import parse_config
     from metatrain.models import build_fewshot_model
 
-    flags = [*tiny_lft_flags(tmp_path), "--pretrain_steps", "3", "--pretrain_batch_size", "8"]
+    flags = [*tiny_lft_flags(tmp_path), "--pretrain_steps", "3"]
     args, training_args = parse_config((lft_fewshot.LFTArguments, lft_fewshot.MetaTrainingArguments), flags)
     seen, unseen, weights = lft_fewshot.load_data(args, training_args, "test_resnet", 0)
     no_pretraining = dataclasses.replace(args, pretrain_steps=0)
@@ -304,6 +305,15 @@ def test_lft_fewshot_pretrains_the_backbone_once_per_seed(lft_fewshot, tmp_path,
         assert all(torch.equal(state[k], weights[k]) for k in weights)
     report = lft_fewshot.main([*flags, "--methods", "no_ft", "lft_evograd"])
     assert report["config"]["pretrain_steps"] == 3 and len(report["runs"]) == 2
+    # a subset of the seen domains (LFT: miniImageNet only), never the unseen one
+    gray_only = lft_fewshot.pretrain(
+        dataclasses.replace(args, pretrain_domains=["gray"]), training_args, "test_resnet", 0, seen
+    )
+    assert any(not torch.equal(gray_only[k], weights[k]) for k in weights)
+    with pytest.raises(ValueError, match=r"pretrain_domains \['low_contrast'\] are not seen domains"):
+        lft_fewshot.pretrain(
+            dataclasses.replace(args, pretrain_domains=["low_contrast"]), training_args, "test_resnet", 0, seen
+        )
 
 
 RECIPE_OF_CONFIG = {"noisy_labels": "noisy_labels", "rotation": "rotation", "lft_fewshot": "lft_fewshot",
