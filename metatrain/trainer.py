@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -569,12 +570,20 @@ class MetaTrainer(PerSampleLossTrainer):
         return tuple(self.accelerator.reduce(g, reduction="mean") for g in grads)
 
     def _log_agreement(self, grads: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...]) -> None:
-        """Accumulates the cosine and norm ratio of the hypergradient to the reference estimator's."""
+        """Accumulates the cosine and norm ratio of the hypergradient to the reference estimator's. A step where either
+        is zero (e.g. EvoGrad's softmax saturated) has no cosine: it is counted apart, not averaged in as NaN."""
         flat, ref = flatten(grads), flatten(reference)
         stats = self._meta_log
         stats["agreement_count"] = stats.get("agreement_count", 0) + 1
-        stats["cosine"] = stats.get("cosine", 0.0) + cosine(flat, ref)
-        stats["norm_ratio"] = stats.get("norm_ratio", 0.0) + ratio(float(flat.norm()), float(ref.norm()))
+        value = cosine(flat, ref)
+        if math.isnan(value):
+            stats["cosine_undefined"] = stats.get("cosine_undefined", 0) + 1
+        else:
+            stats["cosine"] = stats.get("cosine", 0.0) + value
+        norm_ratio = ratio(float(flat.norm()), float(ref.norm()))
+        if not math.isnan(norm_ratio):
+            stats["norm_ratio"] = stats.get("norm_ratio", 0.0) + norm_ratio
+            stats["norm_ratio_count"] = stats.get("norm_ratio_count", 0) + 1
 
     # ------------------------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -589,9 +598,12 @@ class MetaTrainer(PerSampleLossTrainer):
                 if "memory_mb" in stats:
                     logs["meta_step_memory_mb"] = round(stats["memory_mb"] / n, 4)
             if stats.get("agreement_count"):
-                reference = self.args.meta_diagnostics_reference
-                logs[f"hypergradient_cosine_to_{reference}"] = stats["cosine"] / stats["agreement_count"]
-                logs[f"hypergradient_norm_ratio_to_{reference}"] = stats["norm_ratio"] / stats["agreement_count"]
+                reference, undefined = self.args.meta_diagnostics_reference, stats.get("cosine_undefined", 0)
+                defined, ratios = stats["agreement_count"] - undefined, stats.get("norm_ratio_count", 0)
+                logs[f"hypergradient_cosine_to_{reference}"] = stats["cosine"] / defined if defined else math.nan
+                logs[f"hypergradient_norm_ratio_to_{reference}"] = stats["norm_ratio"] / ratios if ratios else math.nan
+                # steps compared where either hypergradient was zero (no direction): left out of the mean cosine
+                logs["hypergradient_cosine_undefined_steps"] = undefined
             logs["meta_steps_skipped"] = self.meta_steps_skipped
             self._meta_log = _empty_meta_log()
         super().log(logs, start_time)

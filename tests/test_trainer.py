@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import datasets
@@ -455,9 +456,18 @@ def test_agreement_with_a_reference_is_logged(tmp_path):
     for entry in logs:
         assert entry["hypergradient_cosine_to_t1t2"] > 0.999
         assert abs(entry["hypergradient_norm_ratio_to_t1t2"] - 1) < 1e-3
+        assert entry["hypergradient_cosine_undefined_steps"] == 0
     plain = make_trainer(tmp_path / "plain", hypergradient="t1t2_fd")
     plain.train()
     assert not any("hypergradient_cosine_to_t1t2" in entry for entry in plain.state.log_history)
+    # a zero hypergradient (first_order: the meta loss does not depend on the weighting net) has no direction: its
+    # steps are counted apart and the cosine is NaN, not 0; the norm ratio says 0
+    zero = make_trainer(tmp_path / "zero", hypergradient="first_order", meta_diagnostics_steps=2)
+    zero.train()
+    logs = [entry for entry in zero.state.log_history if "loss" in entry]
+    assert [entry["hypergradient_cosine_undefined_steps"] for entry in logs] == [1, 1]
+    assert all(math.isnan(e["hypergradient_cosine_to_t1t2"]) for e in logs)
+    assert all(e["hypergradient_norm_ratio_to_t1t2"] == 0 for e in logs)
     with pytest.raises(ValueError, match="keeps state"):
         make_trainer(tmp_path, meta_diagnostics_steps=1, meta_diagnostics_reference="reverse")
     with pytest.raises(ValueError, match="meta_diagnostics_reference='exact'"):
