@@ -6,9 +6,11 @@ episodes from several seen domains and tested on episodes from a held-out unseen
 episodes and seeds: `no_ft` (plain episodic training), `fixed_ft` (feature-wise transformation layers with the hand-set
 initial values), `lft_t1t2` and `lft_evograd` (the FT layers learned by MetaTrainer: at each step a pseudo-seen episode
 trains the model with the FT layers on, and a pseudo-unseen episode from another seen domain, with the FT layers off
-and batch norm on its running statistics (`meta_loss_mode: eval`, as LFT's code), is the meta loss). Test: mean
-accuracy and 95% confidence interval over `test_episodes` unseen-domain episodes for each number of shots. Results go
-to `<results_dir>/results.json` with `accuracy.png`, `seconds_per_step.png` and `meta_step_memory.png` beside it.
+and batch norm on its running statistics (`meta_loss_mode: eval`, as LFT's code), is the meta loss). As in LFT, every
+method of a seed starts from the same backbone, pre-trained by classification on the seen domains (`pretrain_steps`,
+`pretrain_domains`). Test: mean accuracy and 95% confidence interval over `test_episodes` unseen-domain episodes for
+each number of shots. Results go to `<results_dir>/results.json` with `accuracy.png`, `paired_vs_no_ft.png` (each
+method minus no FT on the same seed), `seconds_per_step.png` and `meta_step_memory.png` beside it.
 
     python recipes/lft_fewshot.py                                         # embedded digit domains, ResNet-10
     python recipes/lft_fewshot.py recipes/configs/lft_fewshot_resnet34.yaml
@@ -243,7 +245,7 @@ def cost_ratios(summary: dict) -> dict:
     return ratios
 
 
-def save_plots(args: LFTArguments, summary: dict) -> None:
+def save_plots(args: LFTArguments, summary: dict, paired: dict | None = None) -> None:
     colors = {method: f"C{i}" for i, method in enumerate(METHODS)}
     # error bars: the spread over seeds when there are several (it dwarfs one run's 95% CI), else that CI
     spread = "accuracy_std" if len(args.seeds) > 1 else "ci95_mean"
@@ -259,6 +261,16 @@ def save_plots(args: LFTArguments, summary: dict) -> None:
     ylabel = f"accuracy (%), std over {len(args.seeds)} seeds" if len(args.seeds) > 1 else "accuracy (%), 95% CI"
     plot_grouped_bars(accuracy, os.path.join(args.results_dir, "accuracy.png"), ylabel,
                       f"{args.n_way}-way, unseen domain {unseen!r}", colors)  # fmt: skip
+    if paired and any(paired.values()):  # each method minus no FT on the same seed: the comparison that counts
+        points = lambda d: (100 * d["mean"], None if d["ci95"] is None else 100 * d["ci95"])  # noqa: E731
+        differences = {
+            f"{backbone}\n{shots}-shot": {m: points(d[f"test_{shots}shot_accuracy"]) for m, d in methods.items()}
+            for backbone, methods in paired.items()
+            for shots in args.test_shots
+        }  # 95% t intervals (none with one seed)
+        plot_grouped_bars(differences, os.path.join(args.results_dir, "paired_vs_no_ft.png"),
+                          "accuracy minus no FT (points)", f"Paired by seed, 95% CI over {len(args.seeds)} seeds",
+                          colors)  # fmt: skip
     for key, name, label in (("seconds_per_step", "seconds_per_step", "seconds per training step"),
                              ("meta_step_memory_mb", "meta_step_memory", "meta step memory (MB)")):  # fmt: skip
         values = {
@@ -287,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
               "cost_ratios": cost_ratios(summary), "runs": results}  # fmt: skip
     if is_main:
         write_results(args.results_dir, report)
-        save_plots(args, summary)
+        save_plots(args, summary, paired)
         print(
             json.dumps({"summary": summary, "paired_vs_no_ft": paired, "cost_ratios": report["cost_ratios"]}, indent=2)
         )

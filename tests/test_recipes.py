@@ -231,7 +231,7 @@ def tiny_lft_flags(tmp_path) -> list[str]:
 def test_lft_fewshot_on_embedded_digit_domains(lft_fewshot, tmp_path, no_network):
     report = lft_fewshot.main(tiny_lft_flags(tmp_path))
     results = tmp_path / "results"
-    for plot in ("accuracy.png", "seconds_per_step.png", "meta_step_memory.png"):
+    for plot in ("accuracy.png", "paired_vs_no_ft.png", "seconds_per_step.png", "meta_step_memory.png"):
         assert (results / plot).stat().st_size > 0
     saved = json.loads((results / "results.json").read_text())
     assert saved["summary"] == report["summary"] and set(saved["summary"]["test_resnet"]) == set(lft_fewshot.METHODS)
