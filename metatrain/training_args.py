@@ -127,8 +127,9 @@ class MetaTrainingArguments(TrainingArguments):
         metadata={
             "help": "Every this many optimizer steps, also compute the hypergradient with "
             "`meta_diagnostics_reference` on the same batches and log the mean cosine and norm ratio of the "
-            "estimator's hypergradient to it (`hypergradient_cosine_to_<reference>`). 0 turns it off. The reference "
-            "costs its own meta step each time, and a random reference draws from the RNG, changing the run."
+            "estimator's hypergradient to it (`hypergradient_cosine_to_<reference>`; steps where either is zero "
+            "have no cosine and are counted in `hypergradient_cosine_undefined_steps`). 0 turns it off. The "
+            "reference costs its own meta step each time, and a random reference draws from the RNG, changing the run."
         },
     )
     meta_diagnostics_reference: str = field(
