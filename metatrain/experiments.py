@@ -13,6 +13,7 @@ from transformers import Trainer
 
 from .data.episodes import stack_images
 from .profiling import MemoryMeter
+from .trainer import evaluation_mode
 
 
 def accuracy(eval_pred) -> dict[str, float]:
@@ -50,27 +51,25 @@ def evaluate_episodes(model, episodes, batch_size: int = 256, episodes_per_batch
     Returns:
         `dict`: `accuracy`, `accuracy_ci95` and `episodes`, as [`episode_accuracy`].
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    features = {}
-    for name, domain in episodes.domains.items():
-        chunks = []
-        for start in range(0, len(domain), batch_size):
-            images = stack_images(domain[start : start + batch_size][episodes.image_key])
-            chunks.append(model.embed(images.to(device)))
-        features[name] = torch.cat(chunks)
     n_way, shots = episodes.n_way, episodes.k_shot
     support_labels = torch.arange(n_way, device=device).repeat_interleave(shots)
     query_labels = torch.arange(n_way).repeat_interleave(episodes.n_query).numpy()
     accuracies = []
-    for start in range(0, len(episodes), episodes_per_batch):
-        drawn = [episodes.draw(i) for i in range(start, min(start + episodes_per_batch, len(episodes)))]
-        support = torch.stack([features[name][torch.as_tensor(picks[:, :shots].reshape(-1))] for name, picks in drawn])
-        query = torch.stack([features[name][torch.as_tensor(picks[:, shots:].reshape(-1))] for name, picks in drawn])
-        logits = model.head(support, support_labels.expand(len(drawn), -1), query)
-        accuracies += list((logits.argmax(-1).cpu().numpy() == query_labels).mean(-1))
-    model.train(was_training)
+    with evaluation_mode(model):
+        features = {}
+        for name, domain in episodes.domains.items():
+            chunks = []
+            for start in range(0, len(domain), batch_size):
+                images = stack_images(domain[start : start + batch_size][episodes.image_key])
+                chunks.append(model.embed(images.to(device)))
+            features[name] = torch.cat(chunks)
+        for start in range(0, len(episodes), episodes_per_batch):
+            drawn = [episodes.draw(i) for i in range(start, min(start + episodes_per_batch, len(episodes)))]
+            support = torch.stack([features[n][torch.as_tensor(picks[:, :shots].reshape(-1))] for n, picks in drawn])
+            query = torch.stack([features[n][torch.as_tensor(picks[:, shots:].reshape(-1))] for n, picks in drawn])
+            logits = model.head(support, support_labels.expand(len(drawn), -1), query)
+            accuracies += list((logits.argmax(-1).cpu().numpy() == query_labels).mean(-1))
     return _episode_summary(np.asarray(accuracies))
 
 

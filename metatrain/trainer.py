@@ -73,6 +73,18 @@ def join_batches(batches: list[dict[str, Any]]) -> dict[str, Any]:
     return joined
 
 
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """The model in evaluation mode (batch norm on running statistics, dropout off) inside the block, and back in the
+    mode it was in after, also when the block raises: the meta loss with `meta_loss_mode="eval"`, few-shot tests."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def _empty_meta_log() -> dict[str, Any]:
     """Running sums of the meta statistics between two training logs."""
     return {"count": 0, "meta_loss": 0.0, "hypergradient_norm": 0.0, "seconds": 0.0}
@@ -462,16 +474,6 @@ class MetaTrainer(PerSampleLossTrainer):
             torch.manual_seed((self.args.seed * 1_000_003 + self.state.global_step) * 2 + stream)
             yield
 
-    @staticmethod
-    @contextlib.contextmanager
-    def _eval_mode(model: nn.Module) -> Iterator[None]:
-        """The model in evaluation mode for the meta loss (`meta_loss_mode="eval"`), back in training mode after."""
-        model.eval()
-        try:
-            yield
-        finally:
-            model.train()
-
     def _meta_step(self, train_batch: dict[str, Any], base_losses: torch.Tensor | None = None) -> bool:
         start = time.perf_counter()
         model = self.model
@@ -497,7 +499,7 @@ class MetaTrainer(PerSampleLossTrainer):
                 else contextlib.nullcontext()
             )
             meta_eval = not training and self.args.meta_loss_mode == "eval"
-            mode = self._eval_mode(model) if meta_eval else contextlib.nullcontext()
+            mode = evaluation_mode(model) if meta_eval else contextlib.nullcontext()
             with self._same_noise(int(training)), attached_off, mode, self.batch_context(batch):
                 with self.accelerator.autocast():
                     outputs = functional_call(model, substituted, args, kwargs)
