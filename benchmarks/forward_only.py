@@ -27,9 +27,13 @@ class ForwardOnlyEvoGrad(EvoGrad):
 
     name = NAME
 
-    def _estimate(self, theta, names, noise, meta_params, train_loss, meta_loss, train_batch, meta_batch):
+    def _estimate(self, theta, names, sigma, seed, meta_params, train_loss, meta_loss, train_batch, meta_batch):
         """No meta backward: `d L_meta / d lambda = direct + sum_k (L_meta(theta_k) - L_meta(theta*)) d w_k / d lambda`
         (the softmax weights sum to one, so the baseline `L_meta(theta*)` only removes the common part)."""
+
+        def noise(k: int) -> dict[str, torch.Tensor]:
+            return self._noise(theta, names, sigma, seed, k)
+
         losses, meta_losses = [], []
         for k in range(self.population):
             eps = noise(k)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from problems import WeightedMLP, closed_form_hypergradient, one_dim_problem
 from torch import nn
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from metatrain.estimators import ESTIMATORS, EvoGrad, create_estimator
 
@@ -473,34 +477,88 @@ def test_evograd_memory_lean_gives_the_same_estimate(options):
     torch.testing.assert_close(estimates[1], estimates[0], rtol=1e-9, atol=1e-12)
 
 
-def test_evograd_memory_lean_holds_one_perturbation_at_a_time(monkeypatch):
-    """Live perturbation tensors, tracked by weak references: the default path holds all K copies' noise at once,
-    the lean path one copy's."""
-    import weakref
+class LiveBytes(TorchDispatchMode):
+    """Peak total size of the new tensor storages of at least `min_bytes` that ops create and that are alive at once
+    (weak references on the outputs; outputs that share a storage with an input, views and in-place results, are not
+    new; a storage counts once)."""
 
-    params, lam, train_loss, meta_loss = weighted_mlp_problem()
-    live, peak = set(), []
+    def __init__(self, min_bytes: int):
+        super().__init__()
+        self.min_bytes, self.live, self.total, self.peak = min_bytes, {}, 0, 0
 
-    def tracking(real):
-        def noise(self, *args, **kwargs):
-            out = real(self, *args, **kwargs)
-            for tensor in out.values():
-                key = id(tensor)
-                live.add(key)
-                weakref.finalize(tensor, live.discard, key)
-            peak.append(len(live))
-            return out
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        inputs = {
+            t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+        }
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key, size = storage.data_ptr(), storage.nbytes()
+                if size >= self.min_bytes and key not in self.live and key not in inputs:
+                    self.live[key] = size
+                    self.total += size
+                    self.peak = max(self.peak, self.total)
+                    weakref.finalize(t, self._free, key)
+        return out
 
-        return noise
+    def _free(self, key: int) -> None:
+        self.total -= self.live.pop(key, 0)
 
-    monkeypatch.setattr(EvoGrad, "_noise", tracking(EvoGrad._noise))
-    for lean, population in ((False, 8), (True, 8), (True, 32)):
-        live.clear(), peak.clear()
-        create_estimator("evograd", population=population, sigma=0.05, memory_lean=lean).hypergradient(
-            params, [lam], train_loss, meta_loss
-        )
-        per_copy = len(params)
-        assert max(peak) == (per_copy if lean else population * per_copy), (lean, population, max(peak))
+
+def deep_mlp_problem(layers: int = 8, width: int = 128):
+    """A float64 MLP whose `layers` equal square weights dominate memory (batch of 4): `(params, lam, train_loss,
+    meta_loss, bytes of one square weight)`."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, width), *[m for _ in range(layers) for m in (nn.Tanh(), nn.Linear(width, width))]
+    ).double()
+    lam = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    x, y = torch.randn(4, 8, dtype=torch.float64), torch.randint(0, width, (4,))
+
+    def train_loss(p, batch):
+        ce = nn.functional.cross_entropy(functional_call(model, p, (x,)), y, reduction="none")
+        return (torch.sigmoid(lam) * ce).mean()
+
+    def meta_loss(p, batch):
+        return nn.functional.cross_entropy(functional_call(model, p, (x + 1,)), y)
+
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    return params, lam, train_loss, meta_loss, width * width * 8
+
+
+@pytest.mark.parametrize("noise", ["sign", "gaussian"])
+def test_evograd_memory_lean_holds_about_one_weight_copy(noise):
+    """New weight-sized memory of the estimate, in copies of the 8 square float64 weights. The default path holds every
+    copy's perturbation and graph at once (10 copies with K=4). The lean path draws each copy's noise one weight at a
+    time straight into its perturbed copy, and with sign noise turns each weight's gradient w.r.t. theta* into the
+    copies' dot products as the backward produces it: one perturbed copy or theta* at a time, K int8 signs (an eighth
+    of a float64 copy each), and a few of one weight's temporaries. Gaussian noise, redrawn in order, still needs the
+    whole gradient w.r.t. theta*. Before, the lean path also held a whole float noise draw and, with sign noise, that
+    gradient: 2.6 copies with sign noise and 4.1 with Gaussian noise (measured), over these bounds."""
+    params, lam, train_loss, meta_loss, square = deep_mlp_problem()
+    peaks, estimates = {}, {}
+    for lean in (False, True):
+        torch.manual_seed(2)
+        est = create_estimator("evograd", population=4, sigma=0.01, noise=noise, memory_lean=lean)
+        with LiveBytes(square // 8) as meter:
+            estimates[lean] = est.hypergradient(params, [lam], train_loss, meta_loss)[0]
+        peaks[lean] = meter.peak / (8 * square)
+    torch.testing.assert_close(estimates[True], estimates[False], rtol=1e-9, atol=0)
+    assert estimates[True].norm() > 0
+    assert peaks[False] >= 4, peaks  # K perturbed copies at least
+    held = 1.0 + 4 / 8 if noise == "sign" else 2.0
+    assert peaks[True] <= held + 3 / 8, peaks  # plus at most three of one square weight's temporaries
+
+
+def test_evograd_meta_backward_leaves_the_callers_grads():
+    """The sign path's meta backward accumulates into `.grad` of the meta-parameters: what they held is put back."""
+    params, lam, train_loss, meta_loss, _ = deep_mlp_problem(layers=2, width=16)
+    lam.grad = torch.full_like(lam, 7.0)
+    est = create_estimator("evograd", population=2, sigma=0.01, memory_lean=True)
+    (grad,) = est.hypergradient(params, [lam], train_loss, meta_loss)
+    assert torch.equal(lam.grad, torch.full_like(lam, 7.0)) and grad.norm() > 0
 
 
 def test_evograd_noise_is_replayed_from_the_global_rng_and_differs_per_rank(monkeypatch):
@@ -529,8 +587,8 @@ def test_evograd_memory_lean_draws_sign_noise_once_per_copy(monkeypatch):
     one draw per copy, and still the default path's estimate."""
     params, lam, train_loss, meta_loss = weighted_mlp_problem()
     calls = []
-    real = EvoGrad._noise
-    monkeypatch.setattr(EvoGrad, "_noise", lambda self, *a, **k: calls.append(a[-1]) or real(self, *a, **k))
+    real = EvoGrad._noise_stream
+    monkeypatch.setattr(EvoGrad, "_noise_stream", lambda self, *a, **k: calls.append(a[-1]) or real(self, *a, **k))
     estimates = []
     for lean in (False, True):
         calls.clear()

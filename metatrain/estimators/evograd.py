@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -56,11 +56,14 @@ class EvoGrad(HypergradientEstimator):
             or an SGD meta-optimizer sees. Needs `lr`.
         memory_lean (`bool`, *optional*, defaults to `False`):
             Process the copies one at a time instead of holding all `K` perturbations and training graphs at once:
-            each copy's training loss is differentiated to the meta-parameters right away, and its perturbation is
-            kept as `int8` signs (sign noise: a quarter of a weight copy each, so drawing it again is not needed)
-            or regenerated from its seed (Gaussian noise). Peak memory is about two copies of the perturbed weights
-            and one training graph whatever `K` (plus the signs and `K` gradients w.r.t. the meta-parameters). Same
-            estimate as the default path for the same seed.
+            each copy's noise is drawn one weight at a time straight into its perturbed copy, its training loss is
+            differentiated to the meta-parameters right away, and its perturbation is kept as `int8` signs (sign
+            noise: a quarter of a weight copy each, so drawing it again is not needed) or regenerated from its seed
+            (Gaussian noise). With sign noise the meta backward turns each weight's gradient into the copies' dot
+            products as soon as it is produced and frees it. Peak memory beyond the weights is about one weight copy
+            (a perturbed copy, then `theta*`) and one graph whatever `K`, plus the signs and `K` gradients w.r.t. the
+            meta-parameters (Gaussian noise: one more weight copy, the gradient w.r.t. `theta*`). Same estimate as
+            the default path for the same seed.
         per_rank_noise (`bool`, *optional*, defaults to `True`):
             Under `torch.distributed`, offset the noise seed by the process rank, so each rank draws its own
             population and the averaged hypergradient (MetaTrainer averages across ranks) uses `K x world_size`
@@ -174,23 +177,28 @@ class EvoGrad(HypergradientEstimator):
         torch.distributed.broadcast_object_list(shared, src=0)
         return shared[0]
 
-    def _noise(
+    def _noise_stream(
         self, theta: ParamDict, names: Sequence[str], sigma: float, seed: int, k: int
-    ) -> dict[str, torch.Tensor]:
-        """The perturbation of copy `k`, regenerated from `seed`: antithetic copy `k >= K / 2` is minus copy
-        `k - K / 2`."""
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The perturbation of copy `k`, regenerated from `seed`, one weight at a time (`(name, eps)` in the order of
+        `names`, so that a caller never needs more than one weight's noise at once): antithetic copy `k >= K / 2` is
+        minus copy `k - K / 2`."""
         half = self.population // 2
         sign = -1.0 if self.antithetic and k >= half else 1.0
         device = theta[names[0]].device  # drawn where the weights live: no host-to-device copy per step
         generator = torch.Generator(device=device).manual_seed(seed + (k % half if self.antithetic else k))
-        noise = {}
         for name in names:
             p = theta[name]
             eps = torch.randn(p.shape, generator=generator, device=device, dtype=torch.float32)
             if self.noise == "sign":
                 eps.sign_()
-            noise[name] = eps.mul_(sign * sigma).to(device=p.device, dtype=p.dtype)
-        return noise
+            yield name, eps.mul_(sign * sigma).to(device=p.device, dtype=p.dtype)
+
+    def _noise(
+        self, theta: ParamDict, names: Sequence[str], sigma: float, seed: int, k: int
+    ) -> dict[str, torch.Tensor]:
+        """The whole perturbation of copy `k` (see [`~EvoGrad._noise_stream`])."""
+        return dict(self._noise_stream(theta, names, sigma, seed, k))
 
     def estimate(
         self,
@@ -206,19 +214,16 @@ class EvoGrad(HypergradientEstimator):
         theta = {name: p.detach() for name, p in params.items()}
         names, seed = self._perturbed_names(theta), self._base_seed()
 
-        def noise(k: int) -> dict[str, torch.Tensor]:
-            return self._noise(theta, names, sigma, seed, k)
-
-        inputs = (theta, names, noise, meta_params, train_loss, meta_loss, train_batch, meta_batch)
-        result = self._estimate_lean(*inputs, sigma) if self.memory_lean else self._estimate(*inputs)
+        inputs = (theta, names, sigma, seed, meta_params, train_loss, meta_loss, train_batch, meta_batch)
+        result = self._estimate_lean(*inputs) if self.memory_lean else self._estimate(*inputs)
         if self.rescale:
             factor = self._check_lr(lr) / self.effective_lr(sigma)
             result = HypergradientResult(tuple(g * factor for g in result.grads), result.meta_loss)
         return result
 
-    def _estimate(self, theta, names, noise, meta_params, train_loss, meta_loss, train_batch, meta_batch):
+    def _estimate(self, theta, names, sigma, seed, meta_params, train_loss, meta_loss, train_batch, meta_batch):
         """All copies at once: the meta loss at `theta*`, differentiated through the softmax weights."""
-        eps = [noise(k) for k in range(self.population)]
+        eps = [self._noise(theta, names, sigma, seed, k) for k in range(self.population)]
         losses = torch.stack(
             [train_loss({**theta, **{n: theta[n] + e[n] for n in names}}, train_batch).reshape(()) for e in eps]
         )
@@ -230,45 +235,86 @@ class EvoGrad(HypergradientEstimator):
         loss = meta_loss(theta_star, meta_batch)
         return HypergradientResult(grads_or_zeros(loss, meta_params), loss.detach())
 
-    def _estimate_lean(self, theta, names, noise, meta_params, train_loss, meta_loss, train_batch, meta_batch, sigma):
+    def _estimate_lean(self, theta, names, sigma, seed, meta_params, train_loss, meta_loss, train_batch, meta_batch):
         """One copy at a time: `d L_meta / d lambda = direct - (1 / tau) sum_k w_k (c_k - c_bar) d l_k / d lambda`,
-        with `c_k = grad L_meta(theta*) . eps_k` and `c_bar = sum_k w_k c_k` (the chain rule through the softmax)."""
+        with `c_k = grad L_meta(theta*) . eps_k` and `c_bar = sum_k w_k c_k` (the chain rule through the softmax).
+
+        Weight-sized tensors alive at once, besides the weights: one perturbed copy while its training loss is
+        differentiated (its noise is drawn one weight at a time, straight into it), then `theta*` while the meta loss
+        is. With sign noise the perturbations are kept as int8 signs and `c_k` is accumulated weight by weight as the
+        meta backward produces `grad L_meta(theta*)`, each gradient freed at once, so no full gradient w.r.t. `theta*`
+        is ever held. (Gaussian noise is regenerated from its seed, in order, so that gradient is held for it.)"""
+        signed = self.noise == "sign"
+        scale = float(torch.tensor(sigma, dtype=torch.float32))  # sigma as `_noise_stream` rounds it
         losses, loss_grads, signs = [], [], []
         for k in range(self.population):
-            eps = noise(k)
-            if self.noise == "sign":  # +/- sigma: kept as int8 signs, a quarter of a weight copy, not drawn again
-                signs.append({n: e.sign().to(torch.int8) for n, e in eps.items()})
-            loss_k = train_loss({**theta, **{n: theta[n] + e for n, e in eps.items()}}, train_batch).reshape(())
+            perturbed, kept = dict(theta), {}
+            for name, eps in self._noise_stream(theta, names, sigma, seed, k):
+                perturbed[name] = theta[name] + eps
+                if signed:  # +/- sigma: kept as int8 signs, a quarter of a weight copy, not drawn again
+                    kept[name] = eps.sign().to(torch.int8)
+                del eps  # before the next weight's noise is drawn
+            signs.append(kept)
+            loss_k = train_loss(perturbed, train_batch).reshape(())
             losses.append(loss_k.detach())
             loss_grads.append(grads_or_zeros(loss_k, meta_params))
-            del eps, loss_k
+            del perturbed, loss_k
 
-        def again(k: int) -> tuple[dict[str, torch.Tensor], float]:
-            """Copy `k`'s perturbation as `(tensors, scale)`: the int8 signs and sigma as `_noise` rounds it (float32),
-            used as they are (no float copy), or Gaussian noise drawn again and 1."""
-            if not signs:
-                return noise(k), 1.0
-            return signs[k], float(torch.tensor(sigma, dtype=torch.float32))
+        def again(k: int) -> Iterator[tuple[str, torch.Tensor, float]]:
+            """Copy `k`'s perturbation one weight at a time as `(name, tensor, scale)`: the int8 signs and sigma, used
+            as they are (no float copy), or Gaussian noise drawn again and 1."""
+            if signed:
+                return ((name, s, scale) for name, s in signs[k].items())
+            return ((name, e, 1.0) for name, e in self._noise_stream(theta, names, sigma, seed, k))
 
         weights = self._softmax_weights(torch.stack(losses))
         moved = {name: theta[name].clone() for name in names}
         for k in range(self.population):
-            eps, scale = again(k)
-            for name in names:
-                moved[name].add_(eps[name], alpha=weights[k].item() * scale)
-            del eps  # before the next copy is drawn
+            for name, eps, s in again(k):
+                moved[name].add_(eps, alpha=weights[k].item() * s)
         theta_star = {**theta, **{name: p.requires_grad_() for name, p in moved.items()}}
         loss = meta_loss(theta_star, meta_batch)
-        grads = grads_or_zeros(loss, [*moved.values(), *meta_params])
-        g_star, direct = dict(zip(names, grads[: len(names)])), grads[len(names) :]
-        c = []
-        for k in range(self.population):
-            eps, scale = again(k)
-            c.append(scale * sum((g_star[n] * e).sum(dtype=torch.float64) for n, e in eps.items()))
-        c = torch.stack(c)
+        c = torch.zeros(self.population, dtype=torch.float64, device=loss.device)
+        if signed:
+            direct = self._meta_backward(loss, moved, meta_params, signs, scale, c)
+        else:
+            grads = grads_or_zeros(loss, [*moved.values(), *meta_params])
+            g_star, direct = dict(zip(names, grads[: len(names)])), grads[len(names) :]
+            for k in range(self.population):
+                for name, eps, _ in again(k):
+                    c[k] += (g_star[name] * eps).sum(dtype=torch.float64)
         coefficient = -(weights.double() * (c - (weights.double() * c).sum())) / self.temperature
         hyper = tuple(
             d + sum(coefficient[k].to(d.dtype) * loss_grads[k][i] for k in range(self.population))
             for i, d in enumerate(direct)
         )
         return HypergradientResult(hyper, loss.detach())
+
+    @staticmethod
+    def _meta_backward(loss, moved, meta_params, signs, scale, c) -> tuple[torch.Tensor, ...]:
+        """Backward of the meta loss that adds `scale * grad_n . signs[k][n]` to `c[k]` as each weight's gradient
+        `grad_n` is accumulated and then drops it, and returns the gradients w.r.t. `meta_params` (zeros where the
+        loss does not depend on them). The `.grad` the caller's meta-parameters had is put back."""
+        if not loss.requires_grad:
+            return tuple(torch.zeros_like(p) for p in meta_params)
+
+        def consume(name: str):
+            def hook(p: torch.Tensor) -> None:
+                for k, kept in enumerate(signs):
+                    c[k] += scale * (p.grad * kept[name]).sum(dtype=torch.float64)
+                p.grad = None
+
+            return hook
+
+        handles = [p.register_post_accumulate_grad_hook(consume(name)) for name, p in moved.items()]
+        held = [p.grad for p in meta_params]
+        try:
+            for p in meta_params:
+                p.grad = None
+            torch.autograd.backward(loss, inputs=[*moved.values(), *meta_params])
+            return tuple(torch.zeros_like(p) if p.grad is None else p.grad for p in meta_params)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p, grad in zip(meta_params, held):
+                p.grad = grad
