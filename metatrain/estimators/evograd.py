@@ -292,16 +292,19 @@ class EvoGrad(HypergradientEstimator):
 
     @staticmethod
     def _meta_backward(loss, moved, meta_params, signs, scale, c) -> tuple[torch.Tensor, ...]:
-        """Backward of the meta loss that adds `scale * grad_n . signs[k][n]` to `c[k]` as each weight's gradient
-        `grad_n` is accumulated and then drops it, and returns the gradients w.r.t. `meta_params` (zeros where the
-        loss does not depend on them). The `.grad` the caller's meta-parameters had is put back."""
+        """Backward of the meta loss that takes `grad_n . signs[k][n]` for every copy `k` as each weight's gradient
+        `grad_n` is accumulated and then drops it, and sets `c[k]` to `scale` times their sum over the weights (summed
+        in the order of the weights, as the whole-gradient path sums them: the same numbers to the last bit). Returns
+        the gradients w.r.t. `meta_params` (zeros where the loss does not depend on them); the `.grad` the caller's
+        meta-parameters had is put back."""
         if not loss.requires_grad:
             return tuple(torch.zeros_like(p) for p in meta_params)
+        parts: list[dict[str, torch.Tensor]] = [{} for _ in signs]
 
         def consume(name: str):
             def hook(p: torch.Tensor) -> None:
                 for k, kept in enumerate(signs):
-                    c[k] += scale * (p.grad * kept[name]).sum(dtype=torch.float64)
+                    parts[k][name] = (p.grad * kept[name]).sum(dtype=torch.float64)
                 p.grad = None
 
             return hook
@@ -312,9 +315,13 @@ class EvoGrad(HypergradientEstimator):
             for p in meta_params:
                 p.grad = None
             torch.autograd.backward(loss, inputs=[*moved.values(), *meta_params])
-            return tuple(torch.zeros_like(p) if p.grad is None else p.grad for p in meta_params)
+            direct = tuple(torch.zeros_like(p) if p.grad is None else p.grad for p in meta_params)
         finally:
             for handle in handles:
                 handle.remove()
             for p, grad in zip(meta_params, held):
                 p.grad = grad
+        for k, kept in enumerate(signs):
+            zero = torch.zeros((), dtype=torch.float64, device=c.device)  # a weight the meta loss does not reach
+            c[k] = scale * sum(parts[k].get(name, zero) for name in kept)
+        return direct
