@@ -20,10 +20,14 @@ in wall time and in the process's CPU time (with one thread, the CPU time is the
 jobs on a shared machine than wall time). Memory is the process's: on CPU the peak resident set size (`VmHWM`, reset
 through `/proc/self/clear_refs` just before `train()`) minus the resident set size at that point, so model, data and
 imports are excluded and everything training adds (optimizer state, activations, the meta step's graphs, allocator
-caching) is included; on a GPU the CUDA allocator's peak during `train()` minus what was allocated before it. Ratios
-are taken against plain training measured in the same run (`--append` adds a run to an existing `results.json`; each
-run keeps its own plain reference). Writes `results.json`, `time.png`, `cpu_time.png`, `memory.png`,
-`cpu_time_ratio.png`, `memory_ratio.png` and prints a Markdown table; `--plot_from` redraws these from saved runs.
+caching) is included; on a GPU the CUDA allocator's peak during `train()` minus what was allocated before it. One
+more step after the timed ones (untimed) runs under `metatrain.profiling.LiveTensorMeter`: the peak of the tensors
+made in that step that are alive at once (`live_peak_bytes`), which the allocator's caching and fragmentation do not
+move, unlike the resident set size; it leaves out what the step does not make (weights, optimizer state from earlier
+steps). Ratios are taken against plain training measured in the same run (`--append` adds a run to an existing
+`results.json`; each run keeps its own plain reference). Writes `results.json`, `time.png`, `cpu_time.png`,
+`memory.png`, `live_memory.png`, `cpu_time_ratio.png`, `memory_ratio.png` and prints a Markdown table; `--plot_from`
+redraws these from saved runs.
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ def run_configuration(config: dict[str, Any]) -> dict[str, Any]:
     from metatrain import MetaTrainer, MetaTrainingArguments
     from metatrain.models import build_model
     from metatrain.modules import MetaWeightNet, attach_feature_wise_transforms
+    from metatrain.profiling import LiveTensorMeter
     from metatrain.trainer import PerSampleLossTrainer
 
     torch.set_num_threads(config["threads"])
@@ -114,7 +119,8 @@ def run_configuration(config: dict[str, Any]) -> dict[str, Any]:
     forward_only.register()
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    batch, steps = config["batch_size"], config["warmup"] + config["repeats"]
+    batch, timed = config["batch_size"], config["warmup"] + config["repeats"]
+    steps = timed + 1  # the last step runs under the live-tensor meter, untimed
     if config["workload"] == "mwn":
         model = build_model("cifar_resnet32", num_classes=10, width=config["size"])
     else:
@@ -122,9 +128,12 @@ def run_configuration(config: dict[str, Any]) -> dict[str, Any]:
     num_params = sum(p.numel() for p in model.parameters())
 
     class StepTimer(TrainerCallback):
+        """Times every step; the step after the timed ones runs under a [`LiveTensorMeter`] instead."""
+
         def __init__(self):
             self.times: list[float] = []
             self.cpu_times: list[float] = []
+            self.live = LiveTensorMeter()
 
         def _sync(self):
             if device.type == "cuda":
@@ -132,12 +141,16 @@ def run_configuration(config: dict[str, Any]) -> dict[str, Any]:
 
         def on_step_begin(self, args, state, control, **kwargs):
             self._sync()
+            if state.global_step == timed:
+                self.live.__enter__()
             self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             self._sync()
             self.times.append(time.perf_counter() - self.start)
             self.cpu_times.append(time.process_time() - self.cpu_start)
+            if state.global_step == timed + 1:
+                self.live.__exit__(None, None, None)
 
     timer = StepTimer()
     common = dict(
@@ -165,7 +178,7 @@ def run_configuration(config: dict[str, Any]) -> dict[str, Any]:
     start_load = os.getloadavg()[0]
     with _Memory(device) as memory:
         trainer.train()
-    measured = timer.times[config["warmup"] :]
+    measured = timer.times[config["warmup"] : timed]
     return {
         **config,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -174,11 +187,12 @@ def run_configuration(config: dict[str, Any]) -> dict[str, Any]:
         "step_seconds": measured,
         "median_seconds": statistics.median(measured),
         "min_seconds": min(measured),
-        "cpu_seconds": timer.cpu_times[config["warmup"] :],
-        "median_cpu_seconds": statistics.median(timer.cpu_times[config["warmup"] :]),
+        "cpu_seconds": timer.cpu_times[config["warmup"] : timed],
+        "median_cpu_seconds": statistics.median(timer.cpu_times[config["warmup"] : timed]),
         "load_average_1min": [start_load, os.getloadavg()[0]],  # of the whole machine, before and after
         "peak_bytes": memory.peak_bytes,
         "memory_kind": memory.kind,
+        "live_peak_bytes": timer.live.peak_bytes,  # one step, tensors made in it (LiveTensorMeter), any device
         "meta_steps_skipped": getattr(trainer, "meta_steps_skipped", 0),
     }
 
@@ -211,13 +225,16 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
             r["time_ratio"] = r["median_seconds"] / seconds
             r["cpu_time_ratio"] = r["median_cpu_seconds"] / min(b["median_cpu_seconds"] for b in bases)
             r["memory_ratio"] = r["peak_bytes"] / peak if peak > 0 else None
+            live = [b.get("live_peak_bytes") for b in bases]  # absent in runs from before the live meter
+            if r.get("live_peak_bytes") is not None and None not in live and min(live) > 0:
+                r["live_memory_ratio"] = r["live_peak_bytes"] / min(live)
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| workload | size | parameters | method | wall s / step (median) | x plain | CPU s / step (median) | x plain "
-        "| peak memory (MB) | x plain | load |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| peak memory (MB) | x plain | live tensors (MB) | x plain | load |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def ratio(r: dict[str, Any], key: str) -> str:
@@ -225,10 +242,12 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 
     for r in results:
         size = f"width {r['size']}" if r["workload"] == "mwn" else r["size"]
+        live = f"{r['live_peak_bytes'] / 2**20:.0f}" if r.get("live_peak_bytes") is not None else ""
         lines.append(
             f"| {r['workload']} | {size} | {r['num_params']:,} | {r['method']} | {r['median_seconds']:.3f} | "
             f"{ratio(r, 'time_ratio')} | {r['median_cpu_seconds']:.3f} | {ratio(r, 'cpu_time_ratio')} | "
-            f"{r['peak_bytes'] / 2**20:.0f} | {ratio(r, 'memory_ratio')} | {max(r['load_average_1min']):.1f} |"
+            f"{r['peak_bytes'] / 2**20:.0f} | {ratio(r, 'memory_ratio')} | {live} | {ratio(r, 'live_memory_ratio')} | "
+            f"{max(r['load_average_1min']):.1f} |"
         )
     return "\n".join(lines)
 
@@ -246,6 +265,7 @@ def plot(results: list[dict[str, Any]], output_dir: str) -> None:
         ("peak_bytes", "peak memory over the pre-training state (MB)", "memory.png"),
         ("cpu_time_ratio", "CPU time per step / plain training's (same run)", "cpu_time_ratio.png"),
         ("memory_ratio", "peak memory / plain training's (same run)", "memory_ratio.png"),
+        ("live_peak_bytes", "peak of live tensors made in one step (MB)", "live_memory.png"),
     ):
         fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4), squeeze=False)
         for ax, workload in zip(axes[0], workloads):
@@ -256,7 +276,7 @@ def plot(results: list[dict[str, Any]], output_dir: str) -> None:
                     if r["method"] == method:
                         best[r["num_params"]] = min(best.get(r["num_params"], float("inf")), r[key])
                 xs, ys = zip(*sorted(best.items()))
-                ys = [y / 2**20 for y in ys] if key == "peak_bytes" else ys
+                ys = [y / 2**20 for y in ys] if key.endswith("peak_bytes") else ys
                 color = plt.cm.tab20(list(METHODS).index(method) % 20)  # one color per method in every panel
                 ax.plot(xs, ys, marker="o", label=method, color=color, linestyle="--" if method == "plain" else "-")
             ax.set_xscale("log")

@@ -1,10 +1,13 @@
-"""Memory of a block of work: the CUDA allocator's peak on GPU, the peak of bytes saved for backward on CPU."""
+"""Memory of a block of work: the CUDA allocator's peak on GPU, the peak of bytes saved for backward on CPU
+([`MemoryMeter`]), and the peak of live tensor bytes on any device ([`LiveTensorMeter`])."""
 
 from __future__ import annotations
 
 import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
 class _Saved:
@@ -78,3 +81,48 @@ class MemoryMeter:
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
         else:
             self._hooks.__exit__(*exc)
+
+
+class LiveTensorMeter(TorchDispatchMode):
+    """Context manager measuring the peak total size of the tensor storages that the work inside it creates and that
+    are alive at once, in bytes (`peak_bytes` after exit): on CPU, the counterpart of the CUDA allocator's peak over
+    the memory allocated at the start, without the allocator's caching and fragmentation that make a process's peak
+    resident set size vary by tens of MB between runs of the same work.
+
+    Every operator's outputs are seen through `torch`'s dispatcher (the backward pass's too); an output whose storage
+    is an input's (a view, an in-place result) is not new, and a storage counts until its last tensor is freed.
+    Tensors that existed before the block (weights, optimizer state) are not counted, nor is memory outside tensors.
+    Each operator call costs a little Python, so time work outside the meter.
+
+    Args:
+        min_bytes (`int`, *optional*, defaults to 0): storages smaller than this are ignored.
+    """
+
+    def __init__(self, min_bytes: int = 0):
+        super().__init__()
+        self.min_bytes = min_bytes
+        self.peak_bytes = 0
+        self._live: dict[int, int] = {}
+        self._total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {
+            t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+        }
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if size < self.min_bytes or size == 0 or key in self._live or key in inputs:
+                continue
+            self._live[key] = size
+            self._total += size
+            self.peak_bytes = max(self.peak_bytes, self._total)
+            weakref.finalize(t, self._free, key)
+        return out
+
+    def _free(self, key: int) -> None:
+        self._total -= self._live.pop(key, 0)

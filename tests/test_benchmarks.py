@@ -16,7 +16,7 @@ from metatrain.estimators import EvoGrad
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from forward_only import ForwardOnlyEvoGrad  # noqa: E402 (not registered: ESTIMATORS stays the library's)
-from step_cost import _Memory, add_ratios, markdown_table  # noqa: E402
+from step_cost import _Memory, add_ratios, markdown_table, run_configuration  # noqa: E402
 
 
 def both(params, lam, train_loss, meta_loss, **options):
@@ -105,9 +105,24 @@ def test_ratios_pair_each_row_with_the_plain_rows_of_its_own_run():
         row("a", "plain", 2.0, 1.0, 100), row("a", "evograd", 6.0, 3.0, 110), row("a", "plain", 1.5, 1.2, 120),
         row("b", "plain", 4.0, 4.0, 400), row("b", "evograd", 6.0, 6.0, 440),
     ]  # fmt: skip
+    for r, live in zip(results, [2**20, 3 * 2**20, 2 * 2**20]):  # run b is from before the live meter
+        r["live_peak_bytes"] = live
     add_ratios(results)
     # run a: the faster plain (1.5 s wall, 1.0 s CPU) and the smaller peak (100) of its two plain rows
     assert (results[1]["time_ratio"], results[1]["cpu_time_ratio"], results[1]["memory_ratio"]) == (4.0, 3.0, 1.1)
     assert (results[4]["time_ratio"], results[4]["cpu_time_ratio"], results[4]["memory_ratio"]) == (1.5, 1.5, 1.1)
     table = markdown_table(results)
-    assert "| mwn | width 1 | 10 | evograd | 6.000 | 4.00 | 3.000 | 3.00 | 0 | 1.10 | 2.0 |" in table
+    assert results[1]["live_memory_ratio"] == 3.0 and "live_memory_ratio" not in results[4]
+    assert "| mwn | width 1 | 10 | evograd | 6.000 | 4.00 | 3.000 | 3.00 | 0 | 1.10 | 3 | 3.00 | 2.0 |" in table
+    assert "| mwn | width 1 | 10 | evograd | 6.000 | 1.50 | 6.000 | 1.50 | 0 | 1.10 |  |  | 2.0 |" in table
+
+
+def test_a_configuration_times_its_steps_and_meters_one_more():
+    """One worker run, tiny: `repeats` timed steps after `warmup`, then one step under the live-tensor meter, which
+    sees the step's activations and the meta step's graph."""
+    config = {"workload": "mwn", "size": 1, "method": "evograd_lean", "batch_size": 4, "warmup": 1, "repeats": 2,
+              "threads": 1, "image_size": 32}  # fmt: skip
+    result = run_configuration(config)
+    assert len(result["step_seconds"]) == 2 and len(result["cpu_seconds"]) == 2
+    assert result["live_peak_bytes"] > 4 * 16 * 32 * 32 * 4  # more than one 16-channel activation of the batch
+    assert result["meta_params"] > 0 and result["meta_steps_skipped"] == 0

@@ -289,6 +289,29 @@ def test_cpu_memory_meter_reports_the_peak_of_graphs_alive_at_once():
     assert together.peak_bytes >= 2 * saved
 
 
+def test_live_tensor_meter_counts_new_storages_alive_at_once():
+    """Exact bytes: two 1 MiB results alive together count twice, one after the other once; views, in-place results
+    and tensors from before the block do not count, and the backward pass's gradients do."""
+    from metatrain.profiling import LiveTensorMeter
+
+    mib = 2**20
+    x = torch.randn(mib // 4)  # float32: 1 MiB, from before the block
+    with LiveTensorMeter() as together:
+        a, b = x * 2, x + 1
+        a.add_(1), a.view(-1, 2), b[: len(b) // 2]
+        del a, b
+    assert together.peak_bytes == 2 * mib
+    with LiveTensorMeter() as one_at_a_time:
+        for scale in (2, 3):
+            y = x * scale
+            del y
+    assert one_at_a_time.peak_bytes == mib
+    w = x.clone().requires_grad_()
+    with LiveTensorMeter(min_bytes=mib) as backward:
+        (grad,) = torch.autograd.grad((w * w).sum(), w)  # the product, then the gradient as two 1 MiB terms
+    assert backward.peak_bytes >= 2 * mib and grad.shape == w.shape
+
+
 def test_cpu_memory_meter_frees_the_graphs_it_watches():
     """T1-T2 through a ResNet with FT layers under the meter: the hypergradient is the one without it, and repeated
     meta steps leave no tensors behind (wrapping the saved tensors themselves leaked every second-order graph)."""

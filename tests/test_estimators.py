@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
 from problems import WeightedMLP, closed_form_hypergradient, one_dim_problem
 from torch import nn
 from torch.func import functional_call
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from metatrain.estimators import ESTIMATORS, EvoGrad, create_estimator
+from metatrain.profiling import LiveTensorMeter
 
 
 def test_create_estimator_names_and_options():
@@ -477,36 +474,6 @@ def test_evograd_memory_lean_gives_the_same_estimate(options):
     torch.testing.assert_close(estimates[1], estimates[0], rtol=1e-9, atol=1e-12)
 
 
-class LiveBytes(TorchDispatchMode):
-    """Peak total size of the new tensor storages of at least `min_bytes` that ops create and that are alive at once
-    (weak references on the outputs; outputs that share a storage with an input, views and in-place results, are not
-    new; a storage counts once)."""
-
-    def __init__(self, min_bytes: int):
-        super().__init__()
-        self.min_bytes, self.live, self.total, self.peak = min_bytes, {}, 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        kwargs = kwargs or {}
-        inputs = {
-            t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key, size = storage.data_ptr(), storage.nbytes()
-                if size >= self.min_bytes and key not in self.live and key not in inputs:
-                    self.live[key] = size
-                    self.total += size
-                    self.peak = max(self.peak, self.total)
-                    weakref.finalize(t, self._free, key)
-        return out
-
-    def _free(self, key: int) -> None:
-        self.total -= self.live.pop(key, 0)
-
-
 def deep_mlp_problem(layers: int = 8, width: int = 128):
     """A float64 MLP whose `layers` equal square weights dominate memory (batch of 4): `(params, lam, train_loss,
     meta_loss, bytes of one square weight)`."""
@@ -542,9 +509,9 @@ def test_evograd_memory_lean_holds_about_one_weight_copy(noise):
     for lean in (False, True):
         torch.manual_seed(2)
         est = create_estimator("evograd", population=4, sigma=0.01, noise=noise, memory_lean=lean)
-        with LiveBytes(square // 8) as meter:
+        with LiveTensorMeter(square // 8) as meter:
             estimates[lean] = est.hypergradient(params, [lam], train_loss, meta_loss)[0]
-        peaks[lean] = meter.peak / (8 * square)
+        peaks[lean] = meter.peak_bytes / (8 * square)
     torch.testing.assert_close(estimates[True], estimates[False], rtol=1e-9, atol=0)
     assert estimates[True].norm() > 0
     assert peaks[False] >= 4, peaks  # K perturbed copies at least

@@ -303,9 +303,17 @@ class EvoGrad(HypergradientEstimator):
 
         def consume(name: str):
             def hook(p: torch.Tensor) -> None:
+                grad, p.grad = p.grad, None
                 for k, kept in enumerate(signs):
-                    parts[k][name] = (p.grad * kept[name]).sum(dtype=torch.float64)
-                p.grad = None
+                    if not kept[name].all():  # an exact zero in the noise: the flip below would not undo it
+                        parts[k][name] = (grad * kept[name]).sum(dtype=torch.float64)
+                        continue
+                    # the products in place, not in a weight-sized temporary made while the backward's activations
+                    # are alive (on a network with a few large weights that temporary is the step's peak); multiplying
+                    # by +/-1 again flips them back exactly
+                    parts[k][name] = grad.mul_(kept[name]).sum(dtype=torch.float64)
+                    if k + 1 < len(signs):
+                        grad.mul_(kept[name])
 
             return hook
 
