@@ -1,9 +1,10 @@
 """The pieces of `benchmarks/` that compute numbers: the forward-only EvoGrad variant (`forward_only.py`: K + 1 meta
-forwards replace the meta backward) against the standard path on the same noise, and `step_cost.py`'s memory
-measurement and ratios."""
+forwards replace the meta backward) against the standard path on the same noise, `step_cost.py`'s memory
+measurement and ratios, and `lft_probe.py` on a tiny run."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from metatrain.diagnostics import cosine, flatten
 from metatrain.estimators import EvoGrad
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import lft_probe  # noqa: E402
 from forward_only import ForwardOnlyEvoGrad  # noqa: E402 (not registered: ESTIMATORS stays the library's)
 from step_cost import _Memory, add_ratios, markdown_table, run_configuration  # noqa: E402
 
@@ -126,3 +128,19 @@ def test_a_configuration_times_its_steps_and_meters_one_more():
     assert len(result["step_seconds"]) == 2 and len(result["cpu_seconds"]) == 2
     assert result["live_peak_bytes"] > 4 * 16 * 32 * 32 * 4  # more than one 16-channel activation of the batch
     assert result["meta_params"] > 0 and result["meta_steps_skipped"] == 0
+
+
+def test_lft_probe_compares_estimators_at_fixed_states(tmp_path, no_network):
+    """Two states of a tiny LFT run: every requested comparison is reported, over the requested numbers of draws."""
+    recipe = ["--backbones", "test_resnet", "--image_size", "8", "--n_shot", "1", "--n_query", "2",
+              "--train_episodes", "4", "--seeds", "0", "--pretrain_steps", "0", "--disable_tqdm", "true",
+              "--output_dir", str(tmp_path / "runs"), "--logging_steps", "1"]  # fmt: skip
+    out = tmp_path / "probe.json"
+    flags = ["--at_steps", "0", "1", "--draws", "3", "--populations", "2", "--fd_epsilons", "1e-4", "--output"]
+    report = lft_probe.main([*flags, str(out), "--", *recipe])
+    assert [s["step"] for s in report["states"]] == [0, 1] and json.loads(out.read_text()) == report
+    for state in report["states"]:
+        assert state["t1t2_norm"] > 0 and -1 <= state["t1t2_fd_epsilon_0.0001_cosine"] <= 1
+        evograd = state["evograd_sigma_lr_K2"]
+        assert set(evograd["cosine_of_mean_by_draws"]) == {"1", "3"}
+        assert evograd["undefined"] == 3 or -1 <= evograd["single_draw_cosine_mean"] <= 1
