@@ -90,7 +90,8 @@ class LiveTensorMeter(TorchDispatchMode):
     resident set size vary by tens of MB between runs of the same work.
 
     Every operator's outputs are seen through `torch`'s dispatcher (the backward pass's too); an output whose storage
-    is an input's (a view, an in-place result) is not new, and a storage counts until its last tensor is freed.
+    is an input's (a view, an in-place result) is not new, and a storage counts until it is freed (an alias such as
+    a detached tensor may keep it after the tensor that made it).
     Tensors that existed before the block (weights, optimizer state) are not counted, nor is memory outside tensors.
     Each operator call costs a little Python, so time work outside the meter.
 
@@ -121,7 +122,7 @@ class LiveTensorMeter(TorchDispatchMode):
             self._live[key] = size
             self._total += size
             self.peak_bytes = max(self.peak_bytes, self._total)
-            weakref.finalize(t, self._free, key)
+            weakref.finalize(storage, self._free, key)  # the storage: an alias may keep it after its tensor
         return out
 
     def _free(self, key: int) -> None:

@@ -290,8 +290,9 @@ def test_cpu_memory_meter_reports_the_peak_of_graphs_alive_at_once():
 
 
 def test_live_tensor_meter_counts_new_storages_alive_at_once():
-    """Exact bytes: two 1 MiB results alive together count twice, one after the other once; views, in-place results
-    and tensors from before the block do not count, and the backward pass's gradients do."""
+    """Exact bytes: two 1 MiB results alive together count twice, one after the other once, and a storage that an alias
+    keeps counts while the alias lives; views, in-place results and tensors from before the block do not count, and the
+    backward pass's gradients do."""
     from metatrain.profiling import LiveTensorMeter
 
     mib = 2**20
@@ -306,6 +307,13 @@ def test_live_tensor_meter_counts_new_storages_alive_at_once():
             y = x * scale
             del y
     assert one_at_a_time.peak_bytes == mib
+    with LiveTensorMeter() as alias_outlives:
+        y = x * 2
+        part = y.detach()[:8]  # keeps y's storage alive after y is gone (a detached alias holds no `_base`)
+        del y
+        z = x * 3
+        del z, part
+    assert alias_outlives.peak_bytes == 2 * mib
     w = x.clone().requires_grad_()
     with LiveTensorMeter(min_bytes=mib) as backward:
         (grad,) = torch.autograd.grad((w * w).sum(), w)  # the product, then the gradient as two 1 MiB terms
