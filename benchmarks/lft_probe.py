@@ -15,7 +15,6 @@ single draw to T1-T2 (mean, std, undefined count) and the cosine of the mean of 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -27,9 +26,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes"))
 import lft_fewshot  # noqa: E402
 
-from metatrain import MetaTrainer  # noqa: E402
 from metatrain.cli import parse_config  # noqa: E402
-from metatrain.data import EpisodeDataset  # noqa: E402
 from metatrain.diagnostics import cosine, flatten  # noqa: E402
 from metatrain.estimators import create_estimator  # noqa: E402
 
@@ -84,15 +81,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args, training_args = parse_config((lft_fewshot.LFTArguments, lft_fewshot.MetaTrainingArguments), recipe,
                                        lft_fewshot.DEFAULT_CONFIG)  # fmt: skip
     backbone, seed = args.backbones[0], args.seeds[0]
-    seen, _, pretrained = lft_fewshot.load_data(args, training_args, backbone, seed)
-    model, transforms = lft_fewshot.build_model(args, backbone, "lft_evograd", seed, pretrained)
-    ids = {name: i for i, name in enumerate(seen)}
-    episodes = lambda s: EpisodeDataset(seen, args.n_way, args.n_shot, args.n_query, args.train_episodes, s, ids)  # noqa: E731
-    options = json.loads(args.evograd_kwargs)
-    run_args = dataclasses.replace(training_args, seed=seed, hypergradient="evograd", hypergradient_kwargs=options)
-    trainer = MetaTrainer(model=model, args=run_args, train_dataset=episodes(seed), meta_module=transforms,
-                          meta_dataset=episodes(seed + 1_000_003),
-                          model_input_names=lft_fewshot.MODEL_INPUTS)  # fmt: skip
+    data = lft_fewshot.load_data(args, training_args, backbone, seed)
+    trainer, _ = lft_fewshot.build_trainer(args, training_args, backbone, "lft_evograd", seed, data)
+    options = trainer.args.hypergradient_kwargs
     report: dict[str, Any] = {"backbone": backbone, "seed": seed, "evograd_options": options, "draws": cli.draws,
                               "states": []}  # fmt: skip
 

@@ -180,14 +180,19 @@ def build_model(args: LFTArguments, backbone: str, method: str, seed: int, pretr
     return model, transforms
 
 
-def run(args: LFTArguments, training_args: MetaTrainingArguments, backbone: str, method: str, seed: int, data):
-    seen, unseen, pretrained = data
+def make_episodes(args: LFTArguments, seen: dict, shots: int, queries: int, count: int, episode_seed: int, pool: dict):
+    """`count` episodes drawn from the domains `pool` (the seen domains, whose episodes carry their domain id, or the
+    unseen one)."""
+    ids = {name: i for i, name in enumerate(seen)}
+    return EpisodeDataset(pool, args.n_way, shots, queries, count, episode_seed, ids if pool is seen else None)
+
+
+def build_trainer(args: LFTArguments, training_args: MetaTrainingArguments, backbone: str, method: str, seed: int,
+                  data) -> tuple:  # fmt: skip
+    """The trainer of one run (a `MetaTrainer` with pseudo-unseen meta episodes for the LFT methods) and its FT layers
+    (or `None`)."""
+    seen, _, pretrained = data
     model, transforms = build_model(args, backbone, method, seed, pretrained)
-
-    def episodes(shots: int, queries: int, count: int, episode_seed: int, pool: dict) -> EpisodeDataset:
-        ids = {name: i for i, name in enumerate(seen)}
-        return EpisodeDataset(pool, args.n_way, shots, queries, count, episode_seed, ids if pool is seen else None)
-
     hypergradient = METHODS[method]
     run_args = dataclasses.replace(
         training_args,
@@ -197,18 +202,22 @@ def run(args: LFTArguments, training_args: MetaTrainingArguments, backbone: str,
         hypergradient_kwargs=json.loads(args.evograd_kwargs) if hypergradient == "evograd" else {},
     )
     common = dict(
-        model=model, args=run_args, train_dataset=episodes(args.n_shot, args.n_query, args.train_episodes, seed, seen),
-        compute_metrics=episode_accuracy, model_input_names=MODEL_INPUTS,
+        model=model, args=run_args, compute_metrics=episode_accuracy, model_input_names=MODEL_INPUTS,
+        train_dataset=make_episodes(args, seen, args.n_shot, args.n_query, args.train_episodes, seed, seen),
     )  # fmt: skip
     if hypergradient is None:
-        trainer = PerSampleLossTrainer(**common)
-    else:
-        pseudo_unseen = episodes(args.n_shot, args.n_query, args.train_episodes, seed + 1_000_003, seen)
-        trainer = MetaTrainer(**common, meta_dataset=pseudo_unseen, meta_module=transforms)
+        return PerSampleLossTrainer(**common), transforms
+    pseudo_unseen = make_episodes(args, seen, args.n_shot, args.n_query, args.train_episodes, seed + 1_000_003, seen)
+    return MetaTrainer(**common, meta_dataset=pseudo_unseen, meta_module=transforms), transforms
+
+
+def run(args: LFTArguments, training_args: MetaTrainingArguments, backbone: str, method: str, seed: int, data):
+    seen, unseen, _ = data
+    trainer, transforms = build_trainer(args, training_args, backbone, method, seed, data)
     result = {"method": method, "backbone": backbone, "seed": seed, **train_and_measure(trainer)}
     for shots in args.test_shots:
         # the same test episodes for every method of a seed: a paired comparison
-        test = episodes(shots, args.test_queries, args.test_episodes, 10_000 + seed, unseen)
+        test = make_episodes(args, seen, shots, args.test_queries, args.test_episodes, 10_000 + seed, unseen)
         metrics = evaluate_episodes(trainer.model, test)
         result[f"test_{shots}shot_accuracy"] = metrics["accuracy"]
         result[f"test_{shots}shot_ci95"] = metrics["accuracy_ci95"]
