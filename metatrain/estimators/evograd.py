@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -13,6 +14,37 @@ from ._base import HypergradientEstimator, HypergradientResult, LossFn, ParamDic
 
 NOISE_TYPES = ("sign", "gaussian")
 SIGMA_RULES = ("auto", "lr")  # sigma derived from the inner learning rate of each call
+
+
+SIGN_CHUNK = 1 << 17  # packed bytes unpacked at once: 2^20 signs, a 4 MB float32 temporary
+
+
+@functools.lru_cache(maxsize=16)
+def _sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`[256, 8]`: row `b` holds the signs packed in byte `b`, `+1` where bit `i` (least significant first) is set,
+    else `-1`."""
+    bits = (torch.arange(256, device=device).unsqueeze(-1) >> torch.arange(8, device=device)) & 1
+    return (2 * bits - 1).to(dtype)
+
+
+def _unpack(table: torch.Tensor, bits: torch.Tensor, numel: int) -> torch.Tensor:
+    """The first `numel` values that the bytes `bits` pack, looked up in `table` (a [`_sign_table`], possibly
+    scaled), flattened."""
+    return table.index_select(0, bits.int()).view(-1)[:numel]
+
+
+def _sign_chunks(bits: torch.Tensor, numel: int, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
+    """`(start, signs)`: the `numel` signs packed in `bits` as `+/-1` of `dtype`, `8 * SIGN_CHUNK` at a time."""
+    table = _sign_table(dtype, bits.device)
+    for i in range(0, bits.numel(), SIGN_CHUNK):
+        yield 8 * i, _unpack(table, bits[i : i + SIGN_CHUNK], min(numel - 8 * i, 8 * SIGN_CHUNK))
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a . b` as a float64 scalar, computed in float32 at least."""
+    if a.dtype not in (torch.float32, torch.float64):
+        a, b = a.float(), b.float()
+    return torch.dot(a, b).double()
 
 
 class EvoGrad(HypergradientEstimator):
@@ -37,7 +69,9 @@ class EvoGrad(HypergradientEstimator):
         temperature (`float`, *optional*, defaults to 0.05):
             Softmax temperature `tau`.
         noise (`str`, *optional*, defaults to `"sign"`):
-            `"sign"` for `sigma * sign(N(0, I))` as the official code, `"gaussian"` for `sigma * N(0, I)`.
+            `"sign"` for `+/- sigma` with random signs (the distribution of the official code's
+            `sigma * sign(N(0, I))`, drawn as random bytes, 8 signs each: an eighth of the random numbers and no
+            Gaussian transform), `"gaussian"` for `sigma * N(0, I)`.
         antithetic (`bool`, *optional*, defaults to `False`):
             Draw the population as `K / 2` pairs `theta + eps`, `theta - eps` (`K` must be even). The even-order
             terms of the loss (curvature) then cancel in each pair's loss difference, which matters when `sigma` is
@@ -57,9 +91,9 @@ class EvoGrad(HypergradientEstimator):
         memory_lean (`bool`, *optional*, defaults to `False`):
             Process the copies one at a time instead of holding all `K` perturbations and training graphs at once:
             each copy's noise is drawn one weight at a time straight into its perturbed copy, its training loss is
-            differentiated to the meta-parameters right away, and its perturbation is kept as `int8` signs (sign
-            noise: a quarter of a weight copy each, so drawing it again is not needed) or regenerated from its seed
-            (Gaussian noise). With sign noise the meta backward turns each weight's gradient into the copies' dot
+            differentiated to the meta-parameters right away, and its perturbation is kept as the bits it was drawn
+            as (sign noise: one bit per weight, a 32nd of a float32 copy, not drawn again) or regenerated from its
+            seed (Gaussian noise). With sign noise the meta backward turns each weight's gradient into the copies' dot
             products as soon as it is produced and frees it. Peak memory beyond the weights is about one weight copy
             (a perturbed copy, then `theta*`) and one graph whatever `K`, plus the signs and `K` gradients w.r.t. the
             meta-parameters (Gaussian noise: one more weight copy, the gradient w.r.t. `theta*`). Same estimate as
@@ -177,22 +211,38 @@ class EvoGrad(HypergradientEstimator):
         torch.distributed.broadcast_object_list(shared, src=0)
         return shared[0]
 
+    def _draw_stream(
+        self, theta: ParamDict, names: Sequence[str], sigma: float, seed: int, k: int
+    ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+        """The perturbation of copy `k`, regenerated from `seed`, one weight at a time, as `(name, eps, bits)` in the
+        order of `names` (a caller never needs more than one weight's noise at once). Sign noise is drawn as random
+        bytes, 8 signs each (bit set: `+sigma`), and `bits` holds them (`uint8`, an eighth of the weight's elements,
+        in the weight's row-major order; see [`_sign_table`]); Gaussian noise has `bits=None`. Antithetic copy
+        `k >= K / 2` is minus copy `k - K / 2` (its bits inverted)."""
+        half = self.population // 2
+        mirrored = self.antithetic and k >= half
+        device = theta[names[0]].device  # drawn where the weights live: no host-to-device copy per step
+        generator = torch.Generator(device=device).manual_seed(seed + (k % half if self.antithetic else k))
+        tables: dict[torch.dtype, torch.Tensor] = {}
+        for name in names:
+            p = theta[name]
+            if self.noise == "sign":
+                bits = torch.randint(0, 256, (-(-p.numel() // 8),), generator=generator, device=device,
+                                     dtype=torch.uint8)  # fmt: skip
+                if mirrored:
+                    bits.bitwise_not_()
+                if p.dtype not in tables:  # +/- sigma as float32 rounds it, then in the weight's dtype
+                    tables[p.dtype] = (_sign_table(torch.float32, device) * sigma).to(device=p.device, dtype=p.dtype)
+                yield name, _unpack(tables[p.dtype], bits, p.numel()).view(p.shape), bits
+                continue
+            eps = torch.randn(p.shape, generator=generator, device=device, dtype=torch.float32)
+            yield name, eps.mul_(-sigma if mirrored else sigma).to(device=p.device, dtype=p.dtype), None
+
     def _noise_stream(
         self, theta: ParamDict, names: Sequence[str], sigma: float, seed: int, k: int
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """The perturbation of copy `k`, regenerated from `seed`, one weight at a time (`(name, eps)` in the order of
-        `names`, so that a caller never needs more than one weight's noise at once): antithetic copy `k >= K / 2` is
-        minus copy `k - K / 2`."""
-        half = self.population // 2
-        sign = -1.0 if self.antithetic and k >= half else 1.0
-        device = theta[names[0]].device  # drawn where the weights live: no host-to-device copy per step
-        generator = torch.Generator(device=device).manual_seed(seed + (k % half if self.antithetic else k))
-        for name in names:
-            p = theta[name]
-            eps = torch.randn(p.shape, generator=generator, device=device, dtype=torch.float32)
-            if self.noise == "sign":
-                eps.sign_()
-            yield name, eps.mul_(sign * sigma).to(device=p.device, dtype=p.dtype)
+        """The perturbation of copy `k` as `(name, eps)`, one weight at a time (see [`~EvoGrad._draw_stream`])."""
+        return ((name, eps) for name, eps, _ in self._draw_stream(theta, names, sigma, seed, k))
 
     def _noise(
         self, theta: ParamDict, names: Sequence[str], sigma: float, seed: int, k: int
@@ -241,18 +291,19 @@ class EvoGrad(HypergradientEstimator):
 
         Weight-sized tensors alive at once, besides the weights: one perturbed copy while its training loss is
         differentiated (its noise is drawn one weight at a time, straight into it), then `theta*` while the meta loss
-        is. With sign noise the perturbations are kept as int8 signs and `c_k` is accumulated weight by weight as the
-        meta backward produces `grad L_meta(theta*)`, each gradient freed at once, so no full gradient w.r.t. `theta*`
-        is ever held. (Gaussian noise is regenerated from its seed, in order, so that gradient is held for it.)"""
+        is. With sign noise the perturbations are kept as the packed bits they were drawn as (one bit per weight) and
+        `c_k` is accumulated weight by weight as the meta backward produces `grad L_meta(theta*)`, each gradient freed
+        at once, so no full gradient w.r.t. `theta*` is ever held. (Gaussian noise is regenerated from its seed, in
+        order, so that gradient is held for it.)"""
         signed = self.noise == "sign"
-        scale = float(torch.tensor(sigma, dtype=torch.float32))  # sigma as `_noise_stream` rounds it
+        scale = float(torch.tensor(sigma, dtype=torch.float32))  # sigma as `_draw_stream` rounds it
         losses, loss_grads, signs = [], [], []
         for k in range(self.population):
             perturbed, kept = dict(theta), {}
-            for name, eps in self._noise_stream(theta, names, sigma, seed, k):
-                perturbed[name] = theta[name] + eps
-                if signed:  # +/- sigma: kept as int8 signs, a quarter of a weight copy, not drawn again
-                    kept[name] = eps.sign().to(torch.int8)
+            for name, eps, bits in self._draw_stream(theta, names, sigma, seed, k):
+                perturbed[name] = eps.add_(theta[name])  # theta + eps, in the noise's own memory
+                if signed:  # one bit per weight, not drawn again
+                    kept[name] = bits
                 del eps  # before the next weight's noise is drawn
             signs.append(kept)
             loss_k = train_loss(perturbed, train_batch).reshape(())
@@ -260,18 +311,18 @@ class EvoGrad(HypergradientEstimator):
             loss_grads.append(grads_or_zeros(loss_k, meta_params))
             del perturbed, loss_k
 
-        def again(k: int) -> Iterator[tuple[str, torch.Tensor, float]]:
-            """Copy `k`'s perturbation one weight at a time as `(name, tensor, scale)`: the int8 signs and sigma, used
-            as they are (no float copy), or Gaussian noise drawn again and 1."""
-            if signed:
-                return ((name, s, scale) for name, s in signs[k].items())
-            return ((name, e, 1.0) for name, e in self._noise_stream(theta, names, sigma, seed, k))
-
         weights = self._softmax_weights(torch.stack(losses))
-        moved = {name: theta[name].clone() for name in names}
+        # theta* in the weights' row-major order, the order of the packed signs
+        moved = {name: theta[name].clone(memory_format=torch.contiguous_format) for name in names}
         for k in range(self.population):
-            for name, eps, s in again(k):
-                moved[name].add_(eps, alpha=weights[k].item() * s)
+            if signed:  # +/- 1 a chunk at a time, times w_k sigma
+                for name, bits in signs[k].items():
+                    flat = moved[name].view(-1)
+                    for start, chunk in _sign_chunks(bits, flat.numel(), flat.dtype):
+                        flat[start : start + chunk.numel()].add_(chunk, alpha=weights[k].item() * scale)
+                continue
+            for name, eps in self._noise_stream(theta, names, sigma, seed, k):
+                moved[name].add_(eps, alpha=weights[k].item())
         theta_star = {**theta, **{name: p.requires_grad_() for name, p in moved.items()}}
         loss = meta_loss(theta_star, meta_batch)
         c = torch.zeros(self.population, dtype=torch.float64, device=loss.device)
@@ -281,7 +332,7 @@ class EvoGrad(HypergradientEstimator):
             grads = grads_or_zeros(loss, [*moved.values(), *meta_params])
             g_star, direct = dict(zip(names, grads[: len(names)])), grads[len(names) :]
             for k in range(self.population):
-                for name, eps, _ in again(k):
+                for name, eps in self._noise_stream(theta, names, sigma, seed, k):
                     c[k] += (g_star[name] * eps).sum(dtype=torch.float64)
         coefficient = -(weights.double() * (c - (weights.double() * c).sum())) / self.temperature
         hyper = tuple(
@@ -293,10 +344,10 @@ class EvoGrad(HypergradientEstimator):
     @staticmethod
     def _meta_backward(loss, moved, meta_params, signs, scale, c) -> tuple[torch.Tensor, ...]:
         """Backward of the meta loss that takes `grad_n . signs[k][n]` for every copy `k` as each weight's gradient
-        `grad_n` is accumulated and then drops it, and sets `c[k]` to `scale` times their sum over the weights (summed
-        in the order of the weights, as the whole-gradient path sums them: the same numbers to the last bit). Returns
-        the gradients w.r.t. `meta_params` (zeros where the loss does not depend on them); the `.grad` the caller's
-        meta-parameters had is put back."""
+        `grad_n` is accumulated and then drops it, and sets `c[k]` to `scale` times their sum over the weights. The
+        signs are unpacked a chunk at a time (see [`_sign_chunks`]), so the backward, whose activations are alive,
+        gains no weight-sized temporary. Returns the gradients w.r.t. `meta_params` (zeros where the loss does not
+        depend on them); the `.grad` the caller's meta-parameters had is put back."""
         if not loss.requires_grad:
             return tuple(torch.zeros_like(p) for p in meta_params)
         parts: list[dict[str, torch.Tensor]] = [{} for _ in signs]
@@ -304,16 +355,12 @@ class EvoGrad(HypergradientEstimator):
         def consume(name: str):
             def hook(p: torch.Tensor) -> None:
                 grad, p.grad = p.grad, None
+                flat = grad.reshape(-1)  # row-major, as the signs
                 for k, kept in enumerate(signs):
-                    if not kept[name].all():  # an exact zero in the noise: the flip below would not undo it
-                        parts[k][name] = (grad * kept[name]).sum(dtype=torch.float64)
-                        continue
-                    # the products in place, not in a weight-sized temporary made while the backward's activations
-                    # are alive (on a network with a few large weights that temporary is the step's peak); multiplying
-                    # by +/-1 again flips them back exactly
-                    parts[k][name] = grad.mul_(kept[name]).sum(dtype=torch.float64)
-                    if k + 1 < len(signs):
-                        grad.mul_(kept[name])
+                    parts[k][name] = sum(
+                        _dot(flat[start : start + chunk.numel()], chunk)
+                        for start, chunk in _sign_chunks(kept[name], flat.numel(), flat.dtype)
+                    )
 
             return hook
 
