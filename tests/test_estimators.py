@@ -9,6 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metatrain.estimators import ESTIMATORS, EvoGrad, create_estimator
+from metatrain.estimators import evograd as evograd_module
 from metatrain.profiling import LiveTensorMeter
 
 
@@ -477,6 +478,32 @@ def test_evograd_memory_lean_gives_the_same_estimate(options):
         estimates.append(est.hypergradient(params, [lam], train_loss, meta_loss)[0])
     assert estimates[0].norm() > 0
     torch.testing.assert_close(estimates[1], estimates[0], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_evograd_sign_noise_is_packed_bits_unpacked_in_chunks(monkeypatch, antithetic):
+    """Sign noise is drawn as random bytes, 8 signs each, and the lean path unpacks the kept bytes a chunk at a time.
+    With chunks of 16 signs, the weights (3, 8, 24 and 32 elements) end in partial bytes and span up to two chunks,
+    and the lean path still gives the default path's estimate; every draw is exactly +/- sigma (as float32 rounds it),
+    the two signs about equally often, and an antithetic copy is its partner negated."""
+    monkeypatch.setattr(evograd_module, "SIGN_CHUNK", 2)
+    params, lam, train_loss, meta_loss = weighted_mlp_problem()
+    estimates = []
+    for lean in (False, True):
+        torch.manual_seed(4)
+        est = create_estimator("evograd", population=4, sigma=0.05, antithetic=antithetic, memory_lean=lean)
+        estimates.append(est.hypergradient(params, [lam], train_loss, meta_loss)[0])
+    assert estimates[0].norm() > 0
+    torch.testing.assert_close(estimates[1], estimates[0], rtol=1e-9, atol=1e-12)
+    assert sorted(p.numel() for p in params.values()) == [3, 8, 24, 32]
+    draws = [torch.cat([e.flatten() for e in est._noise(params, list(params), 0.05, seed=9, k=k).values()]) for k in
+             range(4)]  # fmt: skip
+    sigma = float(torch.tensor(0.05, dtype=torch.float32))
+    for eps in draws:
+        assert eps.dtype == torch.float64 and torch.all(eps.abs() == sigma)
+    positive = torch.stack(draws).gt(0).double().mean()
+    assert 0.4 < positive < 0.6  # 268 signs
+    assert torch.equal(draws[0], -draws[2]) == antithetic and not torch.equal(draws[0], draws[1])
 
 
 def deep_mlp_problem(layers: int = 8, width: int = 128):

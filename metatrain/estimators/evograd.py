@@ -228,7 +228,7 @@ class EvoGrad(HypergradientEstimator):
             p = theta[name]
             if self.noise == "sign":
                 bits = torch.randint(0, 256, (-(-p.numel() // 8),), generator=generator, device=device,
-                                     dtype=torch.uint8)  # fmt: skip
+                                     dtype=torch.uint8).to(p.device)  # fmt: skip
                 if mirrored:
                     bits.bitwise_not_()
                 if p.dtype not in tables:  # +/- sigma as float32 rounds it, then in the weight's dtype
