@@ -223,7 +223,7 @@ class EvoGrad(HypergradientEstimator):
         mirrored = self.antithetic and k >= half
         device = theta[names[0]].device  # drawn where the weights live: no host-to-device copy per step
         generator = torch.Generator(device=device).manual_seed(seed + (k % half if self.antithetic else k))
-        tables: dict[torch.dtype, torch.Tensor] = {}
+        tables: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         for name in names:
             p = theta[name]
             if self.noise == "sign":
@@ -231,9 +231,10 @@ class EvoGrad(HypergradientEstimator):
                                      dtype=torch.uint8).to(p.device)  # fmt: skip
                 if mirrored:
                     bits.bitwise_not_()
-                if p.dtype not in tables:  # +/- sigma as float32 rounds it, then in the weight's dtype
-                    tables[p.dtype] = (_sign_table(torch.float32, device) * sigma).to(device=p.device, dtype=p.dtype)
-                yield name, _unpack(tables[p.dtype], bits, p.numel()).view(p.shape), bits
+                key = (p.dtype, p.device)
+                if key not in tables:  # +/- sigma as float32 rounds it, then in the weight's dtype and place
+                    tables[key] = (_sign_table(torch.float32, device) * sigma).to(device=p.device, dtype=p.dtype)
+                yield name, _unpack(tables[key], bits, p.numel()).view(p.shape), bits
                 continue
             eps = torch.randn(p.shape, generator=generator, device=device, dtype=torch.float32)
             yield name, eps.mul_(-sigma if mirrored else sigma).to(device=p.device, dtype=p.dtype), None
