@@ -71,8 +71,8 @@ def test_t1t2_against_itself_and_first_order_has_no_direction():
 def test_evograd_mean_tracks_t1t2_when_its_step_is_the_learning_rate():
     """`sigma="auto"` sets EvoGrad's effective lookahead step to `lr`: the mean over repeats points where T1-T2
     does, while single estimates of a small population are much noisier. 64 repeats: the mean cosine of single
-    estimates spreads widely over noise draws (with 8 repeats, 0.76-0.99 for K=32 and 0.25-0.99 for K=4 over five
-    seeds; with 64, 0.89-0.98 and 0.23-0.59)."""
+    estimates spreads widely over noise draws (8 repeats: 0.76-0.99 for K=32 and 0.25-0.99 for K=4 over five
+    seeds, each with the old and the new sign noise; 64 repeats, new noise: 0.89-0.98 and 0.23-0.59)."""
     problem = tiny_problem()
     large, small = compare_estimators(
         **problem,
