@@ -315,15 +315,15 @@ class EvoGrad(HypergradientEstimator):
         weights = self._softmax_weights(torch.stack(losses))
         # theta* in the weights' row-major order, the order of the packed signs
         moved = {name: theta[name].clone(memory_format=torch.contiguous_format) for name in names}
-        for k in range(self.population):
+        for k, w_k in enumerate(weights.tolist()):  # one device sync, not one per weight or chunk
             if signed:  # +/- 1 a chunk at a time, times w_k sigma
                 for name, bits in signs[k].items():
                     flat = moved[name].view(-1)
                     for start, chunk in _sign_chunks(bits, flat.numel(), flat.dtype):
-                        flat[start : start + chunk.numel()].add_(chunk, alpha=weights[k].item() * scale)
+                        flat[start : start + chunk.numel()].add_(chunk, alpha=w_k * scale)
                 continue
             for name, eps in self._noise_stream(theta, names, sigma, seed, k):
-                moved[name].add_(eps, alpha=weights[k].item())
+                moved[name].add_(eps, alpha=w_k)
         theta_star = {**theta, **{name: p.requires_grad_() for name, p in moved.items()}}
         loss = meta_loss(theta_star, meta_batch)
         c = torch.zeros(self.population, dtype=torch.float64, device=loss.device)
