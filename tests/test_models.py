@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from metatrain.models import BUILTIN_MODELS, CifarResNet, ShortcutA, SmallCNN, build_model
+from metatrain.models.cifar_resnet import BasicBlock
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -132,3 +134,33 @@ def test_gradient_step_reduces_loss(name, in_chans, size):
     with torch.no_grad():
         after = F.cross_entropy(model(x), y)
     assert after < before
+
+
+@pytest.mark.parametrize("stride, in_chans, out_chans", [(1, 4, 4), (2, 4, 8)])
+def test_basic_block_in_place_residual_matches_out_of_place_to_second_order(stride, in_chans, out_chans):
+    """The residual is added into batch norm's output in place: values, gradients and a Hessian-vector product
+    (T1-T2's double backward) through `functional_call` equal those of `relu(bn2(...) + shortcut(x))`."""
+    torch.manual_seed(0)
+    block = BasicBlock(in_chans, out_chans, stride=stride).train()
+    weights = {n: p.detach().clone().requires_grad_() for n, p in block.named_parameters()}
+    buffers = {n: b.clone() for n, b in block.named_buffers()}
+    x = torch.randn(3, in_chans, 6, 6)
+
+    def out_of_place(w):
+        def bn(i, h):
+            return F.batch_norm(h, None, None, w[f"bn{i}.weight"], w[f"bn{i}.bias"], training=True)
+
+        h = F.relu(bn(1, F.conv2d(x, w["conv1.weight"], stride=stride, padding=1)))
+        return F.relu(bn(2, F.conv2d(h, w["conv2.weight"], padding=1)) + block.shortcut(x))
+
+    results = []
+    for forward in (lambda w: functional_call(block, {**buffers, **w}, (x,)), out_of_place):
+        out = forward(weights)
+        loss = (out**2).mean()
+        grads = torch.autograd.grad(loss, list(weights.values()), create_graph=True)
+        hvp = torch.autograd.grad(sum((g**2).sum() for g in grads), list(weights.values()))
+        results.append((out.detach(), [g.detach() for g in grads], hvp))
+    (out, grads, hvp), (ref_out, ref_grads, ref_hvp) = results
+    torch.testing.assert_close(out, ref_out)
+    for a, b in zip(grads + list(hvp), ref_grads + list(ref_hvp)):
+        torch.testing.assert_close(a, b)
