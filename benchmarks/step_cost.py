@@ -24,8 +24,10 @@ caching) is included; on a GPU the CUDA allocator's peak during `train()` minus 
 more step after the timed ones (untimed) runs under `metatrain.profiling.LiveTensorMeter`: the peak of the tensors
 made in that step that are alive at once (`live_peak_bytes`), which the allocator's caching and fragmentation do not
 move, unlike the resident set size; it leaves out what the step does not make (weights, optimizer state from earlier
-steps). Ratios are taken against plain training measured in the same run (`--append` adds a run to an existing
-`results.json`; each run keeps its own plain reference). Writes `results.json`, `time.png`, `cpu_time.png`,
+steps). Each step's minor page faults (`median_minor_faults`: pages the kernel mapped for the process, fresh memory
+from the allocator) are counted too. `--max_grad_norm 0` turns off Trainer's gradient clipping, as the official EvoGrad
+and MWN scripts train. Ratios are taken against plain training measured in the same run (`--append` adds a run to an
+existing `results.json`; each run keeps its own plain reference). Writes `results.json`, `time.png`, `cpu_time.png`,
 `memory.png`, `live_memory.png`, `cpu_time_ratio.png`, `memory_ratio.png` and prints a Markdown table; `--plot_from`
 redraws these from saved runs.
 """
