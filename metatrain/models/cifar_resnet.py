@@ -65,8 +65,8 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        # In place, as the reference code: no batch norm backward reads its output, and one activation-sized temporary
-        # less per block keeps glibc's heap from being trimmed and faulted back in every step on CPU.
+        # In place, as the reference code: no batch norm backward reads its output, and it saves one activation-sized
+        # temporary per block (the same values as `out + shortcut`).
         out += self.shortcut(x)
         return F.relu(out)
 
