@@ -171,7 +171,7 @@ def test_evograd_builds_no_second_order_graph(monkeypatch):
     (g,) = create_estimator("evograd", population=4, sigma=0.01).hypergradient(
         dict(model.named_parameters()), [logits], train_loss, meta_loss
     )
-    assert calls == [False]
+    assert calls == [False, False]  # the meta loss to lambda and the softmax weights, then the weights to lambda
     assert g.shape == logits.shape and torch.isfinite(g).all() and g.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())
 
@@ -231,6 +231,38 @@ def test_evograd_rescaled_mean_is_t1t2_at_the_learning_rate():
     assert (mean - ref).norm() < 2.5 * standard_error
     with pytest.raises(ValueError, match="lr"):
         est.hypergradient(params, [lam], train_loss, meta_loss)
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_evograd_rescale_scales_only_the_indirect_term(lean):
+    """A meta loss that depends on lambda itself (`+ a . lambda`, direct term `a`): `rescale` multiplies what reaches
+    lambda through the softmax weights, not `a`, so the rescaled estimate is `a + f (plain - a)` on the same noise."""
+    params, lam, train_loss, meta_loss = weighted_mlp_problem()
+    a = torch.linspace(-1.0, 1.0, len(lam), dtype=lam.dtype)
+
+    def meta_loss_direct(p, batch):
+        return meta_loss(p, batch) + (a * lam).sum()
+
+    estimates = {}
+    for rescale in (False, True):
+        torch.manual_seed(3)
+        est = create_estimator("evograd", population=3, sigma=0.01, rescale=rescale, memory_lean=lean)
+        estimates[rescale] = est.hypergradient(params, [lam], train_loss, meta_loss_direct, lr=0.05)[0]
+    factor = 0.05 / est.effective_lr(0.01)
+    assert (estimates[False] - a).norm() > 1e-6 and factor > 10  # an indirect term, scaled by far more than 1
+    torch.testing.assert_close(estimates[True], a + factor * (estimates[False] - a), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("sigma", ["auto", "lr"])
+@pytest.mark.parametrize("lean", [False, True])
+def test_evograd_rescaled_at_a_zero_learning_rate_is_the_direct_term(sigma, lean):
+    """A warmup starts at lr = 0, where sigma "auto" / "lr" resolves to 0: theta* = theta, no indirect term, and
+    `rescale` must not divide by the zero effective step."""
+    params, lam, train_loss, meta_loss = weighted_mlp_problem()
+    a = torch.linspace(-1.0, 1.0, len(lam), dtype=lam.dtype)
+    est = create_estimator("evograd", sigma=sigma, rescale=True, memory_lean=lean)
+    (grad,) = est.hypergradient(params, [lam], train_loss, lambda p, b: meta_loss(p, b) + (a * lam).sum(), lr=0.0)
+    torch.testing.assert_close(grad, a, rtol=0, atol=1e-12)
 
 
 def test_evograd_auto_sigma_matches_the_learning_rate():

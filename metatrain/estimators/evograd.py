@@ -83,11 +83,12 @@ class EvoGrad(HypergradientEstimator):
             dimensions is far less noisy: perturbing only a classifier head often recovers most of the signal.
             Defaults to every weight.
         rescale (`bool`, *optional*, defaults to `False`):
-            Multiply the estimate by `lr / effective_lr(sigma)`, so that its expected value is the one-step lookahead
-            hypergradient at the learning rate (T1-T2's scale) whatever `sigma`. This separates the two roles of
-            `sigma`: keep it small for the linear regime (large perturbations add higher-order noise, e.g. when the
-            meta-parameters act on the inputs) and let `rescale` set the size that the meta-optimizer's weight decay
-            or an SGD meta-optimizer sees. Needs `lr`.
+            Multiply the indirect term of the estimate (the part through the softmax weights; not the meta loss's own
+            dependence on the meta-parameters, if any) by `lr / effective_lr(sigma)`, so that its expected value is
+            the one-step lookahead hypergradient at the learning rate (T1-T2's scale) whatever `sigma`. This
+            separates the two roles of `sigma`: keep it small for the linear regime (large perturbations add
+            higher-order noise, e.g. when the meta-parameters act on the inputs) and let `rescale` set the size that
+            the meta-optimizer's weight decay or an SGD meta-optimizer sees. Needs `lr`.
         memory_lean (`bool`, *optional*, defaults to `False`):
             Process the copies one at a time instead of holding all `K` perturbations and training graphs at once:
             each copy's noise is drawn one weight at a time straight into its perturbed copy, its training loss is
@@ -266,29 +267,36 @@ class EvoGrad(HypergradientEstimator):
         names, seed = self._perturbed_names(theta), self._base_seed()
 
         inputs = (theta, names, sigma, seed, meta_params, train_loss, meta_loss, train_batch, meta_batch)
-        result = self._estimate_lean(*inputs) if self.memory_lean else self._estimate(*inputs)
+        direct, indirect, loss = self._estimate_lean(*inputs) if self.memory_lean else self._estimate(*inputs)
+        factor = 1.0
         if self.rescale:
-            factor = self._check_lr(lr) / self.effective_lr(sigma)
-            result = HypergradientResult(tuple(g * factor for g in result.grads), result.meta_loss)
-        return result
+            effective = self.effective_lr(sigma)
+            # sigma = 0 (a warmup from lr = 0 under "auto" or "lr"): theta* = theta, the indirect term is zero
+            factor = self._check_lr(lr) / effective if effective > 0 else 1.0
+        return HypergradientResult(tuple(d + factor * i for d, i in zip(direct, indirect)), loss)
 
     def _estimate(self, theta, names, sigma, seed, meta_params, train_loss, meta_loss, train_batch, meta_batch):
-        """All copies at once: the meta loss at `theta*`, differentiated through the softmax weights."""
+        """All copies at once: the meta loss at `theta*`, differentiated directly (where it depends on the
+        meta-parameters itself) and through the softmax weights. Returns `(direct, indirect, meta loss)`."""
         eps = [self._noise(theta, names, sigma, seed, k) for k in range(self.population)]
         losses = torch.stack(
             [train_loss({**theta, **{n: theta[n] + e[n] for n in names}}, train_batch).reshape(()) for e in eps]
         )
         weights = self._softmax_weights(losses)
+        held = weights.detach().requires_grad_()  # the two paths apart: `rescale` scales only the indirect one
         theta_star = dict(theta)
         for name in names:
             stacked = torch.stack([e[name] for e in eps])
-            theta_star[name] = theta[name] + torch.tensordot(weights.to(stacked.dtype), stacked, dims=1)
+            theta_star[name] = theta[name] + torch.tensordot(held.to(stacked.dtype), stacked, dims=1)
         loss = meta_loss(theta_star, meta_batch)
-        return HypergradientResult(grads_or_zeros(loss, meta_params), loss.detach())
+        *direct, d_weights = grads_or_zeros(loss, [*meta_params, held])
+        indirect = grads_or_zeros(weights, meta_params, grad_outputs=d_weights)
+        return tuple(direct), indirect, loss.detach()
 
     def _estimate_lean(self, theta, names, sigma, seed, meta_params, train_loss, meta_loss, train_batch, meta_batch):
         """One copy at a time: `d L_meta / d lambda = direct - (1 / tau) sum_k w_k (c_k - c_bar) d l_k / d lambda`,
         with `c_k = grad L_meta(theta*) . eps_k` and `c_bar = sum_k w_k c_k` (the chain rule through the softmax).
+        Returns `(direct, indirect, meta loss)`, the sum over copies being the indirect term.
 
         Weight-sized tensors alive at once, besides the weights: one perturbed copy while its training loss is
         differentiated (its noise is drawn one weight at a time, straight into it), then `theta*` while the meta loss
@@ -336,11 +344,11 @@ class EvoGrad(HypergradientEstimator):
                 for name, eps in self._noise_stream(theta, names, sigma, seed, k):
                     c[k] += (g_star[name] * eps).sum(dtype=torch.float64)
         coefficient = -(weights.double() * (c - (weights.double() * c).sum())) / self.temperature
-        hyper = tuple(
-            d + sum(coefficient[k].to(d.dtype) * loss_grads[k][i] for k in range(self.population))
+        indirect = tuple(
+            sum(coefficient[k].to(d.dtype) * loss_grads[k][i] for k in range(self.population))
             for i, d in enumerate(direct)
         )
-        return HypergradientResult(hyper, loss.detach())
+        return tuple(direct), indirect, loss.detach()
 
     @staticmethod
     def _meta_backward(loss, moved, meta_params, signs, scale, c) -> tuple[torch.Tensor, ...]:
