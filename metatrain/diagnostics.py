@@ -139,14 +139,14 @@ def flatten(grads: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def ratio(num: float, den: float) -> float:
-    """`num / den`, NaN when `den` is not positive."""
-    return num / den if den > 0 else math.nan
+    """`num / den`, NaN when `den` is not positive or either is not finite."""
+    return num / den if den > 0 and math.isfinite(num) and math.isfinite(den) else math.nan
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Cosine similarity in [-1, 1], NaN when either vector is zero (undefined, not orthogonal)."""
+    """Cosine similarity in [-1, 1], NaN when either vector is zero (undefined, not orthogonal) or not finite."""
     na, nb = float(a.norm()), float(b.norm())
-    if na == 0 or nb == 0:
+    if na == 0 or nb == 0 or not math.isfinite(na * nb):
         return math.nan
     return max(-1.0, min(1.0, float(a @ b) / (na * nb)))
 

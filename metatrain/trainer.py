@@ -25,6 +25,8 @@ from .training_args import SUPPORTED_SETUPS, MetaTrainingArguments
 logger = logging.getLogger(__name__)
 
 META_STATE_NAME = "meta_trainer_state.pt"
+# under several processes, each one's own estimator state and meta data position (its shard of the batches)
+META_PROCESS_STATE_NAME = "meta_trainer_state_{}.pt"
 META_MODULE_NAME = "meta_module.safetensors"
 
 
@@ -357,10 +359,14 @@ class MetaTrainer(PerSampleLossTrainer):
             is_training=True,
         )
         if len(loader) == 0:
+            size = self.args.meta_batch_size or self.args.per_device_train_batch_size
+            source = "meta_batch_size"
+            if not self.args.meta_batch_size:
+                source = "per_device_train_batch_size, no meta_batch_size"
             raise ValueError(
-                f"The meta dataloader is empty: meta_dataset has {len(self.meta_dataset)} examples for "
-                f"meta_batch_size {self.args.meta_batch_size} with "
-                f"dataloader_drop_last={self.args.dataloader_drop_last}: lower meta_batch_size."
+                f"The meta dataloader is empty: meta_dataset has {len(self.meta_dataset)} examples for a meta batch "
+                f"size of {size} ({source}) per process with dataloader_drop_last="
+                f"{self.args.dataloader_drop_last}: set a smaller meta_batch_size or add meta examples."
             )
         return loader
 
@@ -373,6 +379,11 @@ class MetaTrainer(PerSampleLossTrainer):
         with torch.random.fork_rng(devices=[]):
             while True:
                 if self._meta_iter is None:
+                    # Accelerate's loader sets its sampler to its own count of passes when iterated, which starts
+                    # at 0 in a loader built after resume: set that count too, or a run resumed in meta epoch >= 1
+                    # would draw another epoch's order
+                    if hasattr(self._meta_loader, "set_epoch"):
+                        self._meta_loader.set_epoch(state["epoch"])
                     self._meta_sampler.set_epoch(state["epoch"])
                     self._meta_iter = iter(self._meta_loader)
                     for _ in range(state["consumed"]):
@@ -534,21 +545,25 @@ class MetaTrainer(PerSampleLossTrainer):
             return per_sample(weights, batch, training=False).mean()
 
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else self.args.learning_rate
+        saved = self.estimator.state_dict() if self.estimator.stateful else None  # put back if the step is skipped
         result = self.estimator.estimate(params, leaves, train_loss, meta_loss, train_batch, meta_batch, lr)
         grads, loss = self._reduce(result.grads), result.meta_loss
         if self.accelerator.num_processes > 1:
             loss = self.accelerator.reduce(loss, reduction="mean")
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        finite = bool(torch.isfinite(norm) and torch.isfinite(loss))
         if self.reference_estimator is not None and self.state.global_step % self.args.meta_diagnostics_steps == 0:
             reference = self.reference_estimator.estimate(
                 params, leaves, train_loss, meta_loss, train_batch, meta_batch, lr
             ).grads
-            self._log_agreement(grads, self._reduce(reference))
-        if not (torch.isfinite(norm) and torch.isfinite(loss)):
+            self._log_agreement(grads, self._reduce(reference), defined=finite)
+        if not finite:
+            if saved is not None:  # e.g. HyperDistill's running average and refit window must not take this step in
+                self.estimator.load_state_dict(saved)
             self.meta_steps_skipped += 1
             logger.warning(
                 f"Non-finite hypergradient or meta loss at step {self.state.global_step} (meta loss {loss.item()}, "
-                f"hypergradient norm {norm.item()}): meta step skipped, no weight changed "
+                f"hypergradient norm {norm.item()}): meta step skipped, no weight or estimator state changed "
                 f"({self.meta_steps_skipped} skipped so far)."
             )
             return False
@@ -571,18 +586,22 @@ class MetaTrainer(PerSampleLossTrainer):
             return grads
         return tuple(self.accelerator.reduce(g, reduction="mean") for g in grads)
 
-    def _log_agreement(self, grads: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...]) -> None:
+    def _log_agreement(
+        self, grads: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...], defined: bool = True
+    ) -> None:
         """Accumulates the cosine and norm ratio of the hypergradient to the reference estimator's. A step where either
-        is zero (e.g. EvoGrad's softmax saturated) has no cosine: it is counted apart, not averaged in as NaN."""
+        is zero (e.g. EvoGrad's softmax saturated) or not finite (a skipped meta step, `defined=False`) has no cosine:
+        it is counted apart, not averaged in.
+        """
         flat, ref = flatten(grads), flatten(reference)
         stats = self._meta_log
         stats["agreement_count"] = stats.get("agreement_count", 0) + 1
-        value = cosine(flat, ref)
+        value = cosine(flat, ref) if defined else math.nan
         if math.isnan(value):
             stats["cosine_undefined"] = stats.get("cosine_undefined", 0) + 1
         else:
             stats["cosine"] = stats.get("cosine", 0.0) + value
-        norm_ratio = ratio(float(flat.norm()), float(ref.norm()))
+        norm_ratio = ratio(float(flat.norm()), float(ref.norm())) if defined else math.nan
         if not math.isnan(norm_ratio):
             stats["norm_ratio"] = stats.get("norm_ratio", 0.0) + norm_ratio
             stats["norm_ratio_count"] = stats.get("norm_ratio_count", 0) + 1
@@ -604,7 +623,8 @@ class MetaTrainer(PerSampleLossTrainer):
                 defined, ratios = stats["agreement_count"] - undefined, stats.get("norm_ratio_count", 0)
                 logs[f"hypergradient_cosine_to_{reference}"] = stats["cosine"] / defined if defined else math.nan
                 logs[f"hypergradient_norm_ratio_to_{reference}"] = stats["norm_ratio"] / ratios if ratios else math.nan
-                # steps compared where either hypergradient was zero (no direction): left out of the mean cosine
+                # steps compared where either hypergradient was zero (no direction) or not finite (a skipped
+                # meta step): left out of the mean cosine
                 logs["hypergradient_cosine_undefined_steps"] = undefined
             logs["meta_steps_skipped"] = self.meta_steps_skipped
             self._meta_log = _empty_meta_log()
@@ -612,7 +632,9 @@ class MetaTrainer(PerSampleLossTrainer):
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     def meta_state_dict(self) -> dict[str, Any]:
-        """Everything of the meta step a checkpoint needs to continue the same run."""
+        """Everything of the meta step a checkpoint needs to continue the same run. Under several processes it holds
+        the main process's estimator state and meta data position, and every process also writes its own
+        (`meta_trainer_state_{process}.pt`), which it loads on resume."""
         return {
             "meta_module": self.meta_module.state_dict(),
             "meta_optimizer": self.create_meta_optimizer().state_dict(),
@@ -629,10 +651,19 @@ class MetaTrainer(PerSampleLossTrainer):
         self.meta_steps_skipped = state["meta_steps_skipped"]
         self._meta_iter = None
 
+    def _process_state_dict(self) -> dict[str, Any]:
+        """What differs between processes: the estimator's state (e.g. the remembered batches of reverse mode and
+        HyperDistill, drawn from this process's shard) and this process's position in the meta data."""
+        return {"estimator": self.estimator.state_dict(), "meta_data": dict(self._meta_data_state)}
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
             torch.save(self.meta_state_dict(), os.path.join(output_dir, META_STATE_NAME))
+        if self.args.world_size > 1:  # every process its own, as Trainer's `rng_state_{process}.pth`
+            os.makedirs(output_dir, exist_ok=True)
+            name = META_PROCESS_STATE_NAME.format(self.args.process_index)
+            torch.save(self._process_state_dict(), os.path.join(output_dir, name))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -644,7 +675,21 @@ class MetaTrainer(PerSampleLossTrainer):
                 f"Checkpoint {checkpoint} has no {META_STATE_NAME}: it was not written by MetaTrainer (or with "
                 "`save_only_model=True`), so the meta-module and meta-optimizer cannot be restored."
             )
-        self.load_meta_state_dict(torch.load(path, map_location=self.args.device, weights_only=False))
+        # where the estimator's state is used; an indexed CPU device ("cpu:0" under several processes) is not a
+        # location torch.load can restore to (Trainer avoids it the same way)
+        location = "cpu" if self.args.device.type == "cpu" else self.args.device
+        state = torch.load(path, map_location=location, weights_only=False)
+        if self.args.world_size > 1:
+            own = os.path.join(checkpoint, META_PROCESS_STATE_NAME.format(self.args.process_index))
+            if os.path.isfile(own):
+                state.update(torch.load(own, map_location=location, weights_only=False))
+            else:
+                logger.warning(
+                    f"Checkpoint {checkpoint} has no {os.path.basename(own)} (it was written by another number of "
+                    "processes): every process resumes with the main process's estimator state and meta data "
+                    "position, so the run does not continue exactly as it would have."
+                )
+        self.load_meta_state_dict(state)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)

@@ -192,5 +192,10 @@ class MetaTrainingArguments(TrainingArguments):
             raise ValueError(f"`meta_interval` must be >= 1, got {self.meta_interval}.")
         if self.meta_learning_rate < 0:
             raise ValueError(f"`meta_learning_rate` must be >= 0, got {self.meta_learning_rate}.")
+        if self.meta_max_grad_norm is not None and not self.meta_max_grad_norm > 0:
+            raise ValueError(
+                f"`meta_max_grad_norm` must be > 0 (a global norm to clip the hypergradient to) or None for no "
+                f"clipping, got {self.meta_max_grad_norm}."
+            )
         if self.meta_batch_size is not None and self.meta_batch_size < 1:
             raise ValueError(f"`meta_batch_size` must be >= 1 or None, got {self.meta_batch_size}.")

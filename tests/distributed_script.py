@@ -6,7 +6,8 @@ Runs three short trainings (T1-T2; EvoGrad with a population per rank; EvoGrad w
 Meta-Weight-Net and an SGD meta-optimizer at learning rate 1 (so a meta update is minus the applied hypergradient),
 and a global RNG that drifts apart between the ranks, and writes, per rank, `rank<r>.json`: for every meta step the
 local (this rank's) hypergradient, the meta-parameters before and after the step, EvoGrad's noise seed, and the
-final meta-parameters and model weights.
+final meta-parameters and model weights. Then a reverse-mode run (its state holds each rank's own training batches)
+with a checkpoint in the second pass over the meta data, and a run resumed from that checkpoint (`"resume"`).
 """
 
 from __future__ import annotations
@@ -87,6 +88,38 @@ def run(name: str, estimator: str, options: dict, output_dir: str, use_cpu: bool
     }
 
 
+def resume(output_dir: str, use_cpu: bool) -> dict:
+    """Reverse mode through 5 steps without interruption, and resumed from its checkpoint at step 3."""
+
+    def trainer(name: str) -> MetaTrainer:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        args = MetaTrainingArguments(
+            output_dir=os.path.join(output_dir, name), per_device_train_batch_size=4, max_steps=5, learning_rate=0.1,
+            logging_steps=5, report_to=[], use_cpu=use_cpu, save_strategy="steps", save_steps=3, disable_tqdm=True,
+            seed=0, hypergradient="reverse", hypergradient_kwargs={"horizon": 3},
+        )  # fmt: skip
+        return MetaTrainer(
+            model=model, args=args, train_dataset=dataset(32, 1), meta_dataset=dataset(16, 2),
+            meta_module=MetaWeightNet(),
+        )  # fmt: skip
+
+    full = trainer("resume_full")
+    full.train()
+    checkpoint = os.path.join(output_dir, "resume_full", "checkpoint-3")
+    own = torch.load(
+        os.path.join(checkpoint, f"meta_trainer_state_{full.args.process_index}.pt"), weights_only=False
+    )  # fmt: skip
+    resumed = trainer("resume_resumed")
+    resumed.train(resume_from_checkpoint=checkpoint)
+    return {
+        "checkpoint_meta_data": own["meta_data"],
+        "checkpoint_history_labels": [b["labels"].tolist() for _, b, _ in own["estimator"]["history"]],
+        "full": {"meta_params": flat(full.meta_params), "model": flat(full.model.parameters())},
+        "resumed": {"meta_params": flat(resumed.meta_params), "model": flat(resumed.model.parameters())},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--output_dir", required=True)
@@ -96,6 +129,7 @@ def main() -> None:
         name: run(name, estimator, options, cli.output_dir, cli.use_cpu == "true")
         for name, (estimator, options) in RUNS.items()
     }
+    results["resume"] = resume(cli.output_dir, cli.use_cpu == "true")
     rank = int(os.environ.get("RANK", 0))
     with open(os.path.join(cli.output_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)

@@ -65,6 +65,18 @@ def test_evograd_noise_is_per_rank_or_shared_by_option(two_ranks):
         assert all((a == b) == shared for a, b in zip(seeds0, seeds1)), (run, seeds0, seeds1)
 
 
+def test_every_rank_resumes_with_its_own_estimator_state_and_meta_data_position(two_ranks):
+    """Reverse mode remembers each rank's own training batches; the checkpoint (in the second pass over the meta
+    data) keeps each rank's, and the resumed run ends where the uninterrupted one does."""
+    runs = [ranks["resume"] for ranks in two_ranks]
+    assert runs[0]["checkpoint_meta_data"] == runs[1]["checkpoint_meta_data"] == {"epoch": 1, "consumed": 1}
+    assert len(runs[0]["checkpoint_history_labels"]) == 2
+    assert runs[0]["checkpoint_history_labels"] != runs[1]["checkpoint_history_labels"]  # the ranks' own shards
+    for run in runs:
+        for key in ("meta_params", "model"):
+            np.testing.assert_allclose(run["resumed"][key], run["full"][key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
 # ------------------------------------------------------------------------------------------------ mixed precision
 def meta_step_grads(trainer: MetaTrainer, train_batch: dict) -> torch.Tensor:
     """The hypergradient of one meta step on `train_batch` and the first meta batch, flattened."""

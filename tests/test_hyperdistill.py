@@ -305,3 +305,26 @@ def test_closer_to_the_exact_multi_step_hypergradient_than_t1t2(seed):
         weights = {"w": sgd_unroll(weights, train_loss, [batches[t]], [lr], create_graph=False)["w"].detach()}
     late_hd, late_t1t2 = sum(errors_hd[-10:]) / 10, sum(errors_t1t2[-10:]) / 10
     assert late_hd < 0.75 * late_t1t2, f"HyperDistill error {late_hd:.3f} vs T1-T2 {late_t1t2:.3f}"
+
+
+def test_a_non_finite_step_in_the_refit_window_keeps_the_last_theta():
+    """A training batch with an inf lands in the refit window; the refit over it is not finite, and theta must stay
+    what it was, or every later estimate would be NaN until the next refit. (`MetaTrainer` also puts the whole state
+    back after a skipped meta step: `tests/test_trainer.py`.)"""
+    w, lam = torch.tensor([1.0, -2.0]), torch.tensor([0.3, 0.1], requires_grad=True)
+
+    def train(p, b):
+        return 0.5 * (b * (p["w"] - lam) ** 2).sum()
+
+    def meta(p, b):
+        return 0.5 * (p["w"] ** 2).sum()
+
+    unfit = []
+    for seed in range(4):
+        est = HyperDistill(gamma=0.9, pi=None, horizon=2, estimation_period=50, batch_mixing="replace", seed=seed)
+        before = est.theta
+        est.estimate({"w": w}, [lam], train, meta, torch.tensor([float("inf"), 1.0]), None, lr=0.1)
+        est.estimate({"w": w}, [lam], train, meta, torch.ones(2), None, lr=0.1)  # the refit, over the inf batch
+        assert math.isfinite(est.theta)
+        unfit.append(est.theta == before)
+    assert any(unfit)  # at least one refit was not finite and was dropped

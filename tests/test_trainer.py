@@ -243,7 +243,7 @@ def test_learning_rate_warmup_from_zero(tmp_path, estimator, options):
 
 
 def test_non_finite_hypergradient_skips_meta_step(tmp_path, caplog):
-    trainer = make_trainer(tmp_path, meta_nan=True, hypergradient="t1t2")
+    trainer = make_trainer(tmp_path, meta_nan=True, hypergradient="evograd", meta_diagnostics_steps=1)
     before = snapshot(trainer.meta_module)
     with caplog.at_level(logging.WARNING, logger="metatrain.trainer"):
         trainer.train()
@@ -252,7 +252,32 @@ def test_non_finite_hypergradient_skips_meta_step(tmp_path, caplog):
     for k, v in snapshot(trainer.meta_module).items():
         assert torch.equal(v, before[k])
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
-    assert trainer.state.log_history[-2]["meta_steps_skipped"] == 4
+    logs = [entry for entry in trainer.state.log_history if "meta_steps_skipped" in entry]
+    assert logs[-1]["meta_steps_skipped"] == 4
+    # a skipped step has no agreement with the reference: counted apart, never averaged in as a perfect cosine
+    assert sum(entry["hypergradient_cosine_undefined_steps"] for entry in logs) == 4
+    assert all(math.isnan(entry["hypergradient_cosine_to_t1t2"]) for entry in logs)
+
+
+def test_a_skipped_meta_step_leaves_the_estimator_state_as_it_was(tmp_path):
+    """HyperDistill's running average, distilled batch and refit window must not take in a step that is skipped: the
+    state after the run is that of a run whose skipped call never happened."""
+    options = {"gamma": 0.9, "pi": None, "horizon": 2, "estimation_period": 2}
+    trainer = make_trainer(tmp_path, hypergradient="hyperdistill", hypergradient_kwargs=options)
+    estimate, calls = trainer.estimator.estimate, []
+
+    def failing_second_call(*args, **kwargs):
+        result = estimate(*args, **kwargs)
+        calls.append(trainer.estimator.state_dict()["step"])
+        if len(calls) == 2:
+            return type(result)(tuple(torch.full_like(g, math.nan) for g in result.grads), result.meta_loss)
+        return result
+
+    trainer.estimator.estimate = failing_second_call
+    trainer.train()
+    assert trainer.meta_steps_skipped == 1
+    assert calls == [1, 2, 2, 3]  # the third call took the skipped one's place
+    assert trainer.estimator.state_dict()["step"] == 3
 
 
 class StopAfter(TrainerCallback):
@@ -273,20 +298,24 @@ class StopAfter(TrainerCallback):
 def test_resume_continues_the_same_run(tmp_path, estimator, options):
     """EvoGrad's noise comes from the RNG state; reverse mode and HyperDistill carry their running state (remembered
     steps; running average, distilled batch, generator and refit window) in the checkpoint."""
-    common = dict(max_steps=6, save_strategy="steps", save_steps=3, hypergradient=estimator,
+    common = dict(max_steps=7, save_strategy="steps", save_steps=4, hypergradient=estimator,
                   hypergradient_kwargs=options)  # fmt: skip
     full = make_trainer(tmp_path / "full", **common)
     full.train()
-    assert os.path.isfile(tmp_path / "full" / "out" / "checkpoint-3" / "meta_trainer_state.pt")
-    assert os.path.isfile(tmp_path / "full" / "out" / "checkpoint-3" / "meta_module.safetensors")
+    checkpoint = tmp_path / "full" / "out" / "checkpoint-4"
+    assert os.path.isfile(checkpoint / "meta_module.safetensors")
+    # 20 meta examples in batches of 8 are 3 meta batches a pass: the checkpoint lies in the second pass, whose
+    # order a resumed run must draw again
+    saved = torch.load(checkpoint / "meta_trainer_state.pt", weights_only=False)
+    assert saved["meta_data"] == {"epoch": 1, "consumed": 1}
 
     first = make_trainer(tmp_path / "resumed", **common)
-    first.add_callback(StopAfter(3))  # an interrupted run: same schedule, stops right after the checkpoint
+    first.add_callback(StopAfter(4))  # an interrupted run: same schedule, stops right after the checkpoint
     first.train()
-    assert first.state.global_step == 3
+    assert first.state.global_step == 4
     resumed = make_trainer(tmp_path / "resumed", **common)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "out" / "checkpoint-3"))
-    assert resumed.state.global_step == 6
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "out" / "checkpoint-4"))
+    assert resumed.state.global_step == 7
     assert resumed._meta_data_state == full._meta_data_state
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
@@ -305,6 +334,16 @@ def test_bad_input_errors_name_the_fix(tmp_path):
         make_args(tmp_path, hypergradient="evgrad")
     with pytest.raises(ValueError, match="population"):
         make_trainer(tmp_path, hypergradient_kwargs={"popsize": 4})
+    with pytest.raises(ValueError, match="meta_max_grad_norm.*> 0.*got -1.0"):
+        make_args(tmp_path, meta_max_grad_norm=-1.0)
+    with pytest.raises(ValueError, match=r"meta batch size of 8 \(per_device_train_batch_size, no meta_batch_size"):
+        MetaTrainer(
+            model=bn_model(),
+            args=make_args(tmp_path, dataloader_drop_last=True),
+            train_dataset=image_dataset(8, 0),
+            meta_dataset=image_dataset(5, 0),
+            meta_module=MetaWeightNet(),
+        ).get_meta_dataloader()
     with pytest.raises(ValueError, match="meta_optimizer='rmsprop'"):
         make_args(tmp_path, meta_optimizer="rmsprop")
     with pytest.raises(ValueError, match="not valid JSON"):

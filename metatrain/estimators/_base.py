@@ -93,7 +93,9 @@ class HypergradientEstimator:
         return type(self).state_dict is not HypergradientEstimator.state_dict
 
     def state_dict(self) -> dict[str, Any]:
-        """State to checkpoint; stateless estimators return an empty dict."""
+        """State to checkpoint; stateless estimators return an empty dict. `MetaTrainer` also takes it before each
+        estimate and loads it back when the meta step is skipped (a non-finite hypergradient), so that the skipped
+        call leaves no trace: it must be a snapshot, which later calls replace rather than change in place."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

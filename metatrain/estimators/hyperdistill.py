@@ -347,7 +347,8 @@ class HyperDistill(HypergradientEstimator):
                 self._window.append((batch, lr))
             if phase == self.horizon - 1:
                 theta = self._fit_theta(w_next, alpha, meta_params, train_loss)
-                self._theta = self._theta if theta is None else theta
+                # a refit over a window holding a non-finite step (one the trainer skipped) keeps the last theta
+                self._theta = theta if theta is not None and math.isfinite(theta) else self._theta
                 self._window_start, self._window = None, []
             scale = self._theta * self.decay_sum(t)
         else:
