@@ -691,6 +691,24 @@ class MetaTrainer(PerSampleLossTrainer):
                 )
         self.load_meta_state_dict(state)
 
+    def _load_best_model(self) -> None:
+        """Trainer's, plus the external meta-module of the best checkpoint (`load_best_model_at_end`): the model and
+        meta-module saved after training are then the pair that checkpoint held. (An embedded meta-module is part of
+        the model's weights.)"""
+        super()._load_best_model()
+        if self.external_meta_module is None:
+            return
+        path = os.path.join(self.state.best_model_checkpoint, META_MODULE_NAME)
+        if not os.path.isfile(path):
+            logger.warning(
+                f"The best checkpoint {self.state.best_model_checkpoint} has no {META_MODULE_NAME}: the meta-module "
+                "keeps its last state, which does not belong with the best model's weights."
+            )
+            return
+        from safetensors.torch import load_file
+
+        self.external_meta_module.load_state_dict(load_file(path))
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
         if self.external_meta_module is not None and self.args.should_save:

@@ -125,10 +125,11 @@ class MetaTrainingArguments(TrainingArguments):
     meta_diagnostics_steps: int = field(
         default=0,
         metadata={
-            "help": "Every this many optimizer steps, also compute the hypergradient with "
-            "`meta_diagnostics_reference` on the same batches and log the mean cosine and norm ratio of the "
-            "estimator's hypergradient to it (`hypergradient_cosine_to_<reference>`; steps where either is zero "
-            "have no cosine and are counted in `hypergradient_cosine_undefined_steps`). 0 turns it off. The "
+            "help": "At meta steps whose optimizer step is a multiple of this (with `meta_interval` > 1, of both), "
+            "also compute the hypergradient with `meta_diagnostics_reference` on the same batches and log the mean "
+            "cosine and norm ratio of the estimator's hypergradient to it (`hypergradient_cosine_to_<reference>`; "
+            "steps where either is zero or not finite have no cosine and are counted in "
+            "`hypergradient_cosine_undefined_steps`). 0 turns it off. The "
             "reference costs its own meta step each time, and a random reference draws from the RNG, changing the run."
         },
     )

@@ -326,6 +326,24 @@ def test_resume_continues_the_same_run(tmp_path, estimator, options):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
+def test_best_model_at_end_comes_with_its_meta_module(tmp_path):
+    """`load_best_model_at_end` restores the best checkpoint's weights; an external meta-module must come back from the
+    same checkpoint, or the pair saved after training would not belong together."""
+    from safetensors.torch import load_file
+
+    trainer = make_trainer(tmp_path, max_steps=3, save_strategy="steps", save_steps=1, hypergradient="t1t2")
+    trainer.train()
+    best = tmp_path / "out" / "checkpoint-1"
+    saved = load_file(best / "meta_module.safetensors")
+    assert any(not torch.equal(v, saved[k]) for k, v in trainer.meta_module.state_dict().items())
+    trainer.state.best_model_checkpoint = str(best)  # what Trainer's metric tracking sets
+    trainer._load_best_model()
+    for k, v in trainer.meta_module.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    for k, v in load_file(best / "model.safetensors").items():
+        assert torch.equal(trainer.model.state_dict()[k], v), k
+
+
 def test_bad_input_errors_name_the_fix(tmp_path):
     args = make_args(tmp_path)
     with pytest.raises(ValueError, match="meta_dataset"):
