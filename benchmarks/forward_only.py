@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from metatrain.estimators import ESTIMATORS, EvoGrad, HypergradientResult
+from metatrain.estimators import ESTIMATORS, EvoGrad
 from metatrain.estimators._base import grads_or_zeros
 
 NAME = "evograd_forward"
@@ -29,7 +29,8 @@ class ForwardOnlyEvoGrad(EvoGrad):
 
     def _estimate(self, theta, names, sigma, seed, meta_params, train_loss, meta_loss, train_batch, meta_batch):
         """No meta backward: `d L_meta / d lambda = direct + sum_k (L_meta(theta_k) - L_meta(theta*)) d w_k / d lambda`
-        (the softmax weights sum to one, so the baseline `L_meta(theta*)` only removes the common part)."""
+        (the softmax weights sum to one, so the baseline `L_meta(theta*)` only removes the common part). Returns
+        `(direct, indirect, meta loss)`, as EvoGrad's own paths."""
 
         def noise(k: int) -> dict[str, torch.Tensor]:
             return self._noise(theta, names, sigma, seed, k)
@@ -54,7 +55,7 @@ class ForwardOnlyEvoGrad(EvoGrad):
         surrogate = (weights * differences).sum()
         through_weights = grads_or_zeros(surrogate, meta_params)
         direct = grads_or_zeros(loss, meta_params)
-        return HypergradientResult(tuple(a + b.to(a.dtype) for a, b in zip(direct, through_weights)), loss.detach())
+        return direct, tuple(b.to(a.dtype) for a, b in zip(direct, through_weights)), loss.detach()
 
 
 def register() -> None:
