@@ -320,6 +320,23 @@ def test_generated_target_is_the_translated_source_language():
     assert all(t in translation for row in splits["source"]["tokens"] for t in row)
 
 
+def test_generated_entities_are_whole():
+    """Every `I-` tag continues an entity of its own type, and each entity's tokens are names of that type, with
+    only a trigger of that type (untagged) before it: an entity is never inserted inside another."""
+    splits, _ = generate_crosslingual_task(num_source=2000, num_target_train=1, num_target_test=1, seed=0)
+    lengths = set()
+    for tokens, tags in zip(splits["source"]["tokens"], splits["source"]["ner_tags"]):
+        labels = [WIKIANN_LABELS[t] for t in tags]
+        lengths.add(len(tokens))
+        for previous, label in zip(["O", *labels], labels):
+            if label.startswith("I-"):
+                assert previous[2:] == label[2:], labels
+        for i, label in enumerate(labels):
+            if label.startswith("B-") and i > 0 and labels[i - 1] == "O" and tokens[i - 1].startswith("t"):
+                assert ["PER", "ORG", "LOC"][int(tokens[i - 1][1])] == label[2:], (tokens, labels)
+    assert min(lengths) >= 7 and max(lengths) <= 18
+
+
 def test_tokenization_aligns_labels_and_the_mix_balances_languages():
     splits, translation = generate_crosslingual_task(num_source=40, num_target_train=5, num_target_test=5, seed=0)
     tokenizer = build_word_level_tokenizer(sorted({*translation, *translation.values()}))

@@ -73,9 +73,10 @@ def generate_crosslingual_task(
     """A generated source/target language pair for NER (WikiANN's schema) and sentence classification.
 
     The source language has `num_names` names, each of a fixed entity type (PER, ORG or LOC, in equal numbers),
-    `num_fillers` filler words and `triggers_per_type` trigger words per type. A sentence is 6 to 12 words: fillers
-    with one or two entities of one or two names of the same type (`B-`/`I-` tags), each preceded by a trigger of its
-    type with probability `trigger_probability`. The sentence label (`label`, for sequence classification) is the type
+    `num_fillers` filler words and `triggers_per_type` trigger words per type. A sentence is 6 to 12 filler words
+    with one or two entities inserted between them (7 to 18 words in all), each entity one or two names of the same
+    type (`B-`/`I-` tags), preceded by a trigger of its type with probability `trigger_probability`; entities never
+    overlap or split a trigger from its entity. The sentence label (`label`, for sequence classification) is the type
     of its first (leftmost) entity. The target language is a systematic transformation of the source: every word is
     replaced by its translation (`"x" + word`, a one-to-one token mapping), with the same grammar and labels. Source
     and target sentences are drawn independently, so many target test names never occur in the few target training
@@ -101,17 +102,16 @@ def generate_crosslingual_task(
     translation = {w: f"x{w}" for w in [*names, *fillers, *(t for group in triggers for t in group)]}
 
     def sentence() -> tuple[list[str], list[int], int]:
-        length = int(rng.integers(6, 13))
-        tokens = list(rng.choice(fillers, size=length))
-        tags = [0] * length
+        # units: each filler alone, each entity with its trigger as one block, so that an entity is never inserted
+        # inside another one or between a trigger and its entity
+        units = [[(str(w), 0)] for w in rng.choice(fillers, size=int(rng.integers(6, 13)))]
         for _ in range(int(rng.integers(1, 3))):
             kind = int(rng.integers(len(ENTITY_TYPES)))
             entity = list(rng.choice(by_type[kind], size=int(rng.integers(1, 3)), replace=False))
             words = ([str(rng.choice(triggers[kind]))] if rng.random() < trigger_probability else []) + entity
             entity_tags = [0] * (len(words) - len(entity)) + [1 + 2 * kind] + [2 + 2 * kind] * (len(entity) - 1)
-            at = int(rng.integers(0, len(tokens) + 1))
-            tokens[at:at] = [str(w) for w in words]
-            tags[at:at] = entity_tags
+            units.insert(int(rng.integers(0, len(units) + 1)), [(str(w), t) for w, t in zip(words, entity_tags)])
+        tokens, tags = [w for unit in units for w, _ in unit], [t for unit in units for _, t in unit]
         return tokens, tags, (next(t for t in tags if t) - 1) // 2
 
     def split(count: int, translate: bool, lang: str) -> datasets.Dataset:
