@@ -85,6 +85,12 @@ def test_rotate_images_geometry_and_gradient():
     image[0, 0, 4, 8] = 1.0  # right of the centre
     assert (rotate_images(image, math.pi / 2)[0, 0] > 0.5).nonzero().tolist() == [[0, 4]]  # counter-clockwise: top
     assert (rotate_images(image, -math.pi / 2)[0, 0] > 0.5).nonzero().tolist() == [[8, 4]]
+    wide = torch.zeros(1, 1, 9, 17)  # a non-square image turns rigidly: 4 px right of the centre goes 4 px up
+    wide[0, 0, 4, 12] = 1.0
+    assert (rotate_images(wide, math.pi / 2)[0, 0] > 0.5).nonzero().tolist() == [[0, 8]]
+    wide.zero_()
+    wide[0, 0, 2, 8] = 1.0  # 2 px above it goes 2 px left
+    assert (rotate_images(wide, math.pi / 2)[0, 0] > 0.5).nonzero().tolist() == [[4, 6]]
     torch.manual_seed(0)
     images = torch.rand(2, 3, 8, 8)
     torch.testing.assert_close(rotate_images(images, 0.0), images)
@@ -201,6 +207,49 @@ def test_feature_wise_transforms_warn_about_zero_init_last(caplog):
     with caplog.at_level(logging.WARNING):
         attach_feature_wise_transforms(_zero_init_model())
     assert "zero_init_last" in caplog.text
+
+
+def test_feature_wise_transforms_follow_the_last_norm_of_bottleneck_blocks(caplog):
+    """A Bottleneck's residual branch ends with bn3 (bn2 is its middle norm): FT goes there, and timm's zero_init_last
+    (which zeroes bn3) is warned about."""
+    import logging
+
+    from timm.models.resnet import Bottleneck, ResNet
+
+    from metatrain.modules import attach_feature_wise_transforms, detach_feature_wise_transforms
+
+    torch.manual_seed(0)
+    model = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=3, in_chans=1)  # timm's default zero_init_last
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with caplog.at_level(logging.WARNING):
+        transforms = attach_feature_wise_transforms(model)
+    assert "layer1.0.bn3 has an all-zero weight" in caplog.text
+    modules = dict(model.named_modules())
+    assert "layer1.0.ft_bn3" in modules and not any(name.endswith("ft_bn2") for name in modules)
+    channels = sum(
+        b.bn3.num_features + b.downsample[-1].num_features for b in model.modules() if isinstance(b, Bottleneck)
+    )
+    assert sum(p.numel() for p in transforms.parameters()) == 2 * channels
+    x = torch.randn(2, 1, 32, 32)
+    model.eval()
+    out = model(x)
+    detach_feature_wise_transforms(model, transforms)
+    assert list(model.state_dict()) == list(before) and not any("ft_" in n for n, _ in model.named_modules())
+    torch.testing.assert_close(model(x), out)
+
+
+def test_a_deep_copy_of_the_model_uses_its_own_feature_wise_transforms():
+    """The hooks are bound methods of the FT layers: a deep copy (an EMA model, a snapshot) hooks its own copies."""
+    import copy
+
+    from metatrain.modules import attach_feature_wise_transforms
+
+    model = ft_model()
+    attach_feature_wise_transforms(model)
+    twin = copy.deepcopy(model).train()
+    twin(torch.randn(2, 1, 16, 16)).sum().backward()
+    assert twin.layer1[0].ft_bn2.theta_gamma.grad is not None
+    assert model.layer1[0].ft_bn2.theta_gamma.grad is None
 
 
 def test_feature_wise_transforms_train_under_meta_trainer(tmp_path):

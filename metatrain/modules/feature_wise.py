@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ from ._base import AttachedTransform
 logger = logging.getLogger(__name__)
 
 FT_AFTER_BN2 = "ft_bn2"
+FT_AFTER_BN3 = "ft_bn3"  # Bottleneck blocks: their residual branch ends with bn3
 FT_AFTER_SHORTCUT = "ft_shortcut"
 
 
@@ -44,6 +46,11 @@ class FeatureWiseTransform(nn.Module):
         beta = torch.randn(shape, device=x.device, dtype=x.dtype) * F.softplus(self.theta_beta, beta=100)
         return gamma * x + beta
 
+    def after(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        """The forward hook on the batch norm this layer follows: its output, transformed. A bound method, not a
+        closure, so that a deep copy of the model (an EMA copy, a snapshot) hooks its own copy of the layer."""
+        return self(output)
+
     def extra_repr(self) -> str:
         return f"num_channels={self.theta_gamma.shape[1]}, enabled={self.enabled}"
 
@@ -68,30 +75,24 @@ class FeatureWiseTransforms(AttachedTransform):
             layer.enabled = enabled
 
 
-def _apply_after(layer: FeatureWiseTransform):
-    def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-        return layer(output)
-
-    return hook
-
-
 def attach_feature_wise_transforms(
     model: nn.Module, init_gamma: float = 0.3, init_beta: float = 0.5
 ) -> FeatureWiseTransforms:
-    """Attaches a [`FeatureWiseTransform`] after the second batch norm (`bn2`) of every residual block and after the
-    batch norm of every shortcut (`downsample`) of a timm ResNet, as LFT does, without changing timm's code.
+    """Attaches a [`FeatureWiseTransform`] after the last batch norm of the residual branch of every block (`bn2` of
+    a BasicBlock, as LFT does; `bn3` of a Bottleneck) and after the batch norm of every shortcut (`downsample`) of a
+    timm ResNet, without changing timm's code.
 
-    Each FT layer is registered on its block as `ft_bn2` / `ft_shortcut` (so the model's own state-dict keys stay as
-    they were and the FT parameters are model parameters) and applied by a forward hook on the batch norm it follows.
-    On a ResNet-10 (`resnet10t`) that is 3,712 meta-parameters, the count of the LFT paper.
+    Each FT layer is registered on its block as `ft_bn2` (`ft_bn3`) / `ft_shortcut` (so the model's own state-dict
+    keys stay as they were and the FT parameters are model parameters) and applied by a forward hook on the batch
+    norm it follows. On a ResNet-10 (`resnet10t`) that is 3,712 meta-parameters, the count of the LFT paper.
 
-    timm's default `zero_init_last=True` zeroes `bn2`'s weight, so an FT layer after it gets exactly zero
-    hypergradient at initialisation: build models trained from scratch with `zero_init_last=False` (a warning says
-    so when it sees such a block).
+    timm's default `zero_init_last=True` zeroes that last batch norm's weight, so an FT layer after it gets exactly
+    zero hypergradient at initialisation: build models trained from scratch with `zero_init_last=False` (a warning
+    says so when it sees such a block).
 
     Args:
-        model (`nn.Module`): a timm ResNet (any model whose blocks have `bn2` and an optional `downsample` ending in a
-            batch norm).
+        model (`nn.Module`): a timm ResNet (any model whose blocks have `bn2`, or `bn3` after it, and an optional
+            `downsample` ending in a batch norm).
         init_gamma (`float`, *optional*, defaults to 0.3), init_beta (`float`, *optional*, defaults to 0.5):
             initial `theta_gamma` and `theta_beta`.
 
@@ -105,25 +106,28 @@ def attach_feature_wise_transforms(
     for block_name, block in model.named_modules():
         if not isinstance(getattr(block, "bn2", None), nn.BatchNorm2d):
             continue
-        if hasattr(block, FT_AFTER_BN2):
+        if hasattr(block, FT_AFTER_BN2) or hasattr(block, FT_AFTER_BN3):
             raise ValueError(f"{block_name!r} already has feature-wise transforms: detach them first.")
-        targets = [(FT_AFTER_BN2, block.bn2)]
+        bottleneck = isinstance(getattr(block, "bn3", None), nn.BatchNorm2d)
+        last, attribute = (block.bn3, FT_AFTER_BN3) if bottleneck else (block.bn2, FT_AFTER_BN2)
+        targets = [(attribute, last)]
         downsample = getattr(block, "downsample", None)
         if downsample is not None:
             norms = [m for m in downsample.modules() if isinstance(m, nn.BatchNorm2d)]
             if norms:
                 targets.append((FT_AFTER_SHORTCUT, norms[-1]))
-        if not bool(block.bn2.weight.detach().ne(0).any()):
+        if not bool(last.weight.detach().ne(0).any()):
             logger.warning(
-                f"{block_name}.bn2 has an all-zero weight (timm's zero_init_last): the FT layer after it gets zero "
-                "hypergradient until that weight moves. Build with zero_init_last=False to train from scratch."
+                f"{block_name}.{'bn3' if bottleneck else 'bn2'} has an all-zero weight (timm's zero_init_last): the "
+                "FT layer after it gets zero hypergradient until that weight moves. Build with zero_init_last=False "
+                "to train from scratch."
             )
         for attribute, norm in targets:
             layer = FeatureWiseTransform(norm.num_features, init_gamma, init_beta).to(
                 device=norm.weight.device, dtype=norm.weight.dtype
             )
             block.add_module(attribute, layer)
-            handles.append(norm.register_forward_hook(_apply_after(layer)))
+            handles.append(norm.register_forward_hook(layer.after))
             layers[f"{block_name}.{attribute}" if block_name else attribute] = layer
     if not layers:
         raise ValueError(
@@ -141,6 +145,6 @@ def detach_feature_wise_transforms(model: nn.Module, transforms: FeatureWiseTran
         handle.remove()
     transforms._handles.clear()
     for block in list(model.modules()):
-        for attribute in (FT_AFTER_BN2, FT_AFTER_SHORTCUT):
+        for attribute in (FT_AFTER_BN2, FT_AFTER_BN3, FT_AFTER_SHORTCUT):
             if id(getattr(block, attribute, None)) in attached:
                 delattr(block, attribute)

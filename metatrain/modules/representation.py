@@ -107,6 +107,20 @@ class RepresentationTransform(AttachedTransform):
         mask = source.view(-1, *([1] * (hidden_states.dim() - 1)))
         return torch.where(mask, self.network(hidden_states), hidden_states)
 
+    def hook(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+        """The forward hook on the layer the RTN follows (a bound method, not a closure, so that a deep copy of the
+        model hooks its own copy): in training forwards, the output's hidden states transformed."""
+        if not (module.training and self.enabled):
+            return None
+        if isinstance(output, torch.Tensor):
+            return self.transform(output)
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            return (self.transform(output[0]), *output[1:])
+        raise ValueError(
+            f"The layer the representation transform hooks returned {type(output).__name__}; expected a tensor or a "
+            "tuple starting with the hidden states."
+        )
+
     def extra_repr(self) -> str:
         return f"layer={self.layer}, source_key={self.source_key!r}, enabled={self.enabled}"
 
@@ -128,22 +142,6 @@ def encoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
         f"{type(model).__name__} has no encoder layer list (`embeddings` with `encoder.layer` or `transformer.layer` "
         "on its base model): the representation transform attaches to BERT, RoBERTa, XLM-R and DistilBERT models."
     )
-
-
-def _transform_output(transform: RepresentationTransform):
-    def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
-        if not (module.training and transform.enabled):
-            return None
-        if isinstance(output, torch.Tensor):
-            return transform.transform(output)
-        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-            return (transform.transform(output[0]), *output[1:])
-        raise ValueError(
-            f"The layer the representation transform hooks returned {type(output).__name__}; expected a tensor or a "
-            "tuple starting with the hidden states."
-        )
-
-    return hook
 
 
 def attach_representation_transform(
@@ -188,7 +186,7 @@ def attach_representation_transform(
     model.add_module(RTN_ATTRIBUTE, network)
     target = embeddings if index == 0 else layers[index - 1]
     transform = RepresentationTransform(network, index, source_key, handle=None)
-    transform._handle = target.register_forward_hook(_transform_output(transform))
+    transform._handle = target.register_forward_hook(transform.hook)
     return transform
 
 

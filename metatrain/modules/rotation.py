@@ -20,8 +20,11 @@ def rotate_images(images: torch.Tensor, radians: torch.Tensor | float, padding_m
     angle = torch.as_tensor(radians, dtype=images.dtype, device=images.device)
     cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
     # affine_grid maps output coordinates to input coordinates (x right, y down): sampling the output pixel at (x, y)
-    # from (x cos - y sin, x sin + y cos) turns the image counter-clockwise as displayed
-    matrix = torch.stack([torch.stack([cos, -sin, zero]), torch.stack([sin, cos, zero])])
+    # from (x cos - y sin, x sin + y cos) turns the image counter-clockwise as displayed. Those are pixel distances;
+    # affine_grid's coordinates run from -1 to 1 across the width and the height, so a non-square image needs the
+    # aspect ratio in the off-diagonal terms to turn rigidly
+    aspect = images.shape[-2] / images.shape[-1]  # H / W
+    matrix = torch.stack([torch.stack([cos, -sin * aspect, zero]), torch.stack([sin / aspect, cos, zero])])
     grid = F.affine_grid(matrix.expand(images.shape[0], 2, 3), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
 
