@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -27,7 +28,8 @@ def parse_config(dataclass_types: Sequence[type], argv: list[str] | None = None,
     """Parses `dataclass_types` from an optional YAML file followed by command-line overrides.
 
     `argv` is `[config.yaml] [--key value ...]`; without a YAML file `default_config` is read (if given). Lists
-    in YAML become space-separated values, dicts become JSON strings (e.g. `hypergradient_kwargs`).
+    in YAML become space-separated values, dicts become JSON strings (e.g. `hypergradient_kwargs`), and `null` sets
+    the field to `None` (unless a flag sets it).
 
     Returns:
         `tuple`: one instance per dataclass type.
@@ -38,5 +40,22 @@ def parse_config(dataclass_types: Sequence[type], argv: list[str] | None = None,
     if config_path is not None:
         with open(config_path) as f:
             config = yaml.safe_load(f) or {}
-    parser = HfArgumentParser(dataclass_types)
-    return parser.parse_args_into_dataclasses(args=_to_argv(config) + argv, look_for_args_file=False)
+    names = [{f.name for f in dataclasses.fields(t)} for t in dataclass_types]
+    unknown = sorted(set(config) - set().union(*names))
+    if unknown:
+        raise ValueError(
+            f"Unknown keys {unknown} in {config_path}: not fields of {[t.__name__ for t in dataclass_types]}."
+        )
+    flagged = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
+    nulls = {key for key, value in config.items() if value is None and key not in flagged}
+    given = {key: value for key, value in config.items() if value is not None}
+    parsed = HfArgumentParser(dataclass_types).parse_args_into_dataclasses(
+        args=_to_argv(given) + argv, look_for_args_file=False
+    )
+    # `null` is no value argparse can take: such fields are set afterwards, through the dataclass so that its checks
+    # run again, where their default is not None already
+    results = []
+    for obj, fields in zip(parsed, names):
+        changes = {key: None for key in nulls & fields if getattr(obj, key) is not None}
+        results.append(dataclasses.replace(obj, **changes) if changes else obj)
+    return tuple(results)

@@ -95,6 +95,17 @@ def train_and_measure(trainer: Trainer) -> dict[str, Any]:
     }
 
 
+def estimator_options(estimator: str | None, evograd_kwargs: str, training_args: Any) -> dict[str, Any]:
+    """The options a recipe's run passes to its estimator: the recipe's `evograd_kwargs` (JSON) for EvoGrad; for the
+    estimator that `training_args.hypergradient` names, `training_args.hypergradient_kwargs` (e.g. `--hypergradient
+    neumann --hypergradient_kwargs '{"terms": 5}'`); none for any other (or no) estimator."""
+    if estimator == "evograd":
+        return json.loads(evograd_kwargs)
+    if estimator is not None and estimator == training_args.hypergradient:
+        return dict(training_args.hypergradient_kwargs or {})
+    return {}
+
+
 def check_methods(methods: Iterable[str], allowed: Iterable[str]) -> None:
     """Raises a `ValueError` naming the methods that are not in `allowed`."""
     unknown = sorted(set(methods) - set(allowed))

@@ -44,6 +44,7 @@ from metatrain.data import (
 from metatrain.experiments import (
     check_methods,
     episode_accuracy,
+    estimator_options,
     evaluate_episodes,
     paired_differences,
     run_grid,
@@ -128,7 +129,14 @@ def load_domains(args: LFTArguments, seed: int) -> tuple[dict, dict]:
         domains = load_digit_domains(args.seen_domains, [args.unseen_domain], image_size=args.image_size, seed=seed)
         return domains["seen"], domains["unseen"]
     load = lambda path: load_image_folder_domain(path, image_size=args.image_size)  # noqa: E731
-    seen = {os.path.basename(os.path.normpath(path)): load(path) for path in args.seen_domains}
+    keys = [os.path.basename(os.path.normpath(path)) for path in args.seen_domains]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        raise ValueError(
+            f"seen_domains {args.seen_domains} name two domains alike ({twice}): a folder's domain is its last path "
+            "component, so give each domain a folder of its own name (e.g. data/cub, not data/cub/train)."
+        )
+    seen = dict(zip(keys, map(load, args.seen_domains)))
     return seen, {os.path.basename(os.path.normpath(args.unseen_domain)): load(args.unseen_domain)}
 
 
@@ -199,7 +207,7 @@ def build_trainer(args: LFTArguments, training_args: MetaTrainingArguments, back
         output_dir=os.path.join(training_args.output_dir, backbone, method, f"seed{seed}"),
         seed=seed,
         hypergradient=hypergradient or training_args.hypergradient,
-        hypergradient_kwargs=json.loads(args.evograd_kwargs) if hypergradient == "evograd" else {},
+        hypergradient_kwargs=estimator_options(hypergradient, args.evograd_kwargs, training_args),
     )
     common = dict(
         model=model, args=run_args, compute_metrics=episode_accuracy, model_input_names=MODEL_INPUTS,

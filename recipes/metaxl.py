@@ -49,6 +49,7 @@ from metatrain.data.crosslingual import (
 from metatrain.experiments import (
     accuracy,
     check_methods,
+    estimator_options,
     per_method,
     run_grid,
     summarize,
@@ -202,7 +203,7 @@ def run(args: MetaXLArguments, training_args: MetaTrainingArguments, method: str
         output_dir=os.path.join(training_args.output_dir, method, f"seed{seed}"),
         seed=seed,
         hypergradient=hypergradient or training_args.hypergradient,
-        hypergradient_kwargs=json.loads(args.evograd_kwargs) if hypergradient == "evograd" else {},
+        hypergradient_kwargs=estimator_options(hypergradient, args.evograd_kwargs, training_args),
     )
     tokenizer = data["tokenizer"]
     if args.task == "ner":

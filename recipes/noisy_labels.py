@@ -25,6 +25,7 @@ from metatrain.data import load_digits_dataset, load_image_classification_datase
 from metatrain.experiments import (
     accuracy,
     check_methods,
+    estimator_options,
     per_method,
     run_grid,
     summarize,
@@ -85,7 +86,7 @@ def run(args: NoisyLabelsArguments, training_args: MetaTrainingArguments, method
         output_dir=os.path.join(training_args.output_dir, method, f"seed{seed}"),
         seed=seed,
         hypergradient=hypergradient or training_args.hypergradient,
-        hypergradient_kwargs=json.loads(args.evograd_kwargs) if hypergradient == "evograd" else {},
+        hypergradient_kwargs=estimator_options(hypergradient, args.evograd_kwargs, training_args),
     )
     common = dict(model=model, args=run_args, train_dataset=splits["train"], eval_dataset=splits["test"],
                   compute_metrics=accuracy)  # fmt: skip

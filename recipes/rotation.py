@@ -28,7 +28,15 @@ from metatrain import MetaTrainer, MetaTrainingArguments, PerSampleLossTrainer
 from metatrain.cli import parse_config
 from metatrain.data import class_balanced_meta_split, load_digits_dataset
 from metatrain.estimators import ESTIMATORS
-from metatrain.experiments import accuracy, check_methods, per_method, run_grid, summarize, write_results
+from metatrain.experiments import (
+    accuracy,
+    check_methods,
+    estimator_options,
+    per_method,
+    run_grid,
+    summarize,
+    write_results,
+)
 from metatrain.models import build_model
 from metatrain.modules import LearnableRotation, rotate_images
 from metatrain.plotting import plot_curves
@@ -94,7 +102,7 @@ def run(args: RotationArguments, training_args: MetaTrainingArguments, method: s
         output_dir=os.path.join(training_args.output_dir, method, f"seed{seed}"),
         seed=seed,
         hypergradient=estimator or training_args.hypergradient,
-        hypergradient_kwargs=json.loads(args.evograd_kwargs) if estimator == "evograd" else {},
+        hypergradient_kwargs=estimator_options(estimator, args.evograd_kwargs, training_args),
     )
     test = splits["test_unrotated"] if method == "matched" else splits["test"]
     common = dict(model=model, args=run_args, train_dataset=splits["train"], eval_dataset=test,

@@ -279,6 +279,11 @@ def test_lft_fewshot_on_image_folder_domains(lft_fewshot, tmp_path, no_network):
     assert report["config"]["pretrain_domains"] == [str(data / "mini")]  # pre-trained on one folder's classes first
     with pytest.raises(ValueError, match="Unknown methods"):
         lft_fewshot.main([*tiny_lft_flags(tmp_path), "--methods", "lft_magic"])
+    with pytest.raises(ValueError, match=r"name two domains alike \(\[.a.\]\)"):  # one would replace the other
+        lft_fewshot.main(
+            [*tiny_lft_flags(tmp_path), "--seen_domains", str(data / "mini" / "a"), str(data / "cars" / "a"),
+             "--unseen_domain", str(data / "cub"), "--methods", "no_ft"]
+        )  # fmt: skip
 
 
 def test_lft_fewshot_pretrains_the_backbone_once_per_seed(lft_fewshot, tmp_path, no_network):
@@ -333,3 +338,45 @@ def test_every_config_parses_into_its_recipe_arguments(config):
     path = str(ROOT / "recipes" / "configs" / config)
     args, training_args = parse_config((arguments, MetaTrainingArguments), [path, "--use_cpu", "true"])
     assert isinstance(training_args, MetaTrainingArguments) and args.results_dir
+
+
+@dataclasses.dataclass
+class NullableOptions:
+    count: int | None = 3
+    key: str | None = None
+    names: list[str] | None = None
+
+
+def test_yaml_null_sets_none_and_flags_still_win(tmp_path):
+    """YAML `null` is the field's None, not the string "None"; a flag after the file overrides it; an unknown key is an
+    error naming it."""
+    from metatrain import MetaTrainingArguments
+    from metatrain.cli import parse_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text("count: null\nkey: null\nnames: null\nmeta_disjoint_key: null\noutput_dir: out\n")
+    options, training_args = parse_config((NullableOptions, MetaTrainingArguments), [str(path), "--use_cpu", "true"])
+    assert options == NullableOptions(count=None, key=None, names=None)
+    assert training_args.meta_disjoint_key is None
+    options, _ = parse_config(
+        (NullableOptions, MetaTrainingArguments), [str(path), "--count", "5", "--use_cpu", "true"]
+    )
+    assert options.count == 5
+    path.write_text("counts: null\n")
+    with pytest.raises(ValueError, match=r"Unknown keys \['counts'\]"):
+        parse_config((NullableOptions, MetaTrainingArguments), [str(path)])
+
+
+def test_recipes_pass_the_options_of_the_estimator_they_run(tmp_path):
+    """`evograd_kwargs` for EvoGrad runs; `--hypergradient X --hypergradient_kwargs ...` reach the runs of estimator X
+    (they were dropped for every estimator but EvoGrad); other estimators get none."""
+    from metatrain import MetaTrainingArguments
+    from metatrain.experiments import estimator_options
+
+    args = MetaTrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, hypergradient="neumann", hypergradient_kwargs='{"terms": 5}'
+    )
+    assert estimator_options("neumann", '{"sigma": 0.1}', args) == {"terms": 5}
+    assert estimator_options("evograd", '{"sigma": 0.1}', args) == {"sigma": 0.1}
+    assert estimator_options("t1t2", '{"sigma": 0.1}', args) == {}
+    assert estimator_options(None, '{"sigma": 0.1}', args) == {}

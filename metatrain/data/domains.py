@@ -61,10 +61,10 @@ def load_digit_domains(
     (bilinear) to `image_size` and rendered as RGB in `[0, 1]` with its domain's foreground and background colours
     (jittered by up to 0.1 per image and channel): `gray` (white on black), `inverted` (black on white), `red_on_blue`,
     `noisy` (gray with Gaussian pixel noise of standard deviation 0.3), `green_on_purple_noisy` (noise 0.15) and
-    `low_contrast` (a warm gray digit on a cool gray background: about a third of gray's contrast). Every domain is
-    then mapped by `(x - 0.5) / 0.25` alike, so the shift between domains reaches the network. All domains share the
-    ten digit classes: what changes between them is the style, not the label space (unlike miniImageNet to CUB,
-    where the classes are new too).
+    `low_contrast` (a warm gray digit on a cool gray background: a fifth of gray's contrast on average, 0.3 / 0.2 /
+    0.1 in R / G / B). Every domain is then mapped by `(x - 0.5) / 0.25` alike, so the shift between domains reaches
+    the network. All domains share the ten digit classes: what changes between them is the style, not the label
+    space (unlike miniImageNet to CUB, where the classes are new too).
 
     Args:
         seen (`Sequence[str]`, *optional*): names of the training domains, from `DIGIT_DOMAINS`; defaults to
