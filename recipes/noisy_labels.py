@@ -49,7 +49,13 @@ class NoisyLabelsArguments:
     model: str = field(default="small_cnn", metadata={"help": "`small_cnn`, `cifar_resnet32` or a timm model name."})
     width: int = field(default=1, metadata={"help": "Width multiplier of the built-in models."})
     noise_type: str = field(default="uniform", metadata={"help": "Label noise: `uniform`, `flip` or `flip2`."})
-    noise_rate: float = field(default=0.4, metadata={"help": "Probability that a training label is corrupted."})
+    noise_rate: float = field(
+        default=0.4,
+        metadata={
+            "help": "Probability that a training label is corrupted: under `uniform` redrawn over all classes (so it "
+            "changes with probability noise_rate (K - 1) / K), under `flip` / `flip2` moved to another class."
+        },
+    )
     num_meta_per_class: int = field(default=10, metadata={"help": "Clean meta examples per class."})
     methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Any of {list(METHODS)}."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One run per seed and method."})
