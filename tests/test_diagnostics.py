@@ -269,7 +269,7 @@ def test_every_registered_estimator_runs_with_its_defaults(name):
     (report,) = compare_estimators(**tiny_problem(), estimators=[name])
     assert report.name == name and report.options == {} and report.repeats == 1
     assert math.isfinite(report.norm) and report.seconds > 0 and report.memory_bytes >= 0
-    assert math.isnan(report.cosine) or -1 - 1e-9 <= report.cosine <= 1 + 1e-9
+    assert report.norm > 0 or name == "first_order"  # a loss weighter's first-order hypergradient is zero
 
 
 def test_cpu_memory_meter_reports_the_peak_of_graphs_alive_at_once():

@@ -126,7 +126,9 @@ def test_t1t2_equals_autograd_through_unrolled_sgd_step():
 
 
 def test_evograd_tracks_closed_form_hypergradient():
-    """Paper Sec. 4.1 / Fig. 2: tau = 0.5, eps ~ N(0, 1), mean over repetitions with random x."""
+    """Paper Sec. 4.1 / Fig. 2: tau = 0.5, eps ~ N(0, 1), mean over repetitions with random x: the sign and the shape
+    (correlation) of the closed form. EvoGrad's scale is not the closed form's at this sigma; it is checked against
+    T1-T2 at its effective step in `test_evograd_mean_equals_t1t2_at_its_effective_step`."""
     torch.manual_seed(0)
     est = create_estimator("evograd", population=100, sigma=1.0, temperature=0.5, noise="gaussian")
     grid = [0.0, 0.25, 0.5, 0.75, 1.25, 1.5, 2.0]
@@ -359,6 +361,22 @@ def weighted_mlp_problem(seed: int = 0, n: int = 24):
 
     params = {name: p.detach() for name, p in model.named_parameters()}
     return params, lam, train_loss, meta_loss
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_every_estimator_adds_the_meta_losss_direct_term_exactly(name):
+    """A meta loss that depends on lambda itself (`+ a . lambda`) adds exactly `a` to every estimate: the direct term
+    `d L_meta / d lambda` is part of the hypergradient whatever the estimator (the problems of the other tests have
+    none, so an estimator that dropped it would pass them). Same RNG state for both calls."""
+    params, lam, train_loss, meta_loss = weighted_mlp_problem()
+    a = torch.linspace(-1.0, 1.0, len(lam), dtype=lam.dtype)
+    grads = []
+    for direct in (False, True):
+        torch.manual_seed(4)
+        loss = (lambda p, b: meta_loss(p, b) + (a * lam).sum()) if direct else meta_loss
+        grads.append(create_estimator(name).hypergradient(params, [lam], train_loss, loss, lr=0.05)[0])
+    assert grads[0].norm() > 0 or name == "first_order"  # an indirect part that must stay as it was
+    torch.testing.assert_close(grads[1] - grads[0], a, rtol=0, atol=1e-9)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -328,3 +328,19 @@ def test_a_non_finite_step_in_the_refit_window_keeps_the_last_theta():
         assert math.isfinite(est.theta)
         unfit.append(est.theta == before)
     assert any(unfit)  # at least one refit was not finite and was dropped
+
+
+def test_a_fixed_pi_scales_the_distilled_term():
+    """`pi` multiplies the distilled term (Eq. 15 with a fixed scale): on a problem without direct term, pi = 2.5
+    gives 2.5 times the estimates of pi = 1 along the same calls."""
+    model, meta_params, train_loss, meta_loss = mlp_problem()
+    runs = {}
+    for pi in (1.0, 2.5):
+        est = HyperDistill(gamma=0.9, pi=pi, seed=0)
+        runs[pi] = [
+            est.hypergradient(params, meta_params, train_loss, meta_loss, batch, meta, lr)
+            for params, batch, meta, lr in mlp_calls(model, steps=3)
+        ]
+    for one, scaled in zip(runs[1.0], runs[2.5]):
+        assert all(g.abs().sum() > 0 for g in one)
+        torch.testing.assert_close(scaled, tuple(2.5 * g for g in one), rtol=1e-12, atol=1e-14)

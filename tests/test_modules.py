@@ -108,6 +108,15 @@ def test_learnable_rotation_module():
     assert "degrees=30.00" in repr(rotation)
     with pytest.raises(ValueError, match="padding_mode='wrap'"):
         LearnableRotation(padding_mode="wrap")
+    from metatrain.modules import rotate_images
+
+    images = torch.rand(2, 1, 8, 8) + 1.0  # no zeros of their own: the corners show the padding
+    outputs = {}
+    for mode in ("zeros", "border"):
+        rotation = LearnableRotation(degrees=45.0, padding_mode=mode)
+        outputs[mode] = rotation(images)
+        torch.testing.assert_close(outputs[mode], rotate_images(images, rotation.angle, padding_mode=mode))
+    assert outputs["zeros"][0, 0, 0, 0] < 1.0 <= outputs["border"][0, 0, 0, 0]
 
 
 # ---------------------------------------------------------------------------------- feature-wise transforms (LFT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -264,9 +265,10 @@ def test_a_skipped_meta_step_leaves_the_estimator_state_as_it_was(tmp_path):
     state after the run is that of a run whose skipped call never happened."""
     options = {"gamma": 0.9, "pi": None, "horizon": 2, "estimation_period": 2}
     trainer = make_trainer(tmp_path, hypergradient="hyperdistill", hypergradient_kwargs=options)
-    estimate, calls = trainer.estimator.estimate, []
+    estimate, calls, before = trainer.estimator.estimate, [], []
 
     def failing_second_call(*args, **kwargs):
+        before.append(copy.deepcopy(trainer.estimator.state_dict()))
         result = estimate(*args, **kwargs)
         calls.append(trainer.estimator.state_dict()["step"])
         if len(calls) == 2:
@@ -278,6 +280,21 @@ def test_a_skipped_meta_step_leaves_the_estimator_state_as_it_was(tmp_path):
     assert trainer.meta_steps_skipped == 1
     assert calls == [1, 2, 2, 3]  # the third call took the skipped one's place
     assert trainer.estimator.state_dict()["step"] == 3
+    # all of it, running average, distilled batch, generator and refit window, as before the skipped call
+    assert before[2]["window_batches"] and before[1]["w_star"] is not None
+    for key, value in before[1].items():
+        same = before[2][key]
+        if isinstance(value, dict):
+            assert value.keys() == same.keys() and all(torch.equal(v, same[k]) for k, v in value.items()), key
+        elif isinstance(value, list):
+            assert len(value) == len(same) and all(
+                torch.equal(u["pixel_values"], w["pixel_values"]) if isinstance(u, dict) else u == w
+                for u, w in zip(value, same)
+            ), key
+        elif isinstance(value, torch.Tensor):
+            assert torch.equal(value, same), key
+        else:
+            assert value == same, key
 
 
 class StopAfter(TrainerCallback):
@@ -656,7 +673,7 @@ def test_meta_batches_come_from_another_domain(tmp_path):
     meta = domain_dataset([0, 0, 1, 1, 2, 2] * 2, seed=2)
     trainer = MetaTrainer(model=bn_model(), args=args, train_dataset=train, meta_dataset=meta,
                           meta_module=MetaWeightNet())  # fmt: skip
-    pairs, draw = [], trainer._next_meta_batch
+    pairs = []
 
     def recording_meta_batch_for(train_batch):
         batch = MetaTrainer._meta_batch_for(trainer, train_batch)
@@ -667,7 +684,6 @@ def test_meta_batches_come_from_another_domain(tmp_path):
     trainer.train()
     assert "domain" in train.column_names and len(pairs) == 4
     assert all(not train_domains & meta_domains for train_domains, meta_domains in pairs)
-    assert draw is not None
 
     only_same = domain_dataset([0] * 8, seed=2)
     args = make_args(tmp_path, meta_disjoint_key="domain", meta_batch_size=2, meta_disjoint_max_draws=5)
