@@ -25,9 +25,11 @@ more step after the timed ones (untimed) runs under `metatrain.profiling.LiveTen
 made in that step that are alive at once (`live_peak_bytes`), which the allocator's caching and fragmentation do not
 move, unlike the resident set size; it leaves out what the step does not make (weights, optimizer state from earlier
 steps). Each step's minor page faults (`median_minor_faults`: pages the kernel mapped for the process, fresh memory
-from the allocator) are counted too. `--max_grad_norm 0` turns off Trainer's gradient clipping, as the official EvoGrad
-and MWN scripts train. Ratios are taken against plain training measured in the same run (`--append` adds a run to an
-existing `results.json`; each run keeps its own plain reference). Writes `results.json`, `time.png`, `cpu_time.png`,
+from the allocator) are counted too. `--max_grad_norm 0` trains without Trainer's gradient clipping, as the official
+EvoGrad and MWN scripts do; it changes the numbers, not the work: `Trainer` still computes the gradient norm for its
+logs (`clip_grad_norm_` with an infinite bound, which also scales every gradient by 1). Ratios are taken against
+plain training measured in the same run (`--append` adds a run to an existing `results.json`; each run keeps its own
+plain reference). Writes `results.json`, `time.png`, `cpu_time.png`,
 `memory.png`, `live_memory.png`, `cpu_time_ratio.png`, `memory_ratio.png` and prints a Markdown table; `--plot_from`
 redraws these from saved runs.
 """
@@ -313,8 +315,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in every configuration")
     parser.add_argument(
         "--max_grad_norm", type=float, default=1.0,
-        help="Trainer's gradient clipping (its default, 1.0); 0 turns it off, as the official EvoGrad and MWN scripts "
-        "train",
+        help="Trainer's gradient clipping (its default, 1.0); 0 trains without it, as the official EvoGrad and MWN "
+        "scripts do (the same work: Trainer still computes the norm for its logs)",
     )  # fmt: skip
     parser.add_argument("--append", action="store_true", help="add to the output directory's results.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one configuration, as JSON, in this process
@@ -327,8 +329,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if cli.plot_from:
         results = []
         for source in cli.plot_from:
-            with open(source) as f:
-                results += json.load(f)["results"]
+            with open(source) as f:  # a run's rows pair within their file (older run ids have one-second resolution)
+                results += [{**r, "run": f"{source}:{r['run']}"} for r in json.load(f)["results"]]
         add_ratios(results)
         os.makedirs(cli.output_dir, exist_ok=True)
         plot(results, cli.output_dir)
@@ -345,7 +347,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if cli.append and os.path.isfile(path):
         with open(path) as f:
             results = json.load(f)["results"]
-    run = time.strftime("%Y-%m-%dT%H:%M:%S")  # ratios pair each configuration with plain training of its own run
+    # ratios pair each configuration with plain training of its own run: runs started within one second (in parallel)
+    # must not share an id
+    run = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}-{os.getpid()}"
     env = {**os.environ, "OMP_NUM_THREADS": str(cli.threads), "MKL_NUM_THREADS": str(cli.threads)}
     for config in configurations(cli):
         done = subprocess.run(

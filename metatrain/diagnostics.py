@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_flatten
 
 from .estimators import HypergradientEstimator, HypergradientResult, create_estimator
 from .estimators._base import LossFn, ParamDict
@@ -158,9 +159,10 @@ def synchronize(device: torch.device) -> None:
 
 
 def _measure(
-    call: Callable[[], HypergradientResult], repeats: int, warmup: int, device: torch.device
+    call: Callable[[], HypergradientResult], repeats: int, warmup: int, device: torch.device, existing: list
 ) -> tuple[list[HypergradientResult], list[float], MemoryMeter]:
-    """`warmup` untimed calls, `repeats` timed ones (results and seconds), then one inside a `MemoryMeter`."""
+    """`warmup` untimed calls, `repeats` timed ones (results and seconds), then one inside a `MemoryMeter` that does
+    not count the `existing` tensors (the problem's weights and batches)."""
     for _ in range(warmup):
         call()
     results, seconds = [], []
@@ -170,7 +172,7 @@ def _measure(
         results.append(call())
         synchronize(device)
         seconds.append(time.perf_counter() - start)
-    with MemoryMeter(device) as meter:
+    with MemoryMeter(device, exclude=existing) as meter:
         call()
     return results, seconds, meter
 
@@ -273,6 +275,7 @@ def compare_estimators(
     device = torch.device(device)
 
     holding = getattr(train_loss, "holding", None) if hold_weighter_inputs else None
+    existing = [*params.values(), *meta_params, *tree_flatten(train_batch)[0], *tree_flatten(meta_batch)[0]]
 
     def caller(estimator: HypergradientEstimator) -> Callable[[], HypergradientResult]:
         def call() -> HypergradientResult:
@@ -288,7 +291,8 @@ def compare_estimators(
     reports = []
     for name, options, estimator in built:
         call = caller(estimator)
-        results, seconds, meter = _restoring_state(estimator, partial(_measure, call, repeats, warmup, device))
+        measure = partial(_measure, call, repeats, warmup, device, existing)
+        results, seconds, meter = _restoring_state(estimator, measure)
         flats = [flatten(r.grads) for r in results]
         mean = torch.stack(flats).mean(0)
         norms = [float(g.norm()) for g in flats]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -28,16 +29,21 @@ class MemoryMeter:
     storages that autograd graphs hold saved for backward at once: the part of memory that differs between
     hypergradient estimators (the second-order graph of T1-T2, EvoGrad's `K` first-order graphs alive together, or one
     at a time in its memory-lean mode). A storage counts from the first time a graph saves it until no graph holds it.
-    The two are different quantities: compare figures of one kind only, and `kind` says which.
+    Storages that existed before the block and stay alive anyway (the weights, the batch) cost nothing when a graph
+    saves them: pass them as `exclude`, or they are counted as if the graph had made them. The two are different
+    quantities: compare figures of one kind only, and `kind` says which.
 
     Args:
         device (`torch.device` or `str`): where the work runs.
+        exclude (`Iterable[torch.Tensor]`, *optional*): on CPU, tensors whose storages are not counted when a graph
+            saves them (they, or views and detached aliases of them, such as the weights of a functional call).
     """
 
-    def __init__(self, device: torch.device | str):
+    def __init__(self, device: torch.device | str, exclude: Iterable[torch.Tensor] = ()):
         self.device = torch.device(device)
         self.kind = "cuda_peak_allocated" if self.device.type == "cuda" else "cpu_peak_saved_for_backward"
         self.peak_bytes = 0
+        self._excluded = {t.untyped_storage().data_ptr() for t in exclude if isinstance(t, torch.Tensor)}
 
     def __enter__(self) -> MemoryMeter:
         if self.kind == "cuda_peak_allocated":
@@ -54,6 +60,8 @@ class MemoryMeter:
     def _pack(self, t: torch.Tensor) -> _Saved:
         storage = t.untyped_storage()
         key, size = storage.data_ptr(), storage.nbytes()
+        if key in self._excluded:
+            return _Saved(t.detach())
         if not self._holders.get(key):
             self._live += size
             self.peak_bytes = max(self.peak_bytes, self._live)
@@ -108,10 +116,11 @@ class LiveTensorMeter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        # the inputs' storages before the call: an `out=` tensor that the op resizes gets a new one, which is new memory
         inputs = {
             t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
         }
+        out = func(*args, **kwargs)
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
                 continue

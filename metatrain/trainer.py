@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_flatten
 from transformers import PreTrainedModel, Trainer
 
 from .diagnostics import cosine, flatten, ratio
@@ -447,7 +448,9 @@ class MetaTrainer(PerSampleLossTrainer):
         """
         if not self.args.meta_profile_memory:
             return self._meta_step(train_batch, base_losses)
-        with MemoryMeter(self.args.device) as meter:
+        # the weights, meta-parameters and training batch exist anyway: a graph that saves them adds no memory
+        existing = [*self.model.parameters(), *self.model.buffers(), *self.meta_params, *tree_flatten(train_batch)[0]]
+        with MemoryMeter(self.args.device, exclude=existing) as meter:
             done = self._meta_step(train_batch, base_losses)
         if done:
             self._meta_log["memory_mb"] = self._meta_log.get("memory_mb", 0.0) + meter.peak_bytes / 2**20

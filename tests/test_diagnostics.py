@@ -291,6 +291,32 @@ def test_cpu_memory_meter_reports_the_peak_of_graphs_alive_at_once():
     assert together.peak_bytes >= 2 * saved
 
 
+def test_live_tensor_meter_counts_an_out_tensor_that_the_op_resizes():
+    from metatrain.profiling import LiveTensorMeter
+
+    a = torch.ones(512, 512)
+    with LiveTensorMeter() as meter:
+        result = torch.add(a, 1, out=torch.empty(0))
+    assert meter.peak_bytes == result.nbytes == a.nbytes
+
+
+def test_cpu_memory_meter_does_not_count_existing_tensors_it_is_told_of():
+    """A graph that saves the weights (a differentiable forward at the real weights, as T1-T2's) adds no memory: with
+    the weights excluded only what the block makes counts."""
+    from metatrain.profiling import MemoryMeter
+
+    w = torch.randn(512, 512)
+    x = torch.randn(4, 512, requires_grad=True)
+    for exclude, expected in (((), w.nbytes), ([w], 0)):  # the gradient w.r.t. x needs w only
+        with MemoryMeter("cpu", exclude=exclude) as meter:
+            torch.autograd.grad((x @ w.detach()).sum(), x)
+        assert meter.peak_bytes == expected
+    w.requires_grad_()
+    with MemoryMeter("cpu", exclude=[w]) as meter:
+        torch.autograd.grad(((x * 2) @ w).sum(), [x, w])  # saves the doubled input (new) and the weight (not)
+    assert meter.peak_bytes == x.nbytes
+
+
 def test_live_tensor_meter_counts_new_storages_alive_at_once():
     """Exact bytes: two 1 MiB results alive together count twice, one after the other once, and a storage that an alias
     keeps counts while the alias lives; views, in-place results and tensors from before the block do not count, and the
