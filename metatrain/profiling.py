@@ -116,7 +116,7 @@ class LiveTensorMeter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        # the inputs' storages before the call: an `out=` tensor that the op resizes gets a new one, which is new memory
+        # the inputs' storages before the call: an `out=` tensor that the op resizes gets a new one (new memory)
         inputs = {
             t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
         }
