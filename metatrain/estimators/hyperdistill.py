@@ -347,7 +347,8 @@ class HyperDistill(HypergradientEstimator):
                 self._window.append((batch, lr))
             if phase == self.horizon - 1:
                 theta = self._fit_theta(w_next, alpha, meta_params, train_loss)
-                # a refit over a window holding a non-finite step (one the trainer skipped) keeps the last theta
+                # a refit that is not finite (a non-finite batch in its window) keeps the last theta; MetaTrainer
+                # also puts the whole state back after a skipped meta step, so there this is a second guard
                 self._theta = theta if theta is not None and math.isfinite(theta) else self._theta
                 self._window_start, self._window = None, []
             scale = self._theta * self.decay_sum(t)
