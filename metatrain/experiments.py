@@ -182,6 +182,9 @@ def paired_differences(
     from scipy import stats
 
     base = {r["seed"]: r for r in results if r["method"] == baseline}
+    if not base:
+        methods = list(dict.fromkeys(r["method"] for r in results))
+        raise ValueError(f"No run of the baseline {baseline!r} to pair with: the runs' methods are {methods}.")
     report: dict[str, dict[str, dict[str, float | int | None]]] = {}
     for method in dict.fromkeys(r["method"] for r in results if r["method"] != baseline):
         report[method] = {}

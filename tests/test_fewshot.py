@@ -227,6 +227,8 @@ def test_paired_differences_against_a_baseline_by_seed():
     assert lft["mean"] == pytest.approx(0.03) and lft["std"] == pytest.approx(0.01)
     assert lft["ci95"] == pytest.approx(4.3027 * 0.01 / np.sqrt(3), rel=1e-4)
     assert report["other"]["acc"] == {"mean": pytest.approx(-0.1), "std": None, "ci95": None, "n": 1, "positive": 0}
+    with pytest.raises(ValueError, match=r"baseline 'no-ft'.*\['no_ft', 'lft', 'other'\]"):  # a typo, not n = 0
+        paired_differences(runs, "no-ft", ["acc"])
 
 
 def test_episode_accuracy_and_its_confidence_interval():
