@@ -641,8 +641,7 @@ class MetaTrainer(PerSampleLossTrainer):
         return {
             "meta_module": self.meta_module.state_dict(),
             "meta_optimizer": self.create_meta_optimizer().state_dict(),
-            "estimator": self.estimator.state_dict(),
-            "meta_data": dict(self._meta_data_state),
+            **self._process_state_dict(),
             "meta_steps_skipped": self.meta_steps_skipped,
         }
 
