@@ -59,6 +59,8 @@ METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]] | None] = {
     "evograd_after": ("evograd", {}, AFTER),
     "evograd_lean": ("evograd", {"memory_lean": True}, {}),
     "evograd_lean_after": ("evograd", {"memory_lean": True}, AFTER),
+    "evograd_jvp": ("evograd", {"forward_mode": True}, {}),
+    "evograd_jvp_after": ("evograd", {"forward_mode": True}, AFTER),
     "evograd_forward": ("evograd_forward", {}, {}),  # benchmarks/forward_only.py, not part of the library
     "t1t2": ("t1t2", {}, {}),
     "t1t2_fd": ("t1t2_fd", {}, {}),

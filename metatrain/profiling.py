@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -91,6 +92,11 @@ class MemoryMeter:
             self._hooks.__exit__(*exc)
 
 
+def _has_storage(value: Any) -> bool:
+    """Whether `value` is a tensor with memory of its own: forward-mode AD's efficient zero tangents have none."""
+    return isinstance(value, torch.Tensor) and not value._is_zerotensor()
+
+
 class LiveTensorMeter(TorchDispatchMode):
     """Context manager measuring the peak total size of the tensor storages that the work inside it creates and that
     are alive at once, in bytes (`peak_bytes` after exit): on CPU, the counterpart of the CUDA allocator's peak over
@@ -117,12 +123,10 @@ class LiveTensorMeter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         # the inputs' storages before the call: an `out=` tensor that the op resizes gets a new one (new memory)
-        inputs = {
-            t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
-        }
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if _has_storage(t)}
         out = func(*args, **kwargs)
         for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
+            if not _has_storage(t):
                 continue
             storage = t.untyped_storage()
             key, size = storage.data_ptr(), storage.nbytes()

@@ -300,6 +300,20 @@ def test_live_tensor_meter_counts_an_out_tensor_that_the_op_resizes():
     assert meter.peak_bytes == result.nbytes == a.nbytes
 
 
+def test_live_tensor_meter_counts_a_jacobian_vector_product():
+    """Forward-mode AD (EvoGrad's `forward_mode`) passes storage-less zero tangents for inputs without one; the meter
+    skips them and counts the primal and the tangent of the result."""
+    from torch.autograd import forward_ad
+
+    from metatrain.profiling import LiveTensorMeter
+
+    x, w, tangent = torch.randn(256, 512), torch.randn(512, 512), torch.randn(512, 512)
+    with LiveTensorMeter() as meter, forward_ad.dual_level():
+        primal, derivative = forward_ad.unpack_dual(x @ forward_ad.make_dual(w, tangent))
+        torch.testing.assert_close(derivative, x @ tangent)
+    assert meter.peak_bytes >= primal.nbytes + derivative.nbytes
+
+
 def test_cpu_memory_meter_does_not_count_existing_tensors_it_is_told_of():
     """A graph that saves the weights (a differentiable forward at the real weights, as T1-T2's) adds no memory: with
     the weights excluded only what the block makes counts."""

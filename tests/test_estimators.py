@@ -235,8 +235,11 @@ def test_evograd_rescaled_mean_is_t1t2_at_the_learning_rate():
         est.hypergradient(params, [lam], train_loss, meta_loss)
 
 
-@pytest.mark.parametrize("lean", [False, True])
-def test_evograd_rescale_scales_only_the_indirect_term(lean):
+EVOGRAD_PATHS = {"default": {}, "lean": {"memory_lean": True}, "forward": {"forward_mode": True}}
+
+
+@pytest.mark.parametrize("path", sorted(EVOGRAD_PATHS))
+def test_evograd_rescale_scales_only_the_indirect_term(path):
     """A meta loss that depends on lambda itself (`+ a . lambda`, direct term `a`): `rescale` multiplies what reaches
     lambda through the softmax weights, not `a`, so the rescaled estimate is `a + f (plain - a)` on the same noise."""
     params, lam, train_loss, meta_loss = weighted_mlp_problem()
@@ -248,7 +251,7 @@ def test_evograd_rescale_scales_only_the_indirect_term(lean):
     estimates = {}
     for rescale in (False, True):
         torch.manual_seed(3)
-        est = create_estimator("evograd", population=3, sigma=0.01, rescale=rescale, memory_lean=lean)
+        est = create_estimator("evograd", population=3, sigma=0.01, rescale=rescale, **EVOGRAD_PATHS[path])
         estimates[rescale] = est.hypergradient(params, [lam], train_loss, meta_loss_direct, lr=0.05)[0]
     factor = 0.05 / est.effective_lr(0.01)
     assert (estimates[False] - a).norm() > 1e-6 and factor > 10  # an indirect term, scaled by far more than 1
@@ -256,13 +259,13 @@ def test_evograd_rescale_scales_only_the_indirect_term(lean):
 
 
 @pytest.mark.parametrize("sigma", ["auto", "lr"])
-@pytest.mark.parametrize("lean", [False, True])
-def test_evograd_rescaled_at_a_zero_learning_rate_is_the_direct_term(sigma, lean):
+@pytest.mark.parametrize("path", sorted(EVOGRAD_PATHS))
+def test_evograd_rescaled_at_a_zero_learning_rate_is_the_direct_term(sigma, path):
     """A warmup starts at lr = 0, where sigma "auto" / "lr" resolves to 0: theta* = theta, no indirect term, and
     `rescale` must not divide by the zero effective step."""
     params, lam, train_loss, meta_loss = weighted_mlp_problem()
     a = torch.linspace(-1.0, 1.0, len(lam), dtype=lam.dtype)
-    est = create_estimator("evograd", sigma=sigma, rescale=True, memory_lean=lean)
+    est = create_estimator("evograd", sigma=sigma, rescale=True, **EVOGRAD_PATHS[path])
     (grad,) = est.hypergradient(params, [lam], train_loss, lambda p, b: meta_loss(p, b) + (a * lam).sum(), lr=0.0)
     torch.testing.assert_close(grad, a, rtol=0, atol=1e-12)
 
@@ -518,16 +521,70 @@ def test_reverse_state_round_trip():
         create_estimator("reverse", horizon=0)
 
 
+@pytest.mark.parametrize("population", [2, 6])
 @pytest.mark.parametrize("options", [{}, {"antithetic": True}, {"perturb": r"^net\.2\."}, {"noise": "gaussian"}])
-def test_evograd_memory_lean_gives_the_same_estimate(options):
+def test_evograd_memory_lean_and_forward_mode_give_the_same_estimate(options, population):
+    """The lean path (copies one at a time, a hooked meta backward) and forward mode (`K - 1` Jacobian-vector products
+    of the meta loss instead of its backward) give the default path's estimate for the same seed."""
     params, lam, train_loss, meta_loss = weighted_mlp_problem()
-    estimates = []
-    for lean in (False, True):
+    estimates = {}
+    for path, extra in EVOGRAD_PATHS.items():
         torch.manual_seed(5)
-        est = create_estimator("evograd", population=6, sigma=0.05, memory_lean=lean, **options)
-        estimates.append(est.hypergradient(params, [lam], train_loss, meta_loss)[0])
-    assert estimates[0].norm() > 0
-    torch.testing.assert_close(estimates[1], estimates[0], rtol=1e-9, atol=1e-12)
+        est = create_estimator("evograd", population=population, sigma=0.05, **extra, **options)
+        estimates[path] = est.hypergradient(params, [lam], train_loss, meta_loss)[0]
+    assert estimates["default"].norm() > 0
+    for path in ("lean", "forward"):
+        torch.testing.assert_close(estimates[path], estimates["default"], rtol=1e-9, atol=1e-12)
+
+
+def test_evograd_forward_mode_stores_no_activations_for_the_meta_loss():
+    """With a batch of 512 the meta loss's activations dominate memory (the weights are detached in the copies'
+    training losses, so those store only the loss weighting). The lean path keeps an activation of each of the 20
+    layers for its meta backward; forward mode holds a few activation-sized primals, tangents and temporaries at a
+    time (7 measured), whatever the depth. Same estimate."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), *[m for _ in range(20) for m in (nn.Tanh(), nn.Linear(64, 64))]).double()
+    lam = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    x, y = torch.randn(512, 8, dtype=torch.float64), torch.randint(0, 64, (512,))
+
+    def train_loss(p, batch):
+        ce = nn.functional.cross_entropy(functional_call(model, p, (x[:4],)), y[:4], reduction="none")
+        return (torch.sigmoid(lam) * ce).mean()
+
+    def meta_loss(p, batch):
+        return nn.functional.cross_entropy(functional_call(model, p, (x + 1,)), y)
+
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    layer = 512 * 64 * 8  # one activation, bytes
+    peaks, estimates = {}, {}
+    for path in ("lean", "forward"):
+        torch.manual_seed(2)
+        est = create_estimator("evograd", population=2, sigma=0.01, **EVOGRAD_PATHS[path])
+        with LiveTensorMeter(layer // 2) as meter:
+            estimates[path] = est.hypergradient(params, [lam], train_loss, meta_loss)[0]
+        peaks[path] = meter.peak_bytes / layer
+    torch.testing.assert_close(estimates["forward"], estimates["lean"], rtol=1e-9, atol=1e-12)
+    assert estimates["lean"].norm() > 0
+    assert peaks["lean"] >= 20, peaks
+    assert peaks["forward"] <= 8, peaks
+
+
+def test_evograd_forward_mode_names_an_operator_without_a_forward_derivative():
+    class NoJvp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    params, lam, train_loss, meta_loss = weighted_mlp_problem()
+    est = create_estimator("evograd", forward_mode=True)
+    with pytest.raises(NotImplementedError, match="forward_mode=True.*Set forward_mode=False"):
+        est.hypergradient(params, [lam], train_loss, lambda p, b: NoJvp.apply(meta_loss(p, b)))
+    with pytest.raises(ValueError, match="forward_mode"):
+        create_estimator("evograd", forward_mode="yes")
 
 
 @pytest.mark.parametrize("antithetic", [False, True])

@@ -165,7 +165,8 @@ def test_train_runs_logs_and_keeps_meta_params_out_of_base_optimizer(tmp_path, e
 @pytest.mark.parametrize(
     "estimator, options",
     [("t1t2_fd", None), ("neumann", {"terms": 3}), ("reverse", {"horizon": 2}), ("hyperdistill", None),
-     ("evograd", {"memory_lean": True, "population": 4, "sigma": "auto"})],
+     ("evograd", {"memory_lean": True, "population": 4, "sigma": "auto"}),
+     ("evograd", {"forward_mode": True, "population": 3, "sigma": "auto"})],
 )  # fmt: skip
 def test_every_estimator_trains(tmp_path, estimator, options):
     trainer = make_trainer(tmp_path, hypergradient=estimator, hypergradient_kwargs=options)
