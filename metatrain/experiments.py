@@ -156,7 +156,9 @@ def per_method(results: Sequence[dict[str, Any]], key: str) -> dict[str, list[An
 
 def summarize(results: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, dict[str, float | None]]:
     """Per method (in order of appearance), the mean and standard deviation over seeds of each of `keys`, as
-    `<key>_mean` and `<key>_std`; runs without a value (or with `None`) are left out; a key no run has is `None`."""
+    `<key>_mean` and `<key>_std`; runs without a value (or with `None`) are left out; a key no run has is `None`.
+    The standard deviation is the spread of the seeds themselves (`ddof=0`), not an estimate for a population of seeds;
+    for intervals and tests use [`paired_differences`], whose `std` is the sample one (`ddof=1`)."""
     summary = {}
     for method in dict.fromkeys(r["method"] for r in results):
         runs = [r for r in results if r["method"] == method]
