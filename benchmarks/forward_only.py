@@ -22,8 +22,8 @@ NAME = "evograd_forward"
 
 
 class ForwardOnlyEvoGrad(EvoGrad):
-    """[`~metatrain.estimators.EvoGrad`] (same options; `memory_lean=True` would take EvoGrad's own lean path) with
-    the meta backward pass replaced by K + 1 forward passes."""
+    """[`~metatrain.estimators.EvoGrad`] (same options; `memory_lean=True` or `forward_mode=True` would take
+    EvoGrad's own lean path instead) with the meta backward pass replaced by K + 1 forward passes."""
 
     name = NAME
 

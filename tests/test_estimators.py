@@ -569,6 +569,29 @@ def test_evograd_forward_mode_stores_no_activations_for_the_meta_loss():
     assert peaks["forward"] <= 8, peaks
 
 
+@pytest.mark.parametrize("population", [2, 3, 5])
+def test_evograd_forward_mode_with_dropout_and_attention_in_the_meta_loss(population):
+    """A meta loss with dropout and `scaled_dot_product_attention` (whose fused CPU kernel has no forward-mode
+    derivative): forward mode runs its `K - 1` products on the same dropout draws, so it gives the lean path's
+    estimate for the same seed with any `K`, and leaves the RNG where the lean path leaves it."""
+    params, lam, train_loss, meta_loss = weighted_mlp_problem()
+    queries, keys = torch.randn(2, 6, 3, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
+
+    def random_meta_loss(p, batch):
+        attended = nn.functional.scaled_dot_product_attention(queries @ p["net.2.weight"], keys, keys)
+        return meta_loss(p, batch) + nn.functional.dropout(attended, 0.5).pow(2).mean()
+
+    estimates, after = {}, {}
+    for path in ("lean", "forward"):
+        torch.manual_seed(5)
+        est = create_estimator("evograd", population=population, sigma=0.05, **EVOGRAD_PATHS[path])
+        estimates[path] = est.hypergradient(params, [lam], train_loss, random_meta_loss)[0]
+        after[path] = torch.rand(3)
+    assert estimates["lean"].norm() > 0
+    torch.testing.assert_close(estimates["forward"], estimates["lean"], rtol=1e-9, atol=1e-12)
+    assert torch.equal(after["forward"], after["lean"])
+
+
 def test_evograd_forward_mode_names_an_operator_without_a_forward_derivative():
     class NoJvp(torch.autograd.Function):
         @staticmethod

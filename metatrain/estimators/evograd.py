@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import re
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 from torch.autograd import forward_ad
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._base import HypergradientEstimator, HypergradientResult, LossFn, ParamDict, grads_or_zeros
 
@@ -39,6 +41,27 @@ def _sign_chunks(bits: torch.Tensor, numel: int, dtype: torch.dtype) -> Iterator
     table = _sign_table(dtype, bits.device)
     for i in range(0, bits.numel(), SIGN_CHUNK):
         yield 8 * i, _unpack(table, bits[i : i + SIGN_CHUNK], min(numel - 8 * i, 8 * SIGN_CHUNK))
+
+
+def _rng_state(device: torch.device) -> list[torch.Tensor]:
+    """The global CPU RNG state, and that of `device` if it is an accelerator."""
+    states = [torch.get_rng_state()]
+    if device.type != "cpu":
+        states.append(torch.get_device_module(device.type).get_rng_state(device))
+    return states
+
+
+@contextlib.contextmanager
+def _replaying_rng(device: torch.device, state: list[torch.Tensor]) -> Iterator[None]:
+    """Runs the block from the RNG state `state` (see [`_rng_state`]) and puts back the state from before it."""
+    accelerator = device.type != "cpu"
+    with torch.random.fork_rng(
+        devices=[device] if accelerator else [], device_type=device.type if accelerator else "cuda"
+    ):
+        torch.set_rng_state(state[0])
+        if accelerator:
+            torch.get_device_module(device.type).set_rng_state(state[1], device)
+        yield
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -103,13 +126,15 @@ class EvoGrad(HypergradientEstimator):
         forward_mode (`bool`, *optional*, defaults to `False`):
             Differentiate the meta loss with forward-mode AD instead of a backward pass: through the softmax only the
             differences `c_k - c_K = grad L_meta(theta*) . (eps_k - eps_K)` matter, which are `K - 1` Jacobian-vector
-            products at `theta*` (one for the default `K = 2`). Nothing is stored for a backward pass of the meta loss
-            (only what a direct dependence of the meta loss on the meta-parameters needs), so the meta step's memory
-            is that of a forward pass plus one weight-sized tangent; on a 2-core CPU each product took about 15% more
-            time than the backward pass it replaces. The copies are processed one at a time, as with `memory_lean`,
-            and the estimate is the same as the other paths' for the same seed, up to floating-point rounding. Every
-            operator of the meta loss needs a forward-mode derivative (convolutions, normalization, attention and the
-            usual losses have one).
+            products at `theta*` (one for the default `K = 2`), each a forward pass of the meta loss with dual weights,
+            all on the same random draws (dropout). Nothing is stored for a backward pass of the meta loss (only what
+            a direct dependence of the meta loss on the meta-parameters needs), so the meta step's memory is that of
+            a forward pass plus one weight-sized tangent. On a 2-core CPU one product took about 15% more time than
+            the meta loss's forward and backward passes together (a CIFAR ResNet-32), so with `K > 2` the meta step
+            costs about `K - 1` times that. The copies are processed one at a time, as with `memory_lean`, and the
+            estimate is the same as the other paths' for the same seed, up to floating-point rounding. Every operator
+            of the meta loss needs a forward-mode derivative (convolutions, normalization and the usual losses have
+            one; `scaled_dot_product_attention` is run on its math backend, as its fused kernels have none).
         per_rank_noise (`bool`, *optional*, defaults to `True`):
             Under `torch.distributed`, offset the noise seed by the process rank, so each rank draws its own
             population and the averaged hypergradient (MetaTrainer averages across ranks) uses `K x world_size`
@@ -391,15 +416,19 @@ class EvoGrad(HypergradientEstimator):
         (so `c_K = 0`, which the softmax's chain rule does not see: only differences of `c` matter), one
         Jacobian-vector product per copy but the last, each a forward pass of the meta loss with dual weights. The
         primal of the first carries the graph of a direct dependence on the meta-parameters, if any."""
-        c = torch.zeros(self.population, dtype=torch.float64, device=next(iter(moved.values())).device)
-        loss = None
+        device = next(iter(moved.values())).device
+        c = torch.zeros(self.population, dtype=torch.float64, device=device)
+        loss, start = None, _rng_state(device)
         for k in range(self.population - 1):
             tangent = self._tangent(theta, list(moved), sigma, seed, signs, k)
-            with forward_ad.dual_level():
+            # every product on the first one's random draws (dropout), and the RNG moved on by one meta loss call, as
+            # the backward paths leave it; scaled_dot_product_attention's fused kernels have no forward derivative
+            replay = contextlib.nullcontext() if k == 0 else _replaying_rng(device, start)
+            with forward_ad.dual_level(), replay, sdpa_kernel(SDPBackend.MATH):
                 duals = {name: forward_ad.make_dual(p, tangent[name]) for name, p in moved.items()}
                 del tangent
                 try:
-                    output = meta_loss({**theta, **duals}, meta_batch).reshape(())
+                    output = meta_loss({**theta, **duals}, meta_batch)
                 except (NotImplementedError, RuntimeError) as err:
                     if not re.search(r"forward[ -](mode )?AD", str(err)):
                         raise
@@ -410,7 +439,7 @@ class EvoGrad(HypergradientEstimator):
                     ) from err
                 primal, derivative = forward_ad.unpack_dual(output)
             # a meta loss that does not depend on the weights has no tangent
-            c[k] = 0.0 if derivative is None else derivative.double()
+            c[k] = 0.0 if derivative is None else derivative.reshape(()).double()
             if loss is None:
                 loss = primal
                 direct = grads_or_zeros(primal, meta_params)
