@@ -35,7 +35,9 @@ class RelationNetHead(nn.Module):
     cross-entropy loss (instead of the original mean squared error).
 
     The relation module is two 3x3 conv-BN-ReLU blocks (`2C -> C -> C`, padded, so any feature-map size works),
-    global average pooling and `Linear(C, hidden) - ReLU - Linear(hidden, 1)`.
+    global average pooling and `Linear(C, hidden) - ReLU - Linear(hidden, 1)`. LFT's code (after "A Closer Look at
+    Few-shot Classification") instead max-pools 2x2 after each block and flattens, which takes a ResNet's 7x7 map of
+    224x224 images to 1x1 but cannot pool the 1x1 maps of the embedded default's 16x16 episodes.
 
     Args:
         channels (`int`): channels `C` of the backbone's feature maps.
