@@ -399,10 +399,12 @@ class EvoGrad(HypergradientEstimator):
         the kept signs (sign noise) or regenerated from `seed` (Gaussian noise)."""
         last = self.population - 1
         if self.noise == "sign":
-            tangent = {}
+            tangent, tables = {}, {}
             for name, bits in signs[k].items():
                 p = theta[name]
-                table = (_sign_table(torch.float32, p.device) * sigma).to(p.dtype)  # as `_draw_stream` rounds sigma
+                if (p.dtype, p.device) not in tables:  # +/- sigma as `_draw_stream` rounds it
+                    tables[p.dtype, p.device] = (_sign_table(torch.float32, p.device) * sigma).to(p.dtype)
+                table = tables[p.dtype, p.device]
                 step = _unpack(table, bits, p.numel()) - _unpack(table, signs[last][name], p.numel())
                 tangent[name] = step.view(p.shape)
             return tangent
