@@ -592,6 +592,19 @@ def test_evograd_forward_mode_with_dropout_and_attention_in_the_meta_loss(popula
     assert torch.equal(after["forward"], after["lean"])
 
 
+def test_evograd_paths_return_the_meta_loss_as_the_meta_loss_function_does():
+    """A meta loss of shape `(1,)` comes back as `(1,)`, with the same value, whichever path computed it."""
+    params, lam, train_loss, meta_loss = weighted_mlp_problem()
+    results = {}
+    for path, options in EVOGRAD_PATHS.items():
+        torch.manual_seed(6)
+        est = create_estimator("evograd", sigma=0.05, **options)
+        results[path] = est.estimate(params, [lam], train_loss, lambda p, b: meta_loss(p, b).reshape(1))
+    for path, result in results.items():
+        assert result.meta_loss.shape == (1,), path
+        torch.testing.assert_close(result.meta_loss, results["default"].meta_loss, rtol=1e-12, atol=0)
+
+
 def test_evograd_forward_mode_names_an_operator_without_a_forward_derivative():
     class NoJvp(torch.autograd.Function):
         @staticmethod
