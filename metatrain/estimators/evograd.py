@@ -30,6 +30,12 @@ def _sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return (2 * bits - 1).to(dtype)
 
 
+@functools.lru_cache(maxsize=16)
+def _sigma_table(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[`_sign_table`] times `sigma`: `+/- sigma` as float32 rounds it, then in `dtype` on `device` (read only)."""
+    return (_sign_table(torch.float32, device) * sigma).to(dtype)
+
+
 def _unpack(table: torch.Tensor, bits: torch.Tensor, numel: int) -> torch.Tensor:
     """The first `numel` values that the bytes `bits` pack, looked up in `table` (a [`_sign_table`], possibly
     scaled), flattened."""
@@ -263,7 +269,6 @@ class EvoGrad(HypergradientEstimator):
         mirrored = self.antithetic and k >= half
         device = theta[names[0]].device  # drawn where the weights live: no host-to-device copy per step
         generator = torch.Generator(device=device).manual_seed(seed + (k % half if self.antithetic else k))
-        tables: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         for name in names:
             p = theta[name]
             if self.noise == "sign":
@@ -271,10 +276,7 @@ class EvoGrad(HypergradientEstimator):
                                      dtype=torch.uint8).to(p.device)  # fmt: skip
                 if mirrored:
                     bits.bitwise_not_()
-                key = (p.dtype, p.device)
-                if key not in tables:  # +/- sigma as float32 rounds it, then in the weight's dtype and place
-                    tables[key] = (_sign_table(torch.float32, device) * sigma).to(device=p.device, dtype=p.dtype)
-                yield name, _unpack(tables[key], bits, p.numel()).view(p.shape), bits
+                yield name, _unpack(_sigma_table(sigma, p.dtype, p.device), bits, p.numel()).view(p.shape), bits
                 continue
             eps = torch.randn(p.shape, generator=generator, device=device, dtype=torch.float32)
             yield name, eps.mul_(-sigma if mirrored else sigma).to(device=p.device, dtype=p.dtype), None
@@ -375,18 +377,17 @@ class EvoGrad(HypergradientEstimator):
                 moved[name].add_(eps, alpha=w_k)
         if self.forward_mode:
             direct, c, loss = self._meta_jvps(theta, moved, sigma, seed, signs, meta_params, meta_loss, meta_batch)
-        elif signed:
-            loss = meta_loss({**theta, **{name: p.requires_grad_() for name, p in moved.items()}}, meta_batch)
-            c = torch.zeros(self.population, dtype=torch.float64, device=loss.device)
-            direct = self._meta_backward(loss, moved, meta_params, signs, scale, c)
         else:
             loss = meta_loss({**theta, **{name: p.requires_grad_() for name, p in moved.items()}}, meta_batch)
             c = torch.zeros(self.population, dtype=torch.float64, device=loss.device)
-            grads = grads_or_zeros(loss, [*moved.values(), *meta_params])
-            g_star, direct = dict(zip(names, grads[: len(names)])), grads[len(names) :]
-            for k in range(self.population):
-                for name, eps in self._noise_stream(theta, names, sigma, seed, k):
-                    c[k] += (g_star[name] * eps).sum(dtype=torch.float64)
+            if signed:
+                direct = self._meta_backward(loss, moved, meta_params, signs, scale, c)
+            else:
+                grads = grads_or_zeros(loss, [*moved.values(), *meta_params])
+                g_star, direct = dict(zip(names, grads[: len(names)])), grads[len(names) :]
+                for k in range(self.population):
+                    for name, eps in self._noise_stream(theta, names, sigma, seed, k):
+                        c[k] += (g_star[name] * eps).sum(dtype=torch.float64)
         coefficient = -(weights.double() * (c - (weights.double() * c).sum())) / self.temperature
         indirect = tuple(
             sum(coefficient[k].to(d.dtype) * loss_grads[k][i] for k in range(self.population))
@@ -399,12 +400,10 @@ class EvoGrad(HypergradientEstimator):
         the kept signs (sign noise) or regenerated from `seed` (Gaussian noise)."""
         last = self.population - 1
         if self.noise == "sign":
-            tangent, tables = {}, {}
+            tangent = {}
             for name, bits in signs[k].items():
                 p = theta[name]
-                if (p.dtype, p.device) not in tables:  # +/- sigma as `_draw_stream` rounds it
-                    tables[p.dtype, p.device] = (_sign_table(torch.float32, p.device) * sigma).to(p.dtype)
-                table = tables[p.dtype, p.device]
+                table = _sigma_table(sigma, p.dtype, p.device)
                 step = _unpack(table, bits, p.numel()) - _unpack(table, signs[last][name], p.numel())
                 tangent[name] = step.view(p.shape)
             return tangent
