@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import os
+import random
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -86,6 +87,20 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def random_state_kept(device: torch.device) -> Iterator[None]:
+    """Python's, numpy's and torch's (CPU and `device`) random states as they were before the block, after it."""
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def _empty_meta_log() -> dict[str, Any]:
@@ -479,13 +494,23 @@ class MetaTrainer(PerSampleLossTrainer):
         )
 
     @contextlib.contextmanager
+    def _step_seeded(self, seed: int) -> Iterator[None]:
+        """The torch RNG seeded by `seed` inside the block and as it was after it (the global stream is untouched)."""
+        with torch.random.fork_rng(devices=[] if self.args.device.type == "cpu" else [self.args.device]):
+            torch.manual_seed(seed)
+            yield
+
+    def _estimator_seed(self) -> int:
+        """The seed of the estimator's own draws (EvoGrad's population) at this step: a function of the run's seed and
+        the step alone, so a resumed run, or one evaluated on another schedule, draws the same noise."""
+        return (self.args.seed * 1_000_003 + self.state.global_step) * 2 + 2**61 + 1
+
+    @contextlib.contextmanager
     def _same_noise(self, stream: int) -> Iterator[None]:
         """Runs a loss with random layers (dropout, LFT's noise) on the same draws at every call of one meta step, so
         that estimators comparing the loss at several weights (EvoGrad, finite differences) see the weights' effect
         only. Seeded by the run's seed and the step (the global RNG is untouched, so runs and resumes replay)."""
-        devices = [] if self.args.device.type == "cpu" else [self.args.device]
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed((self.args.seed * 1_000_003 + self.state.global_step) * 2 + stream)
+        with self._step_seeded((self.args.seed * 1_000_003 + self.state.global_step) * 2 + stream):
             yield
 
     def _meta_step(self, train_batch: dict[str, Any], base_losses: torch.Tensor | None = None) -> bool:
@@ -549,16 +574,18 @@ class MetaTrainer(PerSampleLossTrainer):
 
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else self.args.learning_rate
         saved = self.estimator.state_dict() if self.estimator.stateful else None  # put back if the step is skipped
-        result = self.estimator.estimate(params, leaves, train_loss, meta_loss, train_batch, meta_batch, lr)
+        with self._step_seeded(self._estimator_seed()):
+            result = self.estimator.estimate(params, leaves, train_loss, meta_loss, train_batch, meta_batch, lr)
         grads, loss = self._reduce(result.grads), result.meta_loss
         if self.accelerator.num_processes > 1:
             loss = self.accelerator.reduce(loss, reduction="mean")
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         finite = bool(torch.isfinite(norm) and torch.isfinite(loss))
         if self.reference_estimator is not None and self.state.global_step % self.args.meta_diagnostics_steps == 0:
-            reference = self.reference_estimator.estimate(
-                params, leaves, train_loss, meta_loss, train_batch, meta_batch, lr
-            ).grads
+            with self._step_seeded(self._estimator_seed()):
+                reference = self.reference_estimator.estimate(
+                    params, leaves, train_loss, meta_loss, train_batch, meta_batch, lr
+                ).grads
             self._log_agreement(grads, self._reduce(reference), defined=finite)
         if not finite:
             if saved is not None:  # e.g. HyperDistill's running average and refit window must not take this step in
@@ -608,6 +635,14 @@ class MetaTrainer(PerSampleLossTrainer):
         if not math.isnan(norm_ratio):
             stats["norm_ratio"] = stats.get("norm_ratio", 0.0) + norm_ratio
             stats["norm_ratio_count"] = stats.get("norm_ratio_count", 0) + 1
+
+    # ---------------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """Trainer's evaluation, leaving every random state as it found it: a loader's iterator draws its seed from the
+        global RNG, and an evaluation between a checkpoint and the next step would otherwise make a resumed run (and a
+        run evaluated on another schedule) draw other dropout and shuffling than the run that wrote the checkpoint."""
+        with random_state_kept(self.args.device):
+            return super().evaluate(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

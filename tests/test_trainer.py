@@ -685,3 +685,66 @@ def test_meta_batches_come_from_another_domain(tmp_path):
                           meta_module=MetaWeightNet())  # fmt: skip
     with pytest.raises(ValueError, match="meta_disjoint_key='language' is not a key of the training batch"):
         trainer.train()
+
+
+def dropout_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.3), nn.Linear(4 * 36, 3)
+    )  # fmt: skip
+
+
+def assert_same_run(a: MetaTrainer, b: MetaTrainer) -> None:
+    """Model and meta-module weights equal to the last bit."""
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(x, y), name
+    for (name, x), y in zip(a.meta_module.state_dict().items(), b.meta_module.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("estimator", ["evograd", "t1t2_fd", "t1t2"])
+def test_resume_from_an_epoch_end_checkpoint_with_evaluation_is_the_same_run(tmp_path, estimator):
+    """The checkpoint at an epoch's last step is written before that epoch's evaluation, which builds a loader (a draw
+    from the global RNG): the resumed run, and a run without evaluation, must still be the same run, bit for bit,
+    with dropout in the model and the estimator's own noise."""
+    common = dict(max_steps=-1, num_train_epochs=2, save_strategy="steps", save_steps=8, hypergradient=estimator)
+
+    def trainer(folder, **overrides):
+        return MetaTrainer(
+            model=dropout_model(), args=make_args(tmp_path / folder, **{**common, **overrides}),
+            train_dataset=image_dataset(64, seed=1), eval_dataset=image_dataset(16, seed=3),
+            meta_dataset=image_dataset(20, seed=2), meta_module=MetaWeightNet(),
+        )  # fmt: skip
+
+    full = trainer("full", eval_strategy="epoch")
+    full.train()
+    assert full.state.global_step == 16
+    first = trainer("resumed", eval_strategy="epoch")
+    first.add_callback(StopAfter(8))
+    first.train()
+    resumed = trainer("resumed", eval_strategy="epoch")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "out" / "checkpoint-8"))
+    assert resumed.state.global_step == 16
+    assert_same_run(full, resumed)
+    unevaluated = trainer("unevaluated", eval_strategy="no")
+    unevaluated.train()
+    assert_same_run(full, unevaluated)
+
+
+def test_the_estimators_noise_comes_from_the_run_seed_and_step_and_leaves_the_global_rng(tmp_path):
+    """EvoGrad's population at a step is the same whatever the global RNG holds, and drawing it moves nothing."""
+    updates = []
+    for global_seed in (0, 1):
+        trainer = make_trainer(tmp_path / str(global_seed), hypergradient="evograd", meta_optimizer="sgd",
+                               meta_momentum=0.0, meta_weight_decay=0.0)  # fmt: skip
+        trainer.create_optimizer()
+        train_batch = next(iter(trainer.get_train_dataloader()))
+        before = snapshot(trainer.meta_module)
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        assert trainer.meta_step(train_batch)
+        assert torch.equal(torch.get_rng_state(), state)
+        updates.append({k: before[k] - v for k, v in snapshot(trainer.meta_module).items()})
+    assert any(v.abs().sum() > 0 for v in updates[0].values())
+    for k, v in updates[0].items():
+        assert torch.equal(v, updates[1][k]), k
