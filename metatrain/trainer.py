@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import datasets
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -30,6 +31,9 @@ META_STATE_NAME = "meta_trainer_state.pt"
 # under several processes, each one's own estimator state and meta data position (its shard of the batches)
 META_PROCESS_STATE_NAME = "meta_trainer_state_{}.pt"
 META_MODULE_NAME = "meta_module.safetensors"
+# EvoGrad's default perturbation and temperature under bf16/fp16: 10x the paper's sigma, 100x its temperature, so the
+# expected lookahead step (K - 1) sigma^2 / (K tau) is the paper's
+MIXED_PRECISION_EVOGRAD = {"sigma": 0.01, "temperature": 5.0}
 
 
 class EpochSeededSampler(torch.utils.data.Sampler[int]):
@@ -112,6 +116,15 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def _flat(values: Any) -> Iterator[Any]:
+    """The scalars of nested lists (a token-classification label column)."""
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            yield from _flat(v)
+        else:
+            yield v
 
 
 @contextlib.contextmanager
@@ -238,6 +251,11 @@ class MetaTrainer(PerSampleLossTrainer):
         **kwargs: passed to [`~transformers.Trainer`].
     """
 
+    # meta steps in a row: stop after this many skipped for non-finite model weights; warn after this many zero
+    # hypergradients
+    nonfinite_weights_patience = 3
+    zero_hypergradient_patience = 20
+
     def __init__(
         self,
         model: PreTrainedModel | nn.Module | None = None,
@@ -294,6 +312,11 @@ class MetaTrainer(PerSampleLossTrainer):
         for p in self.meta_params:
             p.requires_grad_(False)
 
+        if args.fp16 and args.device.type == "cpu":
+            raise ValueError(
+                "fp16=True on CPU trains in full precision without a word (Accelerate applies no fp16 autocast there): "
+                "use bf16=True for mixed precision on CPU, or neither."
+            )
         super().__init__(
             model, args, *trainer_args, per_sample_loss=per_sample_loss, model_input_names=model_input_names, **kwargs
         )
@@ -313,7 +336,7 @@ class MetaTrainer(PerSampleLossTrainer):
         self.input_transform = meta_module if isinstance(self.external_meta_module, InputTransform) else None
         if self.external_meta_module is not None:
             self.external_meta_module.to(self.args.device)
-        self.estimator = create_estimator(self.args.hypergradient, **self.args.hypergradient_kwargs)
+        self.estimator = create_estimator(self.args.hypergradient, **self._estimator_options())
         self.reference_estimator = None
         if self.args.meta_diagnostics_steps:
             self.reference_estimator = create_estimator(self.args.meta_diagnostics_reference)
@@ -333,6 +356,101 @@ class MetaTrainer(PerSampleLossTrainer):
         # the detached per-example losses of the last training forward in the current accumulation window
         self._base_losses: torch.Tensor | None = None
         self._meta_log = _empty_meta_log()
+        self._nonfinite_weights: tuple[int, int] | None = None  # (first step seen, meta steps skipped in a row)
+        self._zero_hypergradients = 0  # meta steps in a row with an exactly zero hypergradient
+        self._check_meta_dataset()
+
+    def _estimator_options(self) -> dict[str, Any]:
+        """`hypergradient_kwargs`, with EvoGrad's perturbations sized for mixed precision: bf16 and fp16 do not resolve
+        `sigma=0.001` on weights of order 0.1-1, so its perturbed losses differ by rounding. Unless `sigma` or
+        `temperature` is given, it then takes `MIXED_PRECISION_EVOGRAD` (the same expected lookahead step,
+        `(K - 1) sigma^2 / (K tau)`); a given `sigma` below it is warned about."""
+        options = dict(self.args.hypergradient_kwargs)
+        if self.args.hypergradient != "evograd" or not (self.args.bf16 or self.args.fp16):
+            return options
+        precision = "bf16" if self.args.bf16 else "fp16"
+        if "sigma" not in options and "temperature" not in options:
+            logger.info(f"EvoGrad under {precision}: {MIXED_PRECISION_EVOGRAD} (perturbations {precision} resolves).")
+            return {**options, **MIXED_PRECISION_EVOGRAD}
+        sigma = options.get("sigma", 0.001)
+        if isinstance(sigma, (int, float)) and sigma < MIXED_PRECISION_EVOGRAD["sigma"]:
+            logger.warning(
+                f"EvoGrad with sigma={sigma} under {precision}: perturbations that small are below {precision}'s "
+                "resolution for most weights, so the hypergradient is mostly rounding noise. Leave `sigma` and "
+                f"`temperature` unset (then {MIXED_PRECISION_EVOGRAD}, the same expected step), or set sigma >= "
+                f"{MIXED_PRECISION_EVOGRAD['sigma']} with `rescale=True`."
+            )
+        return options
+
+    # ------------------------------------------------------------------------------------------ meta data checks
+    def _collated_sample(self, dataset: Any, description: str, size: int = 4) -> dict[str, Any]:
+        """The first `size` items of `dataset` prepared and collated as its loader would (unused columns removed)."""
+        collator = self.data_collator
+        if isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description=description)
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description=description)
+        with random_state_kept(torch.device("cpu")):  # a collator may draw (masking): the run's stream is untouched
+            return collator([dataset[i] for i in range(min(size, len(dataset)))])
+
+    def _training_batch_keys(self) -> set[str]:
+        """The keys of a training batch, or none where the training set is not given or not sized."""
+        if self.train_dataset is None or not hasattr(self.train_dataset, "__len__") or not len(self.train_dataset):
+            return set()
+        try:
+            return set(self._collated_sample(self.train_dataset, "training"))
+        except Exception:  # a training set that fails here fails in Trainer's loader with Trainer's own error
+            return set()
+
+    def _check_meta_dataset(self) -> None:
+        """Refuses a meta dataset the meta step could not use, naming `meta_dataset` and the fix: one that cannot be
+        collated, lacks the labels or a key of the training batches, or has labels outside the model's classes."""
+        meta = self.meta_dataset
+        if isinstance(meta, torch.utils.data.IterableDataset) or not hasattr(meta, "__len__"):
+            raise ValueError(
+                f"meta_dataset must be a map-style dataset (`datasets.Dataset` or a torch Dataset with `__len__`), got "
+                f"{type(meta).__name__}: the meta loader shuffles it with a seeded sampler."
+            )
+        if len(meta) == 0:
+            raise ValueError("meta_dataset is empty: pass the clean held-out examples for the meta loss.")
+        try:
+            batch = self._collated_sample(meta, "meta")
+        except Exception as error:
+            raise ValueError(
+                f"meta_dataset cannot be batched by the trainer's data collator ({type(error).__name__}: {error}). "
+                "Prepare it as the training set (the same tokenization or transform and the same columns), e.g. "
+                "`meta_dataset = meta_dataset.map(tokenize, batched=True)`."
+            ) from error
+        label = self.args.label_names[0]
+        if label not in batch:
+            raise ValueError(
+                f"meta_dataset has no {label!r} (its batches hold {sorted(batch)}): name its label column {label!r}, "
+                f"e.g. `meta_dataset = meta_dataset.rename_column('target', {label!r})`, or set `label_names`."
+            )
+        # an attached transform's keys (MetaXL's `is_source`) serve training forwards only: the meta loss runs without it
+        training_only = set(self.meta_module.batch_keys) if isinstance(self.meta_module, AttachedTransform) else set()
+        missing = sorted(self._training_batch_keys() - set(batch) - training_only)
+        if missing:
+            raise ValueError(
+                f"meta_dataset's batches lack {missing}, which the training batches have (meta: {sorted(batch)}): "
+                "prepare the meta set as the training set (the same tokenization or transform and columns)."
+            )
+        classes = getattr(getattr(self.model, "config", None), "num_labels", None)
+        if classes is None or getattr(self.model.config, "problem_type", None) == "regression":
+            classes = getattr(self.model, "num_classes", None)
+        if not isinstance(classes, int) or classes < 1:
+            return
+        column = next((c for c in (label, "label") if c in getattr(meta, "column_names", ())), None)
+        labels = torch.as_tensor(list(_flat(meta.with_format(None)[column])) if column else batch[label])
+        if labels.is_floating_point() or labels.is_complex():
+            return
+        bad = labels[(labels != -100) & ((labels < 0) | (labels >= classes))]
+        if bad.numel():
+            raise ValueError(
+                f"meta_dataset has labels outside the model's {classes} classes (0 to {classes - 1}; -100 is ignored): "
+                f"{sorted(set(bad.tolist()))[:10]}. Map its labels with the training set's label mapping, or build the "
+                "model with that many classes (`num_labels`)."
+            )
 
     def reduce_loss(self, losses: torch.Tensor, training: bool) -> torch.Tensor:
         """The loss weighter's `sum(w * l) / sum(w)` in training, the plain mean otherwise."""
@@ -631,12 +749,18 @@ class MetaTrainer(PerSampleLossTrainer):
             if saved is not None:  # e.g. HyperDistill's running average and refit window must not take this step in
                 self.estimator.load_state_dict(saved)
             self.meta_steps_skipped += 1
-            logger.warning(
-                f"Non-finite hypergradient or meta loss at step {self.state.global_step} (meta loss {loss.item()}, "
-                f"hypergradient norm {norm.item()}): meta step skipped, no weight or estimator state changed "
-                f"({self.meta_steps_skipped} skipped so far)."
-            )
+            self._check_base_weights(params, loss, norm)
             return False
+        self._nonfinite_weights = None
+        self._zero_hypergradients = self._zero_hypergradients + 1 if norm == 0 else 0
+        if self._zero_hypergradients == self.zero_hypergradient_patience:
+            logger.warning(
+                f"The hypergradient has been exactly zero for {self._zero_hypergradients} meta steps in a row (step "
+                f"{self.state.global_step}, {self.estimator.name}): the meta-parameters learn nothing. The losses may "
+                "not depend on them (a transform after a zero-initialised batch norm: build the model with "
+                "`zero_init_last=False`; `first_order` with a loss weighter is zero by definition), or EvoGrad's "
+                "softmax is saturated (raise `temperature`)."
+            )
         if self.args.meta_max_grad_norm is not None and norm > self.args.meta_max_grad_norm:
             grads = tuple(g * (self.args.meta_max_grad_norm / (norm + 1e-6)) for g in grads)
         optimizer = self.create_meta_optimizer()
@@ -649,6 +773,32 @@ class MetaTrainer(PerSampleLossTrainer):
         self._meta_log["hypergradient_norm"] += norm
         self._meta_log["seconds"] += time.perf_counter() - start
         return True
+
+    def _check_base_weights(self, params: dict[str, torch.Tensor], loss: torch.Tensor, norm: torch.Tensor) -> None:
+        """Logs a skipped meta step with its cause, and stops the run once the model's own weights have been non-finite
+        for `nonfinite_weights_patience` meta steps in a row (no meta step can help them)."""
+        step, skipped = self.state.global_step, self.meta_steps_skipped
+        bad = [name for name, p in params.items() if not torch.isfinite(p).all()]
+        if not bad:
+            self._nonfinite_weights = None
+            logger.warning(
+                f"Non-finite hypergradient or meta loss at step {step} (meta loss {loss.item()}, hypergradient norm "
+                f"{norm.item()}): meta step skipped, meta-parameters and estimator state unchanged ({skipped} skipped "
+                "so far)."
+            )
+            return
+        first, count = self._nonfinite_weights or (step, 0)
+        self._nonfinite_weights = (first, count + 1)
+        logger.warning(
+            f"Meta step skipped at step {step}: the model's weights are not finite (first seen at step {first}; "
+            f"{len(bad)} tensors, e.g. {bad[:3]}). The meta-parameters are unchanged; the model is not."
+        )
+        if count + 1 >= self.nonfinite_weights_patience:
+            raise RuntimeError(
+                f"The model's weights have been non-finite since step {first} ({len(bad)} tensors, e.g. {bad[:3]}), "
+                f"and {count + 1} meta steps in a row were skipped for it. Check the training data for NaN or "
+                "infinite values, lower `learning_rate`, set `max_grad_norm`, or train in fp32."
+            )
 
     def _reduce(self, grads: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """Hypergradients averaged over processes (functional calls bypass DDP's own averaging)."""
