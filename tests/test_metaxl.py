@@ -150,6 +150,64 @@ def test_attach_transforms_source_examples_only_and_detach_restores_the_model(ki
     assert not hasattr(model, "representation_transform")
 
 
+def forward_hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", ["xlmr-token", "distilbert-sequence"])
+def test_detach_without_the_handle_restores_the_model(kind):
+    """`detach_representation_transform(model)` finds the RTN on the model (a deep copy's on the copy) and removes it
+    and its hook; the handle form checks that it is the model's own; nothing attached is a clear error."""
+    import copy
+
+    model = tiny(kind)
+    batch = inputs()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = forward_hooks(model)
+    model.train()
+    reference = model(**batch).logits.detach()
+    transform = attach_representation_transform(model, layer=1, bottleneck=4)
+    assert forward_hooks(model) == hooks + 1
+    twin = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="not the one attached to this"):
+        detach_representation_transform(twin, transform)
+    detach_representation_transform(twin)
+    assert set(twin.state_dict()) == set(before) and forward_hooks(twin) == hooks
+    assert forward_hooks(model) == hooks + 1  # the original keeps its hook
+    with transform.batch_context({"is_source": torch.ones(4, dtype=torch.bool)}):
+        assert not torch.allclose(model(**batch).logits, reference)
+
+    detach_representation_transform(model)
+    assert list(model.state_dict()) == list(before) and forward_hooks(model) == hooks
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not hasattr(model, "representation_transform") and "detached" in repr(transform)
+    torch.testing.assert_close(model(**batch).logits, reference)
+    for args in ((model,), (model, transform)):
+        with pytest.raises(ValueError, match="has no representation transform attached: nothing to detach"):
+            detach_representation_transform(*args)
+    again = attach_representation_transform(model, layer=0)  # attaching again after a detach works
+    detach_representation_transform(model, again)
+    assert list(model.state_dict()) == list(before) and forward_hooks(model) == hooks
+
+
+def test_repr_shows_the_network_and_where_it_acts():
+    model = tiny()
+    transform = attach_representation_transform(model, layer=1, bottleneck=4, source_key="from_source")
+    text = repr(transform)
+    assert text.startswith("RepresentationTransform(\n  layer=1, after='roberta.encoder.layer.0', ")
+    assert "source_key='from_source', enabled=True" in text and "hidden_size=8, bottleneck=4" in text
+    assert "(0): Linear(in_features=8, out_features=4, bias=True)" in text
+    assert (
+        "(representation_transform): RepresentationTransformNetwork(\n    hidden_size=8, bottleneck=4, "
+        "after='roberta.encoder.layer.0'\n    (net): Sequential("
+    ) in str(model)
+    with transform.disabled():
+        assert "enabled=False" in repr(transform)
+    assert "after='distilbert.embeddings'" in repr(attach_representation_transform(tiny("distilbert-token"), 0))
+    assert repr(RepresentationTransformNetwork(6, 3)).startswith("RepresentationTransformNetwork(\n  hidden_size=6, "
+                                                                 "bottleneck=3\n")  # fmt: skip
+
+
 def test_layer_zero_is_the_embeddings_and_negative_layers_count_from_the_end():
     model = tiny()
     batch = inputs()

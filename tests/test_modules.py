@@ -120,6 +120,10 @@ def test_learnable_rotation_module():
 
 
 # ---------------------------------------------------------------------------------- feature-wise transforms (LFT)
+def forward_hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
 def ft_model(seed: int = 0, **kwargs) -> nn.Module:
     import timm
 
@@ -195,10 +199,10 @@ def test_feature_wise_transforms_attach_detach_round_trip():
     detach_feature_wise_transforms(model, transforms)
     assert list(model.state_dict()) == list(before)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
-    assert not any("ft_" in n for n, _ in model.named_modules())
+    assert not any("ft_" in n for n, _ in model.named_modules()) and forward_hooks(model) == 0
     torch.manual_seed(1)
     torch.testing.assert_close(model(x), train_before)
-    with pytest.raises(ValueError, match="No residual block"):
+    with pytest.raises(ValueError, match="Sequential has no residual block"):
         attach_feature_wise_transforms(nn.Sequential(nn.Conv2d(1, 2, 3)))
 
 
@@ -211,11 +215,24 @@ def _zero_init_model() -> nn.Module:
 def test_feature_wise_transforms_warn_about_zero_init_last(caplog):
     import logging
 
+    import timm
+
     from metatrain.modules import attach_feature_wise_transforms
 
     with caplog.at_level(logging.WARNING):
         attach_feature_wise_transforms(_zero_init_model())
     assert "zero_init_last" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # one warning for the whole model, not one per block
+        attach_feature_wise_transforms(timm.create_model("resnet26", pretrained=False, num_classes=3))
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "8 of 8 blocks" in message and "layer1.0.bn3, layer1.1.bn3, layer2.0.bn3 and 5 more" in message
+    assert "zero_init_last=False" in message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        attach_feature_wise_transforms(timm.create_model("resnet26", pretrained=False, zero_init_last=False))
+    assert not caplog.records
 
 
 def test_feature_wise_transforms_follow_the_last_norm_of_bottleneck_blocks(caplog):
@@ -232,7 +249,7 @@ def test_feature_wise_transforms_follow_the_last_norm_of_bottleneck_blocks(caplo
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with caplog.at_level(logging.WARNING):
         transforms = attach_feature_wise_transforms(model)
-    assert "layer1.0.bn3 has an all-zero weight" in caplog.text
+    assert "4 of 4 blocks have an all-zero weight" in caplog.text and "layer1.0.bn3" in caplog.text
     modules = dict(model.named_modules())
     assert "layer1.0.ft_bn3" in modules and not any(name.endswith("ft_bn2") for name in modules)
     channels = sum(
@@ -286,3 +303,105 @@ def test_feature_wise_transforms_train_under_meta_trainer(tmp_path):
     assert not base & {id(p) for p in transforms.parameters()}
     assert all(e["hypergradient_norm"] > 0 for e in trainer.state.log_history if "hypergradient_norm" in e)
     assert any(not torch.equal(before[k], v) for k, v in transforms.state_dict().items())
+
+
+# ResNet-family models: plain, deep stem with average-pool shortcut ("d", "t"), squeeze-excitation, ResNeXt, ECA and
+# group norm, with BasicBlock or Bottleneck blocks (built two blocks deep in the first stage, one in the others)
+RESNET_FAMILY = ["resnet10t", "resnet18", "resnet18d", "resnet50", "resnet50d", "seresnet18", "seresnext26d_32x4d",
+                 "ecaresnet26t", "resnext50_32x4d", "resnet50_gn"]  # fmt: skip
+# other blocks: the old match (any module with a `bn2` batch norm) hooked the first three silently, EfficientNet even
+# on its head's bn2; the others are timm ResNets or ResNet-like models built from other blocks
+OTHER_ARCHITECTURES = ["efficientnet_b0", "mobilenetv3_small_050", "dla34", "skresnet18", "resnest14d", "resnetv2_50"]
+
+
+@pytest.mark.parametrize("name", OTHER_ARCHITECTURES)
+def test_feature_wise_transforms_refuse_blocks_they_do_not_know(name):
+    import timm
+
+    from metatrain.modules import attach_feature_wise_transforms
+
+    model = timm.create_model(name, pretrained=False, num_classes=3)
+    keys = list(model.state_dict())
+    with pytest.raises(ValueError) as error:
+        attach_feature_wise_transforms(model)
+    message = str(error.value)
+    assert message.startswith(f"{type(model).__name__} ") and "no residual block" in message
+    assert "timm.models.resnet.BasicBlock, timm.models.resnet.Bottleneck" in message
+    assert "timm.create_model('resnet10t'" in message and "zero_init_last=False" in message
+    if name == "skresnet18":  # a timm ResNet of other blocks says which
+        assert "(a timm ResNet of SelectiveKernelBasic blocks)" in message
+    assert list(model.state_dict()) == keys and forward_hooks(model) == 0
+
+
+@pytest.mark.parametrize("name", RESNET_FAMILY)
+def test_feature_wise_transforms_attach_to_the_resnet_family_and_detach_from_the_model_alone(name):
+    """FT after the last norm of every block's residual branch (before SE / ECA attention) and after every shortcut;
+    every FT parameter moves the output; `detach_feature_wise_transforms(model)` restores the model exactly."""
+    import timm
+    from timm.models.resnet import BasicBlock, Bottleneck
+
+    from metatrain.modules import attach_feature_wise_transforms, detach_feature_wise_transforms
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=3, zero_init_last=False, layers=(2, 1, 1, 1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    reference = model(x)
+    transforms = attach_feature_wise_transforms(model)
+    blocks = {n: b for n, b in model.named_modules() if isinstance(b, (BasicBlock, Bottleneck))}
+    expected = set()
+    for block_name, block in blocks.items():
+        norm, attribute = (block.bn3, "ft_bn3") if isinstance(block, Bottleneck) else (block.bn2, "ft_bn2")
+        assert list(norm._forward_hooks.values()) == [getattr(block, attribute).after]
+        expected |= {f"{block_name}.{attribute}.theta_gamma", f"{block_name}.{attribute}.theta_beta"}
+        if block.downsample is not None:
+            assert list(block.downsample._forward_hooks.values()) == [block.ft_shortcut.after]
+            expected |= {f"{block_name}.ft_shortcut.theta_gamma", f"{block_name}.ft_shortcut.theta_beta"}
+    # the keys attaching adds to the state dict: exactly the names of the meta-parameters in `named_parameters()`
+    assert set(model.state_dict()) - set(before) == expected
+    meta_ids = {id(p) for p in transforms.parameters()}
+    assert {n for n, p in model.named_parameters() if id(p) in meta_ids} == expected
+    assert forward_hooks(model) == len(transforms.layers) == len(expected) // 2
+    torch.testing.assert_close(model(x), reference)  # identity in evaluation mode
+    model.train()
+    grads = torch.autograd.grad(model(x).square().mean(), list(transforms.parameters()))
+    assert all(bool(g.ne(0).any()) for g in grads)
+    model.load_state_dict({**model.state_dict(), **before})  # undo the running-statistics update
+
+    detach_feature_wise_transforms(model)
+    assert list(model.state_dict()) == list(before) and forward_hooks(model) == 0
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    model.eval()
+    torch.testing.assert_close(model(x), reference)
+
+
+def test_detach_feature_wise_transforms_without_the_handle():
+    """The model alone finds what is attached to it, deep copies included; the handle form detaches only its own
+    layers; a model with nothing attached is a clear error."""
+    import copy
+
+    from metatrain.modules import attach_feature_wise_transforms, detach_feature_wise_transforms
+
+    model = ft_model()
+    keys = list(model.state_dict())
+    transforms = attach_feature_wise_transforms(model)
+    twin = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="has no feature-wise transforms of the given transforms attached"):
+        detach_feature_wise_transforms(twin, transforms)
+    detach_feature_wise_transforms(twin)
+    assert list(twin.state_dict()) == keys and forward_hooks(twin) == 0
+    assert forward_hooks(model) == len(transforms.layers)  # the original keeps its own hooks
+    twin.train()
+    before = model.layer1[0].ft_bn2.theta_gamma.detach().clone()
+    twin(torch.randn(2, 1, 16, 16)).sum().backward()
+    assert torch.equal(model.layer1[0].ft_bn2.theta_gamma, before) and model.layer1[0].ft_bn2.theta_gamma.grad is None
+
+    detach_feature_wise_transforms(model)
+    assert list(model.state_dict()) == keys and forward_hooks(model) == 0
+    for args in ((model,), (model, transforms)):
+        with pytest.raises(ValueError, match="ResNet has no feature-wise transforms attached: nothing to detach"):
+            detach_feature_wise_transforms(*args)
+    again = attach_feature_wise_transforms(model)  # attaching again after a detach works
+    detach_feature_wise_transforms(model, again)
+    assert list(model.state_dict()) == keys and forward_hooks(model) == 0

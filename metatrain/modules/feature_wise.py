@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ._base import AttachedTransform
 
@@ -16,6 +18,8 @@ logger = logging.getLogger(__name__)
 FT_AFTER_BN2 = "ft_bn2"
 FT_AFTER_BN3 = "ft_bn3"  # Bottleneck blocks: their residual branch ends with bn3
 FT_AFTER_SHORTCUT = "ft_shortcut"
+# the blocks whose structure is known: (last conv, last norm) of their residual branch and the FT layer's attribute
+SUPPORTED_BLOCKS = {BasicBlock: ("conv2", "bn2", FT_AFTER_BN2), Bottleneck: ("conv3", "bn3", FT_AFTER_BN3)}
 
 
 class FeatureWiseTransform(nn.Module):
@@ -37,6 +41,9 @@ class FeatureWiseTransform(nn.Module):
         self.theta_gamma = nn.Parameter(torch.full((1, num_channels, 1, 1), float(init_gamma)))
         self.theta_beta = nn.Parameter(torch.full((1, num_channels, 1, 1), float(init_beta)))
         self.enabled = True
+        # the forward hook that applies the layer once attached: kept here, so detaching needs only the model (a deep
+        # copy of the model copies the handle along with the hook it removes)
+        self._hook: RemovableHandle | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.enabled):
@@ -58,12 +65,11 @@ class FeatureWiseTransform(nn.Module):
 class FeatureWiseTransforms(AttachedTransform):
     """The FT layers attached to one model, as returned by [`attach_feature_wise_transforms`]: pass it as
     `meta_module` to [`MetaTrainer`] (its parameters are the model's, found by identity; the meta loss runs with the
-    layers disabled) and to [`detach_feature_wise_transforms`] to undo the attachment."""
+    layers disabled). [`detach_feature_wise_transforms`] undoes the attachment."""
 
-    def __init__(self, layers: dict[str, FeatureWiseTransform], handles: list):
+    def __init__(self, layers: dict[str, FeatureWiseTransform]):
         super().__init__()
         self.layers = nn.ModuleDict({name.replace(".", "__"): layer for name, layer in layers.items()})
-        self._handles = handles
 
     @property
     def enabled(self) -> bool:
@@ -75,76 +81,119 @@ class FeatureWiseTransforms(AttachedTransform):
             layer.enabled = enabled
 
 
+def _attached_layers(model: nn.Module) -> list[tuple[nn.Module, str, FeatureWiseTransform]]:
+    """`(block, attribute, layer)` for every FT layer registered in the model."""
+    return [
+        (block, attribute, layer)
+        for block in model.modules()
+        for attribute in (FT_AFTER_BN2, FT_AFTER_BN3, FT_AFTER_SHORTCUT)
+        if isinstance(layer := getattr(block, attribute, None), FeatureWiseTransform)
+    ]
+
+
+def _short_list(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def attach_feature_wise_transforms(
     model: nn.Module, init_gamma: float = 0.3, init_beta: float = 0.5
 ) -> FeatureWiseTransforms:
     """Attaches a [`FeatureWiseTransform`] after the last batch norm of the residual branch of every block (`bn2` of
-    a BasicBlock, as LFT does; `bn3` of a Bottleneck) and after the batch norm of every shortcut (`downsample`) of a
-    timm ResNet, without changing timm's code.
+    a BasicBlock, as LFT does; `bn3` of a Bottleneck) and after every shortcut (`downsample`, which ends in a batch
+    norm) of a timm ResNet, without changing timm's code.
+
+    Only timm's `BasicBlock` and `Bottleneck` (`timm.models.resnet`) are recognised: the blocks of timm's `resnet*`,
+    `resnet*d`/`t`/`s`, `seresnet*`, `resnext*`, `seresnext*`, `ecaresnet*`, `wide_resnet*`, `resnetrs*`, `resnetaa*`
+    and `resnetblur*` models (and of a model that wraps one, such as a few-shot classifier). Other architectures
+    (EfficientNet, ResNetV2, SK-ResNet, ResNeSt, Res2Net, RegNet, ...) are refused: their blocks are built
+    differently, and a layer placed by name alone can end up where it gets no hypergradient.
 
     Each FT layer is registered on its block as `ft_bn2` (`ft_bn3`) / `ft_shortcut` (so the model's own state-dict
-    keys stay as they were and the FT parameters are model parameters) and applied by a forward hook on the batch
-    norm it follows. On a ResNet-10 (`resnet10t`) that is 3,712 meta-parameters, the count of the LFT paper.
+    keys stay as they were and the FT parameters are model parameters) and applied by a forward hook on the module
+    it follows. On a ResNet-10 (`resnet10t`) that is 3,712 meta-parameters, the count of the LFT paper.
 
     timm's default `zero_init_last=True` zeroes that last batch norm's weight, so an FT layer after it gets exactly
-    zero hypergradient at initialisation: build models trained from scratch with `zero_init_last=False` (a warning
-    says so when it sees such a block).
+    zero hypergradient at initialisation: build models trained from scratch with `zero_init_last=False` (one warning
+    lists the blocks when it sees such weights).
 
     Args:
-        model (`nn.Module`): a timm ResNet (any model whose blocks have `bn2`, or `bn3` after it, and an optional
-            `downsample` ending in a batch norm).
+        model (`nn.Module`): a timm ResNet, or a model containing one.
         init_gamma (`float`, *optional*, defaults to 0.3), init_beta (`float`, *optional*, defaults to 0.5):
             initial `theta_gamma` and `theta_beta`.
 
     Returns:
-        [`FeatureWiseTransforms`]: the attached layers, for the meta-optimizer and for detaching.
+        [`FeatureWiseTransforms`]: the attached layers, for the meta-optimizer.
 
     Raises:
-        `ValueError`: if the model has no such block, or already has FT layers attached.
+        `ValueError`: if the model has no timm `BasicBlock` or `Bottleneck`, or already has FT layers attached.
     """
-    layers, handles = {}, []
-    for block_name, block in model.named_modules():
-        if not isinstance(getattr(block, "bn2", None), nn.BatchNorm2d):
-            continue
-        if hasattr(block, FT_AFTER_BN2) or hasattr(block, FT_AFTER_BN3):
-            raise ValueError(f"{block_name!r} already has feature-wise transforms: detach them first.")
-        bottleneck = isinstance(getattr(block, "bn3", None), nn.BatchNorm2d)
-        last, attribute = (block.bn3, FT_AFTER_BN3) if bottleneck else (block.bn2, FT_AFTER_BN2)
-        targets = [(attribute, last)]
-        downsample = getattr(block, "downsample", None)
-        if downsample is not None:
-            norms = [m for m in downsample.modules() if isinstance(m, nn.BatchNorm2d)]
-            if norms:
-                targets.append((FT_AFTER_SHORTCUT, norms[-1]))
-        if not bool(last.weight.detach().ne(0).any()):
-            logger.warning(
-                f"{block_name}.{'bn3' if bottleneck else 'bn2'} has an all-zero weight (timm's zero_init_last): the "
-                "FT layer after it gets zero hypergradient until that weight moves. Build with zero_init_last=False "
-                "to train from scratch."
-            )
-        for attribute, norm in targets:
-            layer = FeatureWiseTransform(norm.num_features, init_gamma, init_beta).to(
-                device=norm.weight.device, dtype=norm.weight.dtype
-            )
-            block.add_module(attribute, layer)
-            handles.append(norm.register_forward_hook(layer.after))
-            layers[f"{block_name}.{attribute}" if block_name else attribute] = layer
-    if not layers:
+    if _attached_layers(model):
         raise ValueError(
-            f"No residual block with a `bn2` batch norm found in {type(model).__name__}: feature-wise transforms "
-            "attach to timm ResNets (e.g. resnet10t, resnet18, resnet34)."
+            f"{type(model).__name__} already has feature-wise transforms: detach them first with "
+            "`detach_feature_wise_transforms(model)`."
         )
-    return FeatureWiseTransforms(layers, handles)
+    blocks = [(name, block) for name, block in model.named_modules() if type(block) in SUPPORTED_BLOCKS]
+    if not blocks:
+        supported = ", ".join(f"timm.models.resnet.{cls.__name__}" for cls in SUPPORTED_BLOCKS)
+        stages = [getattr(m, f"layer{i}") for m in model.modules() if isinstance(m, ResNet) for i in range(1, 5)]
+        other = sorted({type(block).__name__ for stage in stages for block in stage})
+        found = f" (a timm ResNet of {', '.join(other)} blocks)" if other else ""
+        raise ValueError(
+            f"{type(model).__name__}{found} has no residual block that feature-wise transforms know how to attach "
+            f"to (supported: {supported}). Use a timm ResNet built from them, e.g. timm.create_model('resnet10t', "
+            "'resnet18', 'resnet50d', 'seresnet50' or 'resnext50_32x4d', zero_init_last=False), or add "
+            "`FeatureWiseTransform` layers to your model yourself."
+        )
+    zeroed, layers = [], {}
+    for block_name, block in blocks:
+        conv_name, norm_name, attribute = SUPPORTED_BLOCKS[type(block)]
+        norm, conv = getattr(block, norm_name), getattr(block, conv_name)
+        prefix = f"{block_name}." if block_name else ""
+        weight = getattr(norm, "weight", None)
+        if weight is not None and not bool(weight.detach().ne(0).any()):
+            zeroed.append(prefix + norm_name)
+        targets = [(attribute, norm)]
+        if block.downsample is not None:
+            targets.append((FT_AFTER_SHORTCUT, block.downsample))  # its output is that of its last batch norm
+        for name, target in targets:
+            layer = FeatureWiseTransform(conv.out_channels, init_gamma, init_beta)
+            layer.to(device=conv.weight.device, dtype=conv.weight.dtype).train(block.training)
+            block.add_module(name, layer)
+            layer._hook = target.register_forward_hook(layer.after)
+            layers[prefix + name] = layer
+    if zeroed:
+        logger.warning(
+            f"{len(zeroed)} of {len(blocks)} blocks have an all-zero weight in the norm their FT layer follows "
+            f"(timm's zero_init_last): {_short_list(zeroed)}. Those FT layers get zero hypergradient until the "
+            "weights move: build the model with zero_init_last=False to train it from scratch."
+        )
+    return FeatureWiseTransforms(layers)
 
 
-def detach_feature_wise_transforms(model: nn.Module, transforms: FeatureWiseTransforms) -> None:
+def detach_feature_wise_transforms(model: nn.Module, transforms: FeatureWiseTransforms | None = None) -> None:
     """Removes the FT layers and hooks that [`attach_feature_wise_transforms`] added: the model's modules, state
-    dict and outputs are as before the attachment."""
-    attached = {id(layer) for layer in transforms.layers.values()}
-    for handle in transforms._handles:
-        handle.remove()
-    transforms._handles.clear()
-    for block in list(model.modules()):
-        for attribute in (FT_AFTER_BN2, FT_AFTER_BN3, FT_AFTER_SHORTCUT):
-            if id(getattr(block, attribute, None)) in attached:
-                delattr(block, attribute)
+    dict and outputs are as before the attachment.
+
+    Args:
+        model (`nn.Module`): the model the layers are attached to.
+        transforms ([`FeatureWiseTransforms`], *optional*): the attachment to undo; defaults to every FT layer found
+            in the model.
+
+    Raises:
+        `ValueError`: if the model has no FT layers attached (none of those in `transforms`, when given).
+    """
+    found = _attached_layers(model)
+    if transforms is not None:
+        wanted = {id(layer) for layer in transforms.layers.values()}
+        found = [entry for entry in found if id(entry[2]) in wanted]
+    if not found:
+        given = " of the given transforms" if transforms is not None and _attached_layers(model) else ""
+        raise ValueError(
+            f"{type(model).__name__} has no feature-wise transforms{given} attached: nothing to detach. Pass the "
+            "model that `attach_feature_wise_transforms` was called on."
+        )
+    for block, attribute, layer in found:
+        if layer._hook is not None:
+            layer._hook.remove()
+            layer._hook = None
+        delattr(block, attribute)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ._base import AttachedTransform
 
@@ -37,14 +38,22 @@ class RepresentationTransformNetwork(nn.Module):
                 "encoder's hidden size and e.g. bottleneck=192."
             )
         self.net = nn.Sequential(nn.Linear(hidden_size, bottleneck), nn.ReLU(), nn.Linear(bottleneck, hidden_size))
+        # set while attached: the name of the module it follows and the hook that applies it (kept here, so detaching
+        # needs only the model; a deep copy of the model copies the handle along with the hook it removes)
+        self.attached_after: str | None = None
+        self._hook: RemovableHandle | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return hidden_states + self.net(hidden_states.detach())
 
+    def extra_repr(self) -> str:
+        sizes = f"hidden_size={self.net[0].in_features}, bottleneck={self.net[0].out_features}"
+        return sizes if self.attached_after is None else f"{sizes}, after={self.attached_after!r}"
+
 
 class RepresentationTransform(AttachedTransform):
     """The RTN attached to one model, as returned by [`attach_representation_transform`]: pass it as `meta_module`
-    to [`MetaTrainer`] and to [`detach_representation_transform`] to undo the attachment.
+    to [`MetaTrainer`]; [`detach_representation_transform`] undoes the attachment.
 
     In training forwards it transforms the hidden states of the examples whose `source_key` entry in the batch is
     true (the batch is read in [`~RepresentationTransform.batch_context`], which [`MetaTrainer`] enters around every
@@ -55,16 +64,14 @@ class RepresentationTransform(AttachedTransform):
         network (`RepresentationTransformNetwork`): the RTN, registered in the model.
         layer (`int`): after which encoder layer it acts (0: the embeddings).
         source_key (`str`): the batch key that marks source-language examples.
-        handle: the forward hook's handle.
     """
 
-    def __init__(self, network: RepresentationTransformNetwork, layer: int, source_key: str, handle: Any):
+    def __init__(self, network: RepresentationTransformNetwork, layer: int, source_key: str):
         super().__init__()
         self.network = network
         self.layer = layer
         self.source_key = source_key
         self.batch_keys = (source_key,)
-        self._handle = handle
         self._enabled = True
         self._source: torch.Tensor | None = None
         self._in_batch = False
@@ -122,7 +129,9 @@ class RepresentationTransform(AttachedTransform):
         )
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer}, source_key={self.source_key!r}, enabled={self.enabled}"
+        after = self.network.attached_after
+        where = "detached" if after is None else f"after={after!r}"
+        return f"layer={self.layer}, {where}, source_key={self.source_key!r}, enabled={self.enabled}"
 
 
 def encoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
@@ -163,7 +172,7 @@ def attach_representation_transform(
         source_key (`str`, *optional*, defaults to `"is_source"`): the batch key that marks source examples.
 
     Returns:
-        [`RepresentationTransform`]: the attached RTN, for `MetaTrainer(meta_module=...)` and for detaching.
+        [`RepresentationTransform`]: the attached RTN, for `MetaTrainer(meta_module=...)`.
 
     Raises:
         `ValueError`: if the model has no encoder layer list, `layer` is out of range, or an RTN is attached already.
@@ -177,24 +186,48 @@ def attach_representation_transform(
             f"embeddings) to {count} (the last layer), or -1 to -{count + 1} to count from the end."
         )
     if hasattr(model, RTN_ATTRIBUTE):
-        raise ValueError(f"{type(model).__name__} already has a representation transform: detach it first.")
+        raise ValueError(
+            f"{type(model).__name__} already has a representation transform: detach it first with "
+            "`detach_representation_transform(model)`."
+        )
     hidden_size = model.config.hidden_size if hasattr(model, "config") else None
     if hidden_size is None:
         raise ValueError(f"{type(model).__name__} has no `config.hidden_size`: pass a transformers model.")
     reference = next(model.parameters())
     network = RepresentationTransformNetwork(hidden_size, bottleneck).to(reference.device, reference.dtype)
-    model.add_module(RTN_ATTRIBUTE, network)
     target = embeddings if index == 0 else layers[index - 1]
-    transform = RepresentationTransform(network, index, source_key, handle=None)
-    transform._handle = target.register_forward_hook(transform.hook)
+    network.attached_after = next(name for name, module in model.named_modules() if module is target)
+    model.add_module(RTN_ATTRIBUTE, network)
+    transform = RepresentationTransform(network, index, source_key)
+    network._hook = target.register_forward_hook(transform.hook)
     return transform
 
 
-def detach_representation_transform(model: nn.Module, transform: RepresentationTransform) -> None:
+def detach_representation_transform(model: nn.Module, transform: RepresentationTransform | None = None) -> None:
     """Removes the RTN and the hook that [`attach_representation_transform`] added: the model's modules, state dict
-    and outputs are as before the attachment."""
-    if transform._handle is not None:
-        transform._handle.remove()
-        transform._handle = None
-    if getattr(model, RTN_ATTRIBUTE, None) is transform.network:
-        delattr(model, RTN_ATTRIBUTE)
+    and outputs are as before the attachment.
+
+    Args:
+        model (`nn.Module`): the model the RTN is attached to.
+        transform ([`RepresentationTransform`], *optional*): the attachment to undo, checked against the RTN found in
+            the model; defaults to that RTN.
+
+    Raises:
+        `ValueError`: if the model has no RTN attached, or `transform` is not the one attached to it.
+    """
+    network = getattr(model, RTN_ATTRIBUTE, None)
+    if not isinstance(network, RepresentationTransformNetwork):
+        raise ValueError(
+            f"{type(model).__name__} has no representation transform attached: nothing to detach. Pass the model "
+            "that `attach_representation_transform` was called on."
+        )
+    if transform is not None and transform.network is not network:
+        raise ValueError(
+            f"The given representation transform is not the one attached to this {type(model).__name__} (a deep copy "
+            "of the model has its own): call `detach_representation_transform(model)` to detach the model's own."
+        )
+    if network._hook is not None:
+        network._hook.remove()
+        network._hook = None
+    network.attached_after = None
+    delattr(model, RTN_ATTRIBUTE)
