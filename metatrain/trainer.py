@@ -15,6 +15,7 @@ import datasets
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten
 from transformers import PreTrainedModel, Trainer
 
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 META_STATE_NAME = "meta_trainer_state.pt"
 # under several processes, each one's own estimator state and meta data position (its shard of the batches)
 META_PROCESS_STATE_NAME = "meta_trainer_state_{}.pt"
+# the meta-module's weights, beside the model's (which leave out an attached meta-module's)
 META_MODULE_NAME = "meta_module.safetensors"
 # EvoGrad's default perturbation and temperature under bf16/fp16: 10x the paper's sigma, 100x its temperature, so the
 # expected lookahead step (K - 1) sigma^2 / (K tau) is the paper's
@@ -359,6 +361,7 @@ class MetaTrainer(PerSampleLossTrainer):
         self._nonfinite_weights: tuple[int, int] | None = None  # (first step seen, meta steps skipped in a row)
         self._zero_hypergradients = 0  # meta steps in a row with an exactly zero hypergradient
         self._check_meta_dataset()
+        self._set_find_unused_parameters()
 
     def _estimator_options(self) -> dict[str, Any]:
         """`hypergradient_kwargs`, with EvoGrad's perturbations sized for mixed precision: bf16 and fp16 do not resolve
@@ -381,6 +384,29 @@ class MetaTrainer(PerSampleLossTrainer):
                 f"{MIXED_PRECISION_EVOGRAD['sigma']} with `rescale=True`."
             )
         return options
+
+    def unused_parameters(self) -> list[str]:
+        """The trainable weights that one forward and backward of a training batch (in evaluation mode, so no random
+        draw and no batch norm statistics change) leaves without gradient."""
+        trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        inputs = self._prepare_inputs(self._collated_sample(self.train_dataset, "training", size=2))
+        with random_state_kept(self.args.device), evaluation_mode(self.model):
+            loss = self.compute_loss(self.model, inputs)
+            grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
+        return [name for name, g in zip(trainable, grads) if g is None]
+
+    def _set_find_unused_parameters(self) -> None:
+        """DDP's `find_unused_parameters`, where not set, from the model: on only when a weight gets no gradient (Trainer
+        turns it on for every plain module, and DDP then warns on every rank and searches the graph at every step)."""
+        handler = getattr(self.accelerator, "ddp_handler", None)
+        if self.args.ddp_find_unused_parameters is not None or handler is None or self.args.world_size < 2:
+            return
+        if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
+            return
+        unused = self.unused_parameters()
+        handler.find_unused_parameters = bool(unused)
+        if unused:
+            logger.info(f"DDP finds unused parameters: {len(unused)} weights get no gradient, e.g. {unused[:3]}.")
 
     # ------------------------------------------------------------------------------------------ meta data checks
     def _collated_sample(self, dataset: Any, description: str, size: int = 4) -> dict[str, Any]:
@@ -651,6 +677,12 @@ class MetaTrainer(PerSampleLossTrainer):
             "episodes from at least two domains)."
         )
 
+    @staticmethod
+    def _attention_for(estimator: Any) -> contextlib.AbstractContextManager:
+        """`scaled_dot_product_attention` on its math backend for an estimator that needs a second-order graph (the
+        fused kernels have no double backward); any backend otherwise."""
+        return sdpa_kernel(SDPBackend.MATH) if estimator.second_order else contextlib.nullcontext()
+
     @contextlib.contextmanager
     def _step_seeded(self, seed: int) -> Iterator[None]:
         """The torch RNG seeded by `seed` inside the block and as it was after it (the global stream is untouched)."""
@@ -732,7 +764,7 @@ class MetaTrainer(PerSampleLossTrainer):
 
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else self.args.learning_rate
         saved = self.estimator.state_dict() if self.estimator.stateful else None  # put back if the step is skipped
-        with self._step_seeded(self._estimator_seed()):
+        with self._step_seeded(self._estimator_seed()), self._attention_for(self.estimator):
             result = self.estimator.estimate(params, leaves, train_loss, meta_loss, train_batch, meta_batch, lr)
         grads, loss = self._reduce(result.grads), result.meta_loss
         if self.accelerator.num_processes > 1:
@@ -740,7 +772,7 @@ class MetaTrainer(PerSampleLossTrainer):
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         finite = bool(torch.isfinite(norm) and torch.isfinite(loss))
         if self.reference_estimator is not None and self.state.global_step % self.args.meta_diagnostics_steps == 0:
-            with self._step_seeded(self._estimator_seed()):
+            with self._step_seeded(self._estimator_seed()), self._attention_for(self.reference_estimator):
                 reference = self.reference_estimator.estimate(
                     params, leaves, train_loss, meta_loss, train_batch, meta_batch, lr
                 ).grads
@@ -919,12 +951,9 @@ class MetaTrainer(PerSampleLossTrainer):
         self.load_meta_state_dict(state)
 
     def _load_best_model(self) -> None:
-        """Trainer's, plus the external meta-module of the best checkpoint (`load_best_model_at_end`): the model and
-        meta-module saved after training are then the pair that checkpoint held. (An embedded meta-module is part of
-        the model's weights.)"""
+        """Trainer's, plus the meta-module of the best checkpoint (`load_best_model_at_end`): the model and meta-module
+        saved after training are then the pair that checkpoint held."""
         super()._load_best_model()
-        if self.external_meta_module is None:
-            return
         path = os.path.join(self.state.best_model_checkpoint, META_MODULE_NAME)
         if not os.path.isfile(path):
             logger.warning(
@@ -934,13 +963,27 @@ class MetaTrainer(PerSampleLossTrainer):
             return
         from safetensors.torch import load_file
 
-        self.external_meta_module.load_state_dict(load_file(path))
+        self.meta_module.load_state_dict(load_file(path))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Trainer's save of the model without an attached meta-module's weights (so `from_pretrained` loads the
+        model as it was built, with no unexpected keys), and the meta-module on its own in `meta_module.safetensors`."""
+        if self.meta_param_names is not None:
+            left_out = set(self.meta_param_names)
+            state_dict = state_dict if state_dict is not None else self.model.state_dict()
+            state_dict = {k: v for k, v in state_dict.items() if k not in left_out}
         super()._save(output_dir, state_dict)
-        if self.external_meta_module is not None and self.args.should_save:
+        if self.args.should_save:
             from safetensors.torch import save_file
 
             output_dir = output_dir if output_dir is not None else self.args.output_dir
-            tensors = {k: v.detach().contiguous().cpu() for k, v in self.external_meta_module.state_dict().items()}
+            tensors = {k: v.detach().contiguous().cpu() for k, v in self.meta_module.state_dict().items()}
             save_file(tensors, os.path.join(output_dir, META_MODULE_NAME))
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """Trainer's warnings on loading a checkpoint's model, less the attached meta-parameters, which the model file
+        leaves out on purpose (they come back from the meta state)."""
+        if self.meta_param_names is not None and hasattr(load_result, "_replace"):
+            left_out = set(self.meta_param_names)
+            load_result = load_result._replace(missing_keys=[k for k in load_result.missing_keys if k not in left_out])
+        super()._issue_warnings_after_load(load_result)

@@ -150,6 +150,11 @@ class MetaTrainingArguments(TrainingArguments):
         super().__post_init__()
         import json
 
+        import torch
+
+        if self.use_cpu or not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs a GPU: on CPU torch only warns, for every loader
+
         from .estimators import ESTIMATORS
 
         if self.hypergradient not in ESTIMATORS:

@@ -85,6 +85,7 @@ def run(name: str, estimator: str, options: dict, output_dir: str, use_cpu: bool
         "meta_params": flat(trainer.meta_params),
         "model": flat(trainer.model.parameters()),
         "meta_steps_skipped": trainer.meta_steps_skipped,
+        "find_unused_parameters": trainer.model_wrapped.find_unused_parameters,
     }
 
 

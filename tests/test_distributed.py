@@ -56,6 +56,12 @@ def test_hypergradients_are_averaged_and_meta_parameters_identical_on_every_rank
     assert rank0["meta_steps_skipped"] == rank1["meta_steps_skipped"] == 0
 
 
+def test_ddp_searches_for_unused_parameters_only_where_the_model_has_them(two_ranks):
+    """Trainer would turn the search on for a plain module (DDP then warns on every rank): every weight of the MLP
+    gets a gradient, so it stays off."""
+    assert [rank["t1t2"]["find_unused_parameters"] for rank in two_ranks] == [False, False]
+
+
 def test_evograd_noise_is_per_rank_or_shared_by_option(two_ranks):
     """The script lets the ranks' global RNG streams drift apart: a shared population comes from rank 0's seed."""
     for run, shared in (("evograd_per_rank", False), ("evograd_shared", True)):

@@ -41,6 +41,9 @@ class HypergradientEstimator:
     # differences): inputs that autograd estimators treat as detached constants (a loss weighter's per-sample losses)
     # must then be held at their value at the unperturbed weights, which the caller provides
     perturbs_weights: bool = False
+    # True for estimators that differentiate through a gradient (a second-order graph): fused attention kernels have
+    # no double backward, so `MetaTrainer` runs their meta step on the math backend of scaled_dot_product_attention
+    second_order: bool = False
 
     def __init__(self) -> None:
         """Estimators without options take none; subclasses declare theirs as keyword arguments."""

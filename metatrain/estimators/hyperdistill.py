@@ -48,6 +48,12 @@ def _batch_sizes(batch: Any, where: str = "batch") -> list[int]:
 def _concat_rows(kept: Any, new: Any, rows_kept: torch.Tensor, rows_new: torch.Tensor) -> Any:
     """The rows `rows_kept` of every tensor of `kept` followed by the rows `rows_new` of `new` (same structure)."""
     if isinstance(new, torch.Tensor) and isinstance(kept, torch.Tensor):
+        if kept.shape[1:] != new.shape[1:]:
+            raise ValueError(
+                "HyperDistill option batch_mixing='subsample' mixes the rows of training batches, but their tensors "
+                f"differ beyond the batch dimension ({tuple(kept.shape)} and {tuple(new.shape)}; dynamic padding?): "
+                "pad every batch to one length (`padding='max_length'`) or use batch_mixing='replace'."
+            )
         return torch.cat([kept[rows_kept.to(kept.device)], new[rows_new.to(new.device)].to(kept.device)])
     if new is None and kept is None:
         return None
@@ -147,6 +153,7 @@ class HyperDistill(HypergradientEstimator):
     """
 
     name = "hyperdistill"
+    second_order = True
 
     def __init__(
         self,

@@ -34,6 +34,7 @@ class Neumann(HypergradientEstimator):
     """
 
     name = "neumann"
+    second_order = True
 
     def __init__(self, terms: int = 10, alpha: float | None = None):
         if isinstance(terms, bool) or not isinstance(terms, int) or terms < 0:

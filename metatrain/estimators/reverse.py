@@ -33,6 +33,7 @@ class ReverseMode(HypergradientEstimator):
     """
 
     name = "reverse"
+    second_order = True
 
     def __init__(self, horizon: int = 3):
         if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:

@@ -21,6 +21,7 @@ class T1T2(HypergradientEstimator):
     """
 
     name = "t1t2"
+    second_order = True
 
     def estimate(
         self,
