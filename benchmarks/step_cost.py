@@ -32,6 +32,12 @@ plain training measured in the same run (`--append` adds a run to an existing `r
 plain reference). Writes `results.json`, `time.png`, `cpu_time.png`,
 `memory.png`, `live_memory.png`, `cpu_time_ratio.png`, `memory_ratio.png` and prints a Markdown table; `--plot_from`
 redraws these from saved runs.
+
+On a GPU (`benchmarks/gpu_check.sh`): `--in_process` runs every configuration in the driver's process (the CUDA
+allocator's peak is reset for each, and a fresh process would cost seconds of imports and CUDA start-up per row),
+`--keep_going` records a failing configuration's error in its row and goes on, `--deadline_s` skips the rows that
+would start after that many seconds, `--mixed_precision bf16|fp16` trains under autocast, `--logging_steps` keeps
+`Trainer`'s logs (loss, meta loss, hypergradient norm) in each row, and `--no_plots` writes `results.json` alone.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from typing import Any
 
 # method: (estimator, its options, other MetaTrainingArguments); `_after` methods run the meta step after the base
@@ -100,15 +107,27 @@ class _Memory:
 
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.start
+            self.absolute_peak_bytes = torch.cuda.max_memory_allocated(self.device)  # model and data included
+            self.peak_bytes = self.absolute_peak_bytes - self.start
             self.kind = "cuda_peak_allocated"
         else:
             self.peak_bytes = _proc_status_kib("VmHWM") * 1024 - self.start
             self.kind = "cpu_peak_rss_over_start"
 
 
+def _load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # not every sandbox has it
+        return -1.0
+
+
 def run_configuration(config: dict[str, Any]) -> dict[str, Any]:
-    """Trains `warmup + repeats` steps of one configuration and returns its step times and peak memory."""
+    """Trains `warmup + repeats` steps of one configuration and returns its step times and peak memory.
+
+    Optional keys: `mixed_precision` ("no", "bf16" or "fp16"; Trainer's autocast), `logging_steps` (keep Trainer's
+    logs in `log_history` and the last one's loss, meta loss and hypergradient norm as `final_*`), `max_grad_norm`.
+    """
     import torch
     from transformers import TrainerCallback, TrainingArguments
 
@@ -162,18 +181,30 @@ def run_configuration(config: dict[str, Any]) -> dict[str, Any]:
             if state.global_step == timed + 1:
                 self.live.__exit__(None, None, None)
 
-    timer = StepTimer()
+    class LogRecorder(TrainerCallback):
+        def __init__(self):
+            self.logs: list[dict[str, Any]] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:  # the periodic logs, not the run's summary
+                self.logs.append({"step": state.global_step, **{k: v for k, v in logs.items() if _is_number(v)}})
+
+    timer, recorder = StepTimer(), LogRecorder()
+    precision = config.get("mixed_precision", "no")
+    if precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"mixed_precision={precision!r}: choose no, bf16 or fp16")
     common = dict(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps, learning_rate=0.1,
-        optim="sgd", logging_steps=10**6, report_to=[], use_cpu=device.type == "cpu", save_strategy="no",
-        disable_tqdm=True, seed=0, dataloader_num_workers=0, max_grad_norm=config.get("max_grad_norm", 1.0),
+        optim="sgd", logging_steps=config.get("logging_steps") or 10**6, report_to=[], use_cpu=device.type == "cpu",
+        save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        max_grad_norm=config.get("max_grad_norm", 1.0), bf16=precision == "bf16", fp16=precision == "fp16",
     )  # fmt: skip
     train_data = RandomImages(steps * batch, seed=1, size=config["image_size"])
     method = METHODS[config["method"]]
     meta_params = 0
     if method is None:
         trainer = PerSampleLossTrainer(
-            model=model, args=TrainingArguments(**common), train_dataset=train_data, callbacks=[timer]
+            model=model, args=TrainingArguments(**common), train_dataset=train_data, callbacks=[timer, recorder]
         )
     else:
         name, options, overrides = method
@@ -183,12 +214,16 @@ def run_configuration(config: dict[str, Any]) -> dict[str, Any]:
         trainer = MetaTrainer(
             model=model, args=args, train_dataset=train_data,
             meta_dataset=RandomImages(batch, seed=2, size=config["image_size"]), meta_module=meta_module,
-            callbacks=[timer],
+            callbacks=[timer, recorder],
         )  # fmt: skip
-    start_load = os.getloadavg()[0]
+    start_load = _load_average()
     with _Memory(device) as memory:
         trainer.train()
     measured = timer.times[config["warmup"] : timed]
+    last = recorder.logs[-1] if recorder.logs else {}
+    cuda = {}
+    if device.type == "cuda":  # the allocator's figures with the model and data: what the card must hold
+        cuda = {"cuda_start_bytes": memory.start, "cuda_absolute_peak_bytes": memory.absolute_peak_bytes}
     return {
         **config,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -200,12 +235,26 @@ def run_configuration(config: dict[str, Any]) -> dict[str, Any]:
         "cpu_seconds": timer.cpu_times[config["warmup"] : timed],
         "median_cpu_seconds": statistics.median(timer.cpu_times[config["warmup"] : timed]),
         "median_minor_faults": statistics.median(timer.minor_faults[config["warmup"] : timed]),
-        "load_average_1min": [start_load, os.getloadavg()[0]],  # of the whole machine, before and after
+        "load_average_1min": [start_load, _load_average()],  # of the whole machine, before and after
         "peak_bytes": memory.peak_bytes,
         "memory_kind": memory.kind,
         "live_peak_bytes": timer.live.peak_bytes,  # one step, tensors made in it (LiveTensorMeter), any device
         "meta_steps_skipped": getattr(trainer, "meta_steps_skipped", 0),
+        "steps": trainer.state.global_step,
+        "torch_version": torch.__version__,
+        **cuda,
+        **({"log_history": recorder.logs} if config.get("logging_steps") else {}),
+        **({f"final_{k}": last[k] for k in ("loss", "meta_loss", "hypergradient_norm", "grad_norm") if k in last}),
     }
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def measured(r: dict[str, Any]) -> bool:
+    """Whether a row holds a measurement (not a configuration that failed or was skipped)."""
+    return "median_seconds" in r
 
 
 # ------------------------------------------------------------------------------------------------------- driver
@@ -216,7 +265,8 @@ def configurations(cli: argparse.Namespace) -> list[dict[str, Any]]:
     return [
         {"workload": workload, "size": size, "method": method, "batch_size": cli.batch_size, "warmup": cli.warmup,
          "repeats": cli.repeats, "threads": cli.threads, "max_grad_norm": cli.max_grad_norm,
-         "image_size": 32 if workload == "mwn" else cli.lft_image_size}
+         "image_size": 32 if workload == "mwn" else cli.lft_image_size, "mixed_precision": cli.mixed_precision,
+         "logging_steps": cli.logging_steps}
         for workload, size in sizes
         for method in methods
     ]  # fmt: skip
@@ -226,6 +276,7 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
     """Time and memory of each configuration over plain training of the same workload and size in the same run:
     the faster of its two plain measurements, and the smaller of their peaks (both conservative for the ratios)."""
     plain: dict[tuple, list[dict[str, Any]]] = {}
+    results = [r for r in results if measured(r)]  # failed or skipped rows have no figures
     for r in results:
         if r["method"] == "plain":
             plain.setdefault((r["run"], r["workload"], r["size"]), []).append(r)
@@ -253,6 +304,10 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 
     for r in results:
         size = f"width {r['size']}" if r["workload"] == "mwn" else r["size"]
+        if not measured(r):
+            reason = str(r.get("error") or r.get("skipped") or "no result").splitlines()[0][:100].replace("|", "/")
+            lines.append(f"| {r['workload']} | {size} | | {r['method']} | {reason} |" + " |" * 8)
+            continue
         live = f"{r['live_peak_bytes'] / 2**20:.0f}" if r.get("live_peak_bytes") is not None else ""
         lines.append(
             f"| {r['workload']} | {size} | {r['num_params']:,} | {r['method']} | {r['median_seconds']:.3f} | "
@@ -280,7 +335,7 @@ def plot(results: list[dict[str, Any]], output_dir: str) -> None:
     ):
         fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4), squeeze=False)
         for ax, workload in zip(axes[0], workloads):
-            rows = [r for r in results if r["workload"] == workload and r.get(key) is not None]
+            rows = [r for r in results if r["workload"] == workload and measured(r) and r.get(key) is not None]
             for method in dict.fromkeys(r["method"] for r in rows):
                 best: dict[int, float] = {}  # plain is measured twice per size: the smaller of the two
                 for r in rows:
@@ -321,6 +376,31 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "scripts do (the same work: Trainer still computes the norm for its logs)",
     )  # fmt: skip
     parser.add_argument("--append", action="store_true", help="add to the output directory's results.json")
+    parser.add_argument(
+        "--mixed_precision", default="no", choices=["no", "bf16", "fp16"], help="Trainer's bf16 / fp16 autocast"
+    )
+    parser.add_argument(
+        "--logging_steps", type=int, default=0,
+        help="keep Trainer's logs every this many steps in each row (log_history, final_loss, final_meta_loss, "
+        "final_hypergradient_norm); 0: no logs",
+    )  # fmt: skip
+    parser.add_argument(
+        "--in_process", action="store_true",
+        help="run every configuration in this process, one after the other (for a GPU: the CUDA allocator's peak is "
+        "reset per configuration; on CPU the peak RSS would carry over between rows, so do not use it there for "
+        "figures)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--keep_going",
+        action="store_true",
+        help="a configuration that fails gets its error in its row (`error`) and the next one runs",
+    )
+    parser.add_argument(
+        "--deadline_s", type=float, default=0,
+        help="with --keep_going, skip (row `skipped`) every configuration that would start this many seconds after "
+        "the first one did; 0: no deadline",
+    )  # fmt: skip
+    parser.add_argument("--no_plots", action="store_true", help="write results.json and the table, no figures")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one configuration, as JSON, in this process
     parser.add_argument(
         "--plot_from", nargs="+", metavar="RESULTS_JSON",
@@ -353,26 +433,70 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     # must not share an id
     run = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}-{os.getpid()}"
     env = {**os.environ, "OMP_NUM_THREADS": str(cli.threads), "MKL_NUM_THREADS": str(cli.threads)}
-    for config in configurations(cli):
-        done = subprocess.run(
-            [sys.executable, __file__, "--worker", json.dumps(config)], env=env, capture_output=True, text=True
-        )
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode or not lines:
-            raise RuntimeError(f"configuration {config} failed:\n{done.stderr[-3000:]}")
-        result = {**json.loads(lines[-1][len("RESULT ") :]), "run": run}
+    configs, start = configurations(cli), time.monotonic()
+    for i, config in enumerate(configs):
+        label = f"[{i + 1}/{len(configs)}] {config['workload']} {config['size']} {config['method']}"
+        elapsed = time.monotonic() - start
+        if cli.keep_going and cli.deadline_s and elapsed > cli.deadline_s:
+            reason = f"time budget: {elapsed:.0f} s > --deadline_s {cli.deadline_s:g}"
+            result = {**config, "run": run, "skipped": reason}
+        else:
+            try:
+                result = {**_measure(config, cli.in_process, env), "run": run}
+            except Exception as err:  # noqa: BLE001 (any failure of one configuration is recorded, with --keep_going)
+                if not cli.keep_going:
+                    raise
+                message = str(err) if isinstance(err, ConfigurationFailed) else f"{type(err).__name__}: {err}"
+                result = {**config, "run": run, "error": message[:4000]}
         results.append(result)
-        print(
-            f"{result['workload']} {result['size']} {result['method']}: {result['median_seconds']:.3f} s/step, "
-            f"{result['peak_bytes'] / 2**20:.0f} MB",
-            flush=True,
-        )
+        if measured(result):
+            print(f"{label}: {result['median_seconds']:.4f} s/step, {result['peak_bytes'] / 2**20:.0f} MB "
+                  f"({time.monotonic() - start:.0f} s)", flush=True)  # fmt: skip
+        else:
+            reason = result.get("error") or result.get("skipped")
+            print(
+                f"{label}: {'FAILED' if 'error' in result else 'SKIPPED'}: {reason.splitlines()[0][:300]}", flush=True
+            )
         add_ratios(results)
-        with open(path, "w") as f:  # after every configuration, so an interrupted run keeps what it measured
+        with open(path + ".tmp", "w") as f:  # after every configuration, so an interrupted run keeps what it measured
             json.dump({"threads": cli.threads, "results": results}, f, indent=1)
-    plot(results, cli.output_dir)
+        os.replace(path + ".tmp", path)  # whole or not at all, even if the run is killed while writing
+    if not cli.no_plots:
+        plot(results, cli.output_dir)
     print(markdown_table(results))
     return results
+
+
+class ConfigurationFailed(RuntimeError):
+    """A configuration's error, its message already saying what failed and where."""
+
+
+def _measure(config: dict[str, Any], in_process: bool, env: dict[str, str]) -> dict[str, Any]:
+    """One configuration's row: in this process, or in a fresh one (the default)."""
+    if in_process:
+        import gc
+
+        import torch
+
+        failure = None
+        try:
+            return run_configuration(config)
+        except Exception as err:
+            # the error first, then the traceback's last lines (where it failed); the traceback itself is dropped,
+            # so the frames' tensors (an OOM's half-built graph) are freed before the next configuration
+            failure = f"{type(err).__name__}: {err}\n" + "".join(traceback.format_exception(err)[-4:])
+        finally:  # what this configuration left: a trainer in a reference cycle, cached blocks
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        raise ConfigurationFailed(failure)
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(config)], env=env, capture_output=True, text=True
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise ConfigurationFailed(f"configuration {config} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 if __name__ == "__main__":

@@ -316,8 +316,8 @@ class MetaTrainer(PerSampleLossTrainer):
 
         if args.fp16 and args.device.type == "cpu":
             raise ValueError(
-                "fp16=True on CPU trains in full precision without a word (Accelerate applies no fp16 autocast there): "
-                "use bf16=True for mixed precision on CPU, or neither."
+                "fp16=True on CPU trains in full precision without a word (Accelerate applies no fp16 autocast "
+                "there): use bf16=True for mixed precision on CPU, or neither."
             )
         super().__init__(
             model, args, *trainer_args, per_sample_loss=per_sample_loss, model_input_names=model_input_names, **kwargs
@@ -396,8 +396,9 @@ class MetaTrainer(PerSampleLossTrainer):
         return [name for name, g in zip(trainable, grads) if g is None]
 
     def _set_find_unused_parameters(self) -> None:
-        """DDP's `find_unused_parameters`, where not set, from the model: on only when a weight gets no gradient (Trainer
-        turns it on for every plain module, and DDP then warns on every rank and searches the graph at every step)."""
+        """DDP's `find_unused_parameters`, where not set, from the model: on only when a weight gets no gradient
+        (Trainer turns it on for every plain module, and DDP then warns on every rank and searches the graph at every
+        step)."""
         handler = getattr(self.accelerator, "ddp_handler", None)
         if self.args.ddp_find_unused_parameters is not None or handler is None or self.args.world_size < 2:
             return
@@ -434,8 +435,8 @@ class MetaTrainer(PerSampleLossTrainer):
         meta = self.meta_dataset
         if isinstance(meta, torch.utils.data.IterableDataset) or not hasattr(meta, "__len__"):
             raise ValueError(
-                f"meta_dataset must be a map-style dataset (`datasets.Dataset` or a torch Dataset with `__len__`), got "
-                f"{type(meta).__name__}: the meta loader shuffles it with a seeded sampler."
+                "meta_dataset must be a map-style dataset (`datasets.Dataset` or a torch Dataset with `__len__`), "
+                f"got {type(meta).__name__}: the meta loader shuffles it with a seeded sampler."
             )
         if len(meta) == 0:
             raise ValueError("meta_dataset is empty: pass the clean held-out examples for the meta loss.")
@@ -453,7 +454,7 @@ class MetaTrainer(PerSampleLossTrainer):
                 f"meta_dataset has no {label!r} (its batches hold {sorted(batch)}): name its label column {label!r}, "
                 f"e.g. `meta_dataset = meta_dataset.rename_column('target', {label!r})`, or set `label_names`."
             )
-        # an attached transform's keys (MetaXL's `is_source`) serve training forwards only: the meta loss runs without it
+        # an attached transform's keys (MetaXL's `is_source`) serve training forwards only, not the meta loss
         training_only = set(self.meta_module.batch_keys) if isinstance(self.meta_module, AttachedTransform) else set()
         missing = sorted(self._training_batch_keys() - set(batch) - training_only)
         if missing:
@@ -473,9 +474,9 @@ class MetaTrainer(PerSampleLossTrainer):
         bad = labels[(labels != -100) & ((labels < 0) | (labels >= classes))]
         if bad.numel():
             raise ValueError(
-                f"meta_dataset has labels outside the model's {classes} classes (0 to {classes - 1}; -100 is ignored): "
-                f"{sorted(set(bad.tolist()))[:10]}. Map its labels with the training set's label mapping, or build the "
-                "model with that many classes (`num_labels`)."
+                f"meta_dataset has labels outside the model's {classes} classes (0 to {classes - 1}; -100 is "
+                f"ignored): {sorted(set(bad.tolist()))[:10]}. Map its labels with the training set's label mapping, "
+                "or build the model with that many classes (`num_labels`)."
             )
 
     def reduce_loss(self, losses: torch.Tensor, training: bool) -> torch.Tensor:
@@ -967,7 +968,8 @@ class MetaTrainer(PerSampleLossTrainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Trainer's save of the model without an attached meta-module's weights (so `from_pretrained` loads the
-        model as it was built, with no unexpected keys), and the meta-module on its own in `meta_module.safetensors`."""
+        model as it was built, with no unexpected keys), and the meta-module on its own in
+        `meta_module.safetensors`."""
         if self.meta_param_names is not None:
             left_out = set(self.meta_param_names)
             state_dict = state_dict if state_dict is not None else self.model.state_dict()

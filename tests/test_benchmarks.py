@@ -144,3 +144,34 @@ def test_lft_probe_compares_estimators_at_fixed_states(tmp_path, no_network):
         evograd = state["evograd_sigma_lr_K2"]
         assert set(evograd["cosine_of_mean_by_draws"]) == {"1", "3"}
         assert evograd["undefined"] == 3 or -1 <= evograd["single_draw_cosine_mean"] <= 1
+
+
+def test_gpu_check_parts_record_failures_and_the_report_reads_them(tmp_path):
+    """`gpu_check.sh`'s path through `step_cost.py` (one process, --keep_going) and `gpu_report.py`, tiny, on CPU: a
+    configuration that fails gets its error in its row and the rest run; a bf16 MetaTrainer run keeps its logs; the
+    report has the ratio tables, the T1-T2 ratios, the precision check and the failed row."""
+    import gpu_report
+    import step_cost
+
+    common = ["--in_process", "--keep_going", "--no_plots", "--batch_size", "2", "--warmup", "0", "--repeats", "1"]
+    lft = step_cost.main([*common, "--output_dir", str(tmp_path / "lft"), "--widths", "--lft_models",
+                          "not_a_model", "resnet10t", "--lft_image_size", "8", "--methods", "plain", "evograd_lean",
+                          "t1t2"])  # fmt: skip
+    assert [("error" in r, r["size"]) for r in lft] == [(True, "not_a_model")] * 4 + [(False, "resnet10t")] * 4
+    assert "Unknown model name 'not_a_model'" in lft[0]["error"]
+    bf16 = step_cost.main([*common, "--output_dir", str(tmp_path / "bf16"), "--widths", "1", "--lft_models",
+                           "--methods", "plain", "evograd", "--mixed_precision", "bf16",
+                           "--logging_steps", "1"])  # fmt: skip
+    evograd = bf16[1]
+    assert evograd["mixed_precision"] == "bf16" and evograd["steps"] == 2 and evograd["meta_steps_skipped"] == 0
+    assert [log["step"] for log in evograd["log_history"]] == [1, 2] and evograd["final_hypergradient_norm"] >= 0
+
+    text = gpu_report.main([str(tmp_path)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (tmp_path / "report.md").read_text() == text
+    assert summary["checks"] == {"bf16_evograd_meta_steps_skipped_is_0": True}
+    assert [r["size"] for r in summary["failed_or_skipped_rows"]] == ["not_a_model"] * 4
+    assert "| `not_a_model` | failed | failed | failed |" in text
+    resnet = next(line for line in text.splitlines() if line.startswith("| `resnet10t` | ") and " ms, " in line)
+    assert resnet.count("x, ") == 2  # memory_lean and T1-T2 over plain
+    assert "T1-T2 over each method" in text and "| bf16 | EvoGrad | 2 |" in text and "0 (ok)" in text
