@@ -1,0 +1,91 @@
+"""EvoGrad under bf16 autocast against fp32: the mean hypergradient of `--draws` noise draws of one `MetaTrainer` meta
+step (same model, training and meta batch) in fp32 with the paper's sigma and temperature, in bf16 with them, and in
+bf16 with `MetaTrainer`'s mixed-precision default; each mean's cosine to the fp32 mean and to fp32 T1-T2, and the
+per-draw norm against fp32's. Writes `evograd_bf16.json`.
+
+    python benchmarks/evograd_bf16_agreement.py --output_dir docs/benchmarks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+from metatrain import MetaTrainer, MetaTrainingArguments
+from metatrain.diagnostics import cosine
+from metatrain.models import build_model
+from metatrain.modules import MetaWeightNet
+from metatrain.trainer import MIXED_PRECISION_EVOGRAD
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _data import RandomImages  # noqa: E402
+
+
+def hypergradients(estimator: str, options: dict, bf16: bool, draws: int, batch_size: int, width: int):
+    """The meta-optimizer's update (SGD at learning rate 1: minus the hypergradient) of `draws` meta steps taken at
+    the same weights and batches, each with the noise of another step."""
+    torch.manual_seed(0)
+    args = MetaTrainingArguments(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch_size, use_cpu=True, report_to=[],
+        optim="sgd", learning_rate=0.1, bf16=bf16, hypergradient=estimator, hypergradient_kwargs=options,
+        meta_optimizer="sgd", meta_learning_rate=1.0, meta_momentum=0.0, meta_weight_decay=0.0,
+    )  # fmt: skip
+    trainer = MetaTrainer(
+        model=build_model("cifar_resnet32", num_classes=10, width=width), args=args,
+        train_dataset=RandomImages(batch_size, 1), meta_dataset=RandomImages(batch_size, 2),
+        meta_module=MetaWeightNet(),
+    )  # fmt: skip
+    trainer.create_optimizer()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    start = [p.detach().clone() for p in trainer.meta_params]
+    rows = []
+    for draw in range(draws):
+        trainer.state.global_step = draw  # another step's noise, at the same weights and meta batch
+        trainer._meta_iter, trainer._meta_data_state = None, {"epoch": 0, "consumed": 0}
+        assert trainer.meta_step(batch)
+        rows.append(torch.cat([(s - p.detach()).flatten() for s, p in zip(start, trainer.meta_params)]))
+        for p, s in zip(trainer.meta_params, start):
+            p.data.copy_(s)
+    return torch.stack(rows).double()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", default="outputs/benchmarks")
+    parser.add_argument("--draws", type=int, default=200)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--width", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    cli = parser.parse_args()
+    torch.set_num_threads(cli.threads)
+    common = dict(draws=cli.draws, batch_size=cli.batch_size, width=cli.width)
+    t1t2 = hypergradients("t1t2", {}, False, **{**common, "draws": 1})[0]
+    paper = {"sigma": 0.001, "temperature": 0.05}
+    fp32 = hypergradients("evograd", paper, False, **common)
+    rows = []
+    for name, options, bf16 in [
+        ("fp32, paper's sigma 0.001 / temperature 0.05", paper, False),
+        ("bf16, paper's sigma 0.001 / temperature 0.05", paper, True),
+        (f"bf16, default under mixed precision {MIXED_PRECISION_EVOGRAD}", {}, True),
+    ]:
+        draws = fp32 if not bf16 else hypergradients("evograd", options, bf16, **common)
+        mean = draws.mean(0)
+        rows.append({
+            "setting": name, "draws": cli.draws, "batch_size": cli.batch_size, "width": cli.width,
+            "cosine_of_mean_to_fp32_mean": cosine(mean, fp32.mean(0)),
+            "cosine_of_mean_to_fp32_t1t2": cosine(mean, t1t2),
+            "per_draw_norm_ratio_to_fp32": float(draws.norm(dim=1).mean() / fp32.norm(dim=1).mean()),
+        })  # fmt: skip
+        print(rows[-1], flush=True)
+    os.makedirs(cli.output_dir, exist_ok=True)
+    with open(os.path.join(cli.output_dir, "evograd_bf16.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
