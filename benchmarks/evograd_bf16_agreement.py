@@ -57,10 +57,10 @@ def hypergradients(estimator: str, options: dict, bf16: bool, draws: int, batch_
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="outputs/benchmarks")
-    parser.add_argument("--draws", type=int, default=200)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--draws", type=int, default=100)
+    parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--width", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     cli = parser.parse_args()
     torch.set_num_threads(cli.threads)
     common = dict(draws=cli.draws, batch_size=cli.batch_size, width=cli.width)
