@@ -1,19 +1,27 @@
-"""Pieces the recipes share: the seeds x methods grid, the accuracy metric, per-method summaries and the results."""
+"""Pieces the recipes share: the seeds x methods grid and its resumption, the accuracy metric, per-method summaries
+and the results."""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from .data.episodes import stack_images
 from .profiling import MemoryMeter
 from .trainer import evaluation_mode
+
+logger = logging.getLogger(__name__)
+RUNS_DONE_NAME = "runs_done.json"
+TRAINER_STATE_NAME = "trainer_state.json"
 
 
 def accuracy(eval_pred) -> dict[str, float]:
@@ -73,25 +81,124 @@ def evaluate_episodes(model, episodes, batch_size: int = 256, episodes_per_batch
     return _episode_summary(np.asarray(accuracies))
 
 
+def resumes_last_checkpoints(args: TrainingArguments) -> bool:
+    """Whether `args.resume_from_checkpoint` is `true`: every run resumes from the last checkpoint in its own
+    `output_dir` (a path instead names the one checkpoint of a single run)."""
+    value = args.resume_from_checkpoint
+    return value is True or (isinstance(value, str) and value.lower() == "true")
+
+
+def _checkpoint_path(args: TrainingArguments) -> str | None:
+    value = args.resume_from_checkpoint
+    if value is None or value is False or (isinstance(value, str) and value.lower() in ("", "false")):
+        return None
+    return None if resumes_last_checkpoints(args) else value
+
+
+def check_resume(args: TrainingArguments, **grid: Sequence[Any]) -> None:
+    """Checks `args.resume_from_checkpoint` against a recipe's grid of runs, before any run starts.
+
+    `true` resumes every run from the last checkpoint in its own `output_dir` (and keeps the results of the runs that
+    had finished, see [`run_grid`]); a checkpoint path is one run's, so it is accepted only when the grid has a single
+    run.
+
+    Args:
+        grid (`Sequence`): the values of each axis of the grid, by the flag that sets them, e.g.
+            `seeds=[0, 1], methods=["baseline"]`.
+
+    Raises:
+        `ValueError`: a path given to a grid of several runs, or a path that is not a checkpoint folder.
+    """
+    path = _checkpoint_path(args)
+    if path is None:
+        return
+    runs = math.prod(len(values) for values in grid.values())
+    if runs > 1:
+        axes = " x ".join(f"{len(values)} {name} {list(values)}" for name, values in grid.items())
+        pick = " ".join(f"--{name} {values[0]}" for name, values in grid.items())
+        raise ValueError(
+            f"--resume_from_checkpoint {path} names one checkpoint, but the grid has {runs} runs ({axes}), each with "
+            "its own output_dir: pass `--resume_from_checkpoint true` to resume every run from the last checkpoint in "
+            f"its own output_dir, or select the run the checkpoint belongs to (e.g. {pick})."
+        )
+    if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
+        raise ValueError(
+            f"--resume_from_checkpoint {path} is not a checkpoint: no {TRAINER_STATE_NAME} in it (pass a "
+            f"`{PREFIX_CHECKPOINT_DIR}-<step>` folder, or `true` for the last one in the run's output_dir)."
+        )
+
+
+def last_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint (`checkpoint-<step>` with its `trainer_state.json`) in `output_dir`, or `None`;
+    a newer one without its state (a save that was interrupted) is passed over, with a warning."""
+    if not os.path.isdir(output_dir):
+        return None
+    prefix = f"{PREFIX_CHECKPOINT_DIR}-"
+    steps = sorted(
+        (int(name[len(prefix) :]), name) for name in os.listdir(output_dir)
+        if name.startswith(prefix) and name[len(prefix) :].isdigit() and os.path.isdir(os.path.join(output_dir, name))
+    )  # fmt: skip
+    for _, name in reversed(steps):
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
+            return path
+        logger.warning("%s has no %s (its save was interrupted): passed over.", path, TRAINER_STATE_NAME)
+    return None
+
+
+def train_or_resume(trainer: Trainer) -> tuple[TrainOutput, dict[str, Any] | None]:
+    """Trains `trainer`, resuming as its `args.resume_from_checkpoint` says (which `Trainer` itself ignores), and
+    logs where the run starts.
+
+    `true`: from the last checkpoint in `args.output_dir` (see [`last_checkpoint`]), or from step 0 if there is none;
+    a path (checked by [`check_resume`]): from that checkpoint; none: from step 0, with a warning if `output_dir`
+    already holds checkpoints (they are overwritten as the new run reaches their steps).
+
+    Returns:
+        `tuple`: `Trainer.train`'s output, and `{"checkpoint": path, "global_step": step}` of the checkpoint the run
+        resumed from (`None` for a run from step 0).
+    """
+    args = trainer.args
+    found = last_checkpoint(args.output_dir)
+    checkpoint = found if resumes_last_checkpoints(args) else _checkpoint_path(args)
+    if checkpoint is None:
+        if args.should_log and resumes_last_checkpoints(args):
+            logger.warning("No checkpoint in %s to resume from: training from step 0.", args.output_dir)
+        elif args.should_log and found is not None:
+            logger.warning(
+                "%s already holds %s: training from step 0 and overwriting its checkpoints (pass "
+                "`--resume_from_checkpoint true` to continue it instead).", args.output_dir, found,
+            )  # fmt: skip
+        return trainer.train(), None
+    step = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME)).global_step
+    if args.should_log:
+        logger.warning("Resuming %s from %s at global step %d.", args.output_dir, checkpoint, step)
+    return trainer.train(resume_from_checkpoint=checkpoint), {"checkpoint": checkpoint, "global_step": step}
+
+
 def train_and_measure(trainer: Trainer) -> dict[str, Any]:
-    """Trains `trainer` and returns what a recipe reports of the cost: `seconds_per_step`, the mean
-    `meta_step_seconds` and `meta_step_memory_mb` of its logs (`None` for a trainer without meta step, or without
-    `meta_profile_memory`), `memory_kind`, the run's `peak_cuda_memory_mb` on a GPU and `meta_steps_skipped`."""
+    """Trains `trainer` (resuming as [`train_or_resume`]) and returns what a recipe reports of the cost:
+    `seconds_per_step` (of the steps this call took), the mean `meta_step_seconds` and `meta_step_memory_mb` of its
+    logs (`None` for a trainer without meta step, or without `meta_profile_memory`), `memory_kind`, the run's
+    `peak_cuda_memory_mb` on a GPU, `meta_steps_skipped`, and `resumed_from` (the checkpoint and its global step, or
+    `None`)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    output = trainer.train()
+    output, resumed = train_or_resume(trainer)
+    steps = trainer.state.global_step - (resumed["global_step"] if resumed else 0)
     logs = [h for h in trainer.state.log_history if "meta_step_seconds" in h]
 
     def mean(key: str) -> float | None:
         return float(np.mean([h[key] for h in logs])) if logs and key in logs[0] else None
 
     return {
-        "seconds_per_step": output.metrics["train_runtime"] / max(trainer.state.global_step, 1),
+        "seconds_per_step": output.metrics["train_runtime"] / max(steps, 1),
         "meta_step_seconds": mean("meta_step_seconds"),
         "meta_step_memory_mb": mean("meta_step_memory_mb"),
         "memory_kind": MemoryMeter(trainer.args.device).kind,
         "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "meta_steps_skipped": getattr(trainer, "meta_steps_skipped", None),
+        "resumed_from": resumed,
     }
 
 
@@ -119,27 +226,43 @@ def run_grid(
     load_data: Callable[[int], Any],
     run: Callable[[str, int, Any], tuple[dict[str, Any], Trainer]],
     results_dir: str | None = None,
+    training_args: TrainingArguments | None = None,
 ) -> tuple[list[dict[str, Any]], bool]:
     """Runs every method on every seed, the data loaded once per seed and shared by the methods.
 
     Args:
         results_dir (`str`, *optional*): where the main process writes `runs_done.json`, the results of the runs
             finished so far, after every run: an interrupted or crashed grid keeps what it measured.
+        training_args (`TrainingArguments`, *optional*): the recipe's. With `resume_from_checkpoint` `true`, the runs
+            `runs_done.json` holds (by seed and method) finished before: their results are kept and they do not run
+            again (a seed whose runs all finished loads no data); the others resume in `run` (see
+            [`train_or_resume`]).
 
     Returns:
         `tuple[list[dict], bool]`: the result of each run, and whether this process is the main one (the one that
         writes files under `accelerate launch`).
     """
-    results, is_main = [], True
+    done_path = None if results_dir is None else os.path.join(results_dir, RUNS_DONE_NAME)
+    resume = training_args is not None and resumes_last_checkpoints(training_args)
+    done: dict[tuple[int, str], dict[str, Any]] = {}
+    if resume and os.path.isfile(done_path or ""):
+        with open(done_path) as f:
+            done = {(r["seed"], r["method"]): r for r in json.load(f)}
+    results, is_main = [], training_args is None or training_args.process_index == 0
     for seed in seeds:
-        data = load_data(seed)
+        data = None if all((seed, method) in done for method in methods) else load_data(seed)
         for method in methods:
-            result, trainer = run(method, seed, data)
-            results.append(result)
-            is_main = trainer.is_world_process_zero()
-            if results_dir is not None and is_main:
+            if (seed, method) in done:
+                if is_main:
+                    logger.warning("Run %s, seed %d finished before: result kept from %s.", method, seed, done_path)
+                results.append(done[(seed, method)])
+            else:
+                result, trainer = run(method, seed, data)
+                results.append(result)
+                is_main = trainer.is_world_process_zero()
+            if done_path is not None and is_main:
                 os.makedirs(results_dir, exist_ok=True)
-                with open(os.path.join(results_dir, "runs_done.json"), "w") as f:
+                with open(done_path, "w") as f:
                     json.dump(results, f, indent=1)
     return results, is_main
 

@@ -43,13 +43,16 @@ from metatrain.data import (
 )
 from metatrain.experiments import (
     check_methods,
+    check_resume,
     episode_accuracy,
     estimator_options,
     evaluate_episodes,
     paired_differences,
+    resumes_last_checkpoints,
     run_grid,
     summarize,
     train_and_measure,
+    train_or_resume,
     write_results,
 )
 from metatrain.models import build_fewshot_model
@@ -162,8 +165,10 @@ def pretrain(args: LFTArguments, training_args: MetaTrainingArguments, backbone:
         output_dir=os.path.join(training_args.output_dir, backbone, "pretrain", f"seed{seed}"),
         seed=seed, max_steps=args.pretrain_steps, per_device_train_batch_size=args.pretrain_batch_size,
         dataloader_drop_last=True,  # no last batch of one image, which batch norm cannot train on
+        # a checkpoint path is a grid run's; `true` also resumes pre-training from its own last checkpoint
+        resume_from_checkpoint="true" if resumes_last_checkpoints(training_args) else None,
     )  # fmt: skip
-    PerSampleLossTrainer(model=net, args=pretrain_args, train_dataset=pooled).train()
+    train_or_resume(PerSampleLossTrainer(model=net, args=pretrain_args, train_dataset=pooled))
     net.reset_classifier(0)
     return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
 
@@ -300,13 +305,14 @@ def save_plots(args: LFTArguments, summary: dict, paired: dict | None = None) ->
 def main(argv: list[str] | None = None) -> dict:
     args, training_args = parse_config((LFTArguments, MetaTrainingArguments), argv, DEFAULT_CONFIG)
     check_methods(args.methods, METHODS)
+    check_resume(training_args, backbones=args.backbones, seeds=args.seeds, methods=args.methods)
     accuracy_keys = [f"test_{shots}shot_{kind}" for shots in args.test_shots for kind in ("accuracy", "ci95")]
     results, summary, paired, is_main = [], {}, {}, True
     for backbone in args.backbones:
         runs, is_main = run_grid(
             args.seeds, args.methods, lambda seed, b=backbone: load_data(args, training_args, b, seed),
             lambda method, seed, data, b=backbone: run(args, training_args, b, method, seed, data),
-            os.path.join(args.results_dir, backbone),
+            os.path.join(args.results_dir, backbone), training_args,
         )  # fmt: skip
         results += runs
         summary[backbone] = summarize(runs, [*accuracy_keys, *COST_KEYS])

@@ -25,6 +25,7 @@ from metatrain.data import load_digits_dataset, load_image_classification_datase
 from metatrain.experiments import (
     accuracy,
     check_methods,
+    check_resume,
     estimator_options,
     per_method,
     run_grid,
@@ -122,10 +123,11 @@ def run(args: NoisyLabelsArguments, training_args: MetaTrainingArguments, method
 def main(argv: list[str] | None = None) -> dict:
     args, training_args = parse_config((NoisyLabelsArguments, MetaTrainingArguments), argv, DEFAULT_CONFIG)
     check_methods(args.methods, METHODS)
+    check_resume(training_args, seeds=args.seeds, methods=args.methods)
     results, is_main = run_grid(
         args.seeds, args.methods, lambda seed: load_data(args, seed),
         lambda method, seed, data: run(args, training_args, method, seed, *data),
-        args.results_dir,
+        args.results_dir, training_args,
     )  # fmt: skip
     summary = summarize(results, SUMMARY_KEYS)
     report = {"config": dataclasses.asdict(args), "summary": summary, "runs": results}

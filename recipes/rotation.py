@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import datasets
 import numpy as np
 from transformers import TrainerCallback, set_seed
+from transformers.trainer_callback import ExportableState
 
 from metatrain import MetaTrainer, MetaTrainingArguments, PerSampleLossTrainer
 from metatrain.cli import parse_config
@@ -31,10 +32,12 @@ from metatrain.estimators import ESTIMATORS
 from metatrain.experiments import (
     accuracy,
     check_methods,
+    check_resume,
     estimator_options,
     per_method,
     run_grid,
     summarize,
+    train_and_measure,
     write_results,
 )
 from metatrain.models import build_model
@@ -83,11 +86,19 @@ def load_data(args: RotationArguments, seed: int) -> dict[str, datasets.Dataset]
     }
 
 
-class AngleRecorder(TrainerCallback):
-    """Records the learned angle (degrees) after every optimizer step."""
+class AngleRecorder(TrainerCallback, ExportableState):
+    """Records the learned angle (degrees) after every optimizer step. Checkpoints keep the record (in the trainer
+    state's `stateful_callbacks`), so a resumed run's covers the steps before the checkpoint too."""
 
     def __init__(self, rotation: LearnableRotation):
         self.rotation, self.degrees = rotation, []
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"degrees": list(self.degrees)}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = state.stateful_callbacks.get(type(self).__name__) if state.global_step else None
+        self.degrees = list(saved["attributes"]["degrees"]) if saved else []
 
     def on_step_end(self, args, state, control, **kwargs):
         self.degrees.append(self.rotation.degrees)
@@ -114,27 +125,22 @@ def run(args: RotationArguments, training_args: MetaTrainingArguments, method: s
         rotation = LearnableRotation(degrees=0.0, padding_mode="border")
         recorder = AngleRecorder(rotation)
         trainer = MetaTrainer(**common, meta_dataset=splits["meta"], meta_module=rotation, callbacks=[recorder])
-    output = trainer.train()
-    result = {
-        "method": method,
-        "seed": seed,
-        "test_accuracy": trainer.evaluate()["eval_accuracy"],
-        "seconds_per_step": output.metrics["train_runtime"] / max(trainer.state.global_step, 1),
-    }
+    costs = train_and_measure(trainer)
+    result = {"method": method, "seed": seed, "test_accuracy": trainer.evaluate()["eval_accuracy"], **costs}
     if recorder is not None:
         result["learned_degrees"] = recorder.rotation.degrees
         result["degrees_per_step"] = recorder.degrees
-        result["meta_steps_skipped"] = trainer.meta_steps_skipped
     return result, trainer
 
 
 def main(argv: list[str] | None = None) -> dict:
     args, training_args = parse_config((RotationArguments, MetaTrainingArguments), argv, DEFAULT_CONFIG)
     check_methods(args.methods, METHODS)
+    check_resume(training_args, seeds=args.seeds, methods=args.methods)
     results, is_main = run_grid(
         args.seeds, args.methods, lambda seed: load_data(args, seed),
         lambda method, seed, splits: run(args, training_args, method, seed, splits),
-        args.results_dir,
+        args.results_dir, training_args,
     )  # fmt: skip
     summary = summarize(results, ("test_accuracy", "learned_degrees"))
     report = {"config": dataclasses.asdict(args), "summary": summary, "runs": results}

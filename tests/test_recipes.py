@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -65,6 +67,86 @@ def test_noisy_labels_on_an_image_folder(noisy_labels, image_folder, tmp_path, n
 def test_noisy_labels_rejects_unknown_methods(noisy_labels, tmp_path):
     with pytest.raises(ValueError, match=r"Unknown methods \['mwn_magic'\]"):
         noisy_labels.main(["--methods", "mwn_magic", "--output_dir", str(tmp_path)])
+
+
+# ------------------------------------------------------------------------------------- resume_from_checkpoint
+def tiny_checkpointing_flags(tmp_path) -> list[str]:
+    """4 steps of 16 digits, a checkpoint every 2 steps, a log every step."""
+    return ["--seeds", "0", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--logging_strategy",
+            "steps", "--logging_steps", "1", "--eval_strategy", "no", "--per_device_train_batch_size", "16",
+            "--meta_batch_size", "16", "--meta_profile_memory", "false", "--results_dir", str(tmp_path / "results"),
+            "--output_dir", str(tmp_path / "runs"), "--disable_tqdm", "true"]  # fmt: skip
+
+
+def test_noisy_labels_resumes_every_run_of_the_grid(noisy_labels, tmp_path, no_network, caplog):
+    """`--resume_from_checkpoint true`: a run with no checkpoint starts from step 0, a finished run (in
+    runs_done.json) keeps its result without training again, and an interrupted one continues from the last
+    checkpoint in its own output_dir, not from step 0 (it was silently ignored), to the uninterrupted run's result."""
+    flags = [*tiny_checkpointing_flags(tmp_path), "--methods", "baseline", "mwn_t1t2", "--resume_from_checkpoint",
+             "true"]  # fmt: skip
+    interrupted = tmp_path / "runs" / "mwn_t1t2" / "seed0"
+    with caplog.at_level(logging.WARNING, logger="metatrain.experiments"):
+        first = noisy_labels.main(flags)
+    for method in ("baseline", "mwn_t1t2"):
+        assert f"No checkpoint in {tmp_path / 'runs' / method / 'seed0'} to resume from: training from step 0" in (
+            caplog.text
+        )
+    assert [r["resumed_from"] for r in first["runs"]] == [None, None]
+    uninterrupted = json.loads((tmp_path / "results" / "results.json").read_text())["runs"]
+
+    # interrupted in the second run, after its checkpoint at step 2
+    shutil.rmtree(interrupted / "checkpoint-4")
+    (tmp_path / "results" / "runs_done.json").write_text(json.dumps(uninterrupted[:1]))
+    before = json.loads((interrupted / "checkpoint-2" / "trainer_state.json").read_text())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="metatrain.experiments"):
+        second = noisy_labels.main(flags)
+    assert "Run baseline, seed 0 finished before: result kept" in caplog.text
+    assert f"Resuming {interrupted} from {interrupted / 'checkpoint-2'} at global step 2." in caplog.text
+    baseline, resumed = json.loads((tmp_path / "results" / "results.json").read_text())["runs"]
+    assert baseline == uninterrupted[0]  # not trained again: the same timings too
+    assert resumed["resumed_from"] == {"checkpoint": str(interrupted / "checkpoint-2"), "global_step": 2}
+    # the steps before the checkpoint are its own log entries (a run from step 0 logs them again, timings differ)
+    after = json.loads((interrupted / "checkpoint-4" / "trainer_state.json").read_text())
+    assert after["log_history"][: len(before["log_history"])] == before["log_history"]
+    assert [h["step"] for h in after["log_history"]] == [1, 2, 3, 4] and after["global_step"] == 4
+    assert resumed["test_accuracy"] == uninterrupted[1]["test_accuracy"]
+    weights = resumed["weighting_function"]["weight"]
+    assert weights == pytest.approx(uninterrupted[1]["weighting_function"]["weight"], abs=1e-6)
+    assert second["summary"]["mwn_t1t2"]["test_accuracy_mean"] == first["summary"]["mwn_t1t2"]["test_accuracy_mean"]
+
+
+def test_rotation_resumes_its_single_run_from_a_checkpoint_path(tmp_path, no_network, caplog):
+    """A checkpoint path resumes the one run of a one-seed, one-method grid, its per-step angle record included."""
+    rotation = load_recipe("rotation")
+    flags = [*tiny_checkpointing_flags(tmp_path), "--methods", "rotation_t1t2"]
+    uninterrupted = rotation.main(flags)["runs"][0]
+    checkpoint = tmp_path / "runs" / "rotation_t1t2" / "seed0" / "checkpoint-2"
+    with caplog.at_level(logging.WARNING, logger="metatrain.experiments"):
+        resumed = rotation.main([*flags, "--resume_from_checkpoint", str(checkpoint)])["runs"][0]
+    assert f"from {checkpoint} at global step 2." in caplog.text
+    assert resumed["resumed_from"] == {"checkpoint": str(checkpoint), "global_step": 2}
+    assert len(resumed["degrees_per_step"]) == 4
+    assert resumed["degrees_per_step"] == pytest.approx(uninterrupted["degrees_per_step"], abs=1e-6)
+    assert resumed["test_accuracy"] == uninterrupted["test_accuracy"]
+    with pytest.raises(ValueError, match="is not a checkpoint: no trainer_state.json"):
+        rotation.main([*flags, "--resume_from_checkpoint", str(tmp_path / "runs")])
+
+
+@pytest.mark.parametrize("name", ["noisy_labels", "rotation", "lft_fewshot", "metaxl"])
+def test_a_checkpoint_path_is_refused_for_a_grid_of_runs(name, tmp_path):
+    """One checkpoint cannot resume several runs, each with its own output_dir: the error names the fixes."""
+    recipe = load_recipe(name)
+    with pytest.raises(ValueError, match=r"names one checkpoint, but the grid has 2 runs .*--resume_from_checkpoint "
+                       r"true.*--seeds 0"):  # fmt: skip
+        recipe.main(["--seeds", "0", "1", "--output_dir", str(tmp_path), "--resume_from_checkpoint", str(tmp_path),
+                     "--methods", *list(recipe.METHODS)[:1]])  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["toy_1d", "compare_estimators"])
+def test_recipes_without_trainer_do_not_offer_resumption(name, tmp_path):
+    with pytest.raises(ValueError, match=r"not used by the HfArgumentParser: \['--resume_from_checkpoint'"):
+        load_recipe(name).main(["--resume_from_checkpoint", "true", "--results_dir", str(tmp_path)])
 
 
 # ------------------------------------------------------------------------------------------ toy_1d (EvoGrad 4.1)
