@@ -21,12 +21,23 @@ from metatrain import MetaTrainer, MetaTrainingArguments
 from metatrain.diagnostics import cosine, flatten
 from metatrain.models import build_model
 from metatrain.modules import MetaWeightNet, attach_feature_wise_transforms
+from metatrain.trainer import MetaTrainerCallback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import forward_only  # noqa: E402
 from _data import RandomImages  # noqa: E402
 
 forward_only.register()
+
+
+class Capture(MetaTrainerCallback):
+    """Keeps the hypergradient of every meta step."""
+
+    def __init__(self):
+        self.results = []
+
+    def on_meta_step(self, args, state, control, *, result, **kwargs):
+        self.results.append(result)
 
 
 def agreement(workload: str, size, sigma: float, draws: int, batch_size: int) -> dict:
@@ -50,20 +61,15 @@ def agreement(workload: str, size, sigma: float, draws: int, batch_size: int) ->
         )  # fmt: skip
         trainer.create_optimizer()
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-        captured = []
-
-        def capturing(*a, estimate=trainer.estimator.estimate, captured=captured, **k):
-            captured.append(estimate(*a, **k))
-            return captured[-1]
-
-        trainer.estimator.estimate = capturing
+        captured = Capture()
+        trainer.add_callback(captured)
         state = {k: v.clone() for k, v in meta_module.state_dict().items()}
         for draw in range(draws):
             torch.manual_seed(100 + draw)
             trainer._meta_iter, trainer._meta_data_state = None, {"epoch": 0, "consumed": 0}
             trainer.meta_step(batch)
             meta_module.load_state_dict(state)  # every draw at the same meta-parameters
-        grads[use_forward] = [flatten(r.grads) for r in captured]
+        grads[use_forward] = [flatten(r.grads) for r in captured.results]
     cosines = [cosine(f, s) for f, s in zip(grads[True], grads[False])]
     ratios = [float(f.norm() / s.norm()) for f, s in zip(grads[True], grads[False])]
     return {

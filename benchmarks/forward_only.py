@@ -8,15 +8,16 @@ when the meta loss is linear in the weights; otherwise off by the curvature alon
 rounding of loss differences of order `sigma`. Measured against the standard path in `docs/benchmarks.md`
 (`benchmarks/evograd_forward_agreement.py`).
 
-`register()` adds it to `metatrain.estimators.ESTIMATORS` as `"evograd_forward"` in the calling process only.
+`register()` registers it as `"evograd_forward"` (`metatrain.estimators.register_estimator`), in the calling process
+only.
 """
 
 from __future__ import annotations
 
 import torch
 
-from metatrain.estimators import ESTIMATORS, EvoGrad
-from metatrain.estimators._base import grads_or_zeros
+from metatrain.estimators import EvoGrad, register_estimator
+from metatrain.estimators.functional import grads_or_zeros
 
 NAME = "evograd_forward"
 
@@ -60,4 +61,4 @@ class ForwardOnlyEvoGrad(EvoGrad):
 
 def register() -> None:
     """Makes `hypergradient="evograd_forward"` available to `MetaTrainer` in this process."""
-    ESTIMATORS[NAME] = ForwardOnlyEvoGrad
+    register_estimator(NAME, ForwardOnlyEvoGrad, overwrite=True)

@@ -3,11 +3,12 @@ T1-T2's plus noise that averaging removes, and at what perturbation scale does a
 derivative?
 
 An LFT-EvoGrad run of `recipes/lft_fewshot.py` (its config and flags; the first backbone and seed) is trained as the
-recipe trains it. At each meta step listed in `--at_steps`, with the meta step's own closures and batches (the same
-FT noise at every evaluation), the script computes T1-T2's hypergradient once, `t1t2_fd` at each `--fd_epsilons`, and
-`--draws` EvoGrad estimates for each `--sigmas` x `--populations` (the config's other EvoGrad options), then lets the
-run go on; the global RNG is put back, so the draws do not change the run. Reported per state: the cosine of every
-single draw to T1-T2 (mean, std, undefined count) and the cosine of the mean of the first n draws.
+recipe trains it. At each meta step listed in `--at_steps`, with the meta step's own problem (`on_meta_step`: its
+losses and batches, the same FT noise at every evaluation), the script computes T1-T2's hypergradient once,
+`t1t2_fd` at each `--fd_epsilons`, and `--draws` EvoGrad estimates for each `--sigmas` x `--populations` (the
+config's other EvoGrad options), then lets the run go on; the global RNG is put back, so the draws do not change
+the run. Reported per state: the cosine of every single draw to T1-T2 (mean, std, undefined count) and the cosine of
+the mean of the first n draws.
 
     python benchmarks/lft_probe.py --at_steps 0 100 250 --draws 300 --output docs/lft/probe.json -- --seeds 0
 """
@@ -29,14 +30,15 @@ import lft_fewshot  # noqa: E402
 from metatrain.cli import parse_config  # noqa: E402
 from metatrain.diagnostics import cosine, flatten  # noqa: E402
 from metatrain.estimators import create_estimator  # noqa: E402
+from metatrain.trainer import MetaStepProblem, MetaTrainerCallback  # noqa: E402
 
 CHECKPOINTS = (1, 3, 10, 30, 100, 300, 1000)  # numbers of draws at which the running mean is compared
 
 
-def compare(reference: torch.Tensor, estimator, inputs: tuple, draws: int) -> dict[str, Any]:
+def compare(reference: torch.Tensor, estimator, problem: MetaStepProblem, draws: int) -> dict[str, Any]:
     total, singles, by_draws = torch.zeros_like(reference), [], {}
     for n in range(1, draws + 1):
-        grads = flatten(estimator.estimate(*inputs).grads)
+        grads = flatten(problem.estimate(estimator).grads)
         total += grads
         singles.append(cosine(grads, reference))
         if n in CHECKPOINTS or n == draws:
@@ -50,20 +52,16 @@ def compare(reference: torch.Tensor, estimator, inputs: tuple, draws: int) -> di
     }
 
 
-class Probe:
-    """Stands in for the trainer's estimator: at the listed calls it runs the comparison first."""
+class Probe(MetaTrainerCallback):
+    """At the listed meta steps, runs the comparison on the step's own problem (weights, losses, batches)."""
 
-    def __init__(self, inner, at_steps: set[int], analyse):
-        self.inner, self.at_steps, self.analyse, self.calls = inner, at_steps, analyse, 0
+    def __init__(self, at_steps: set[int], analyse):
+        self.at_steps, self.analyse, self.calls = at_steps, analyse, 0
 
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
-
-    def estimate(self, *inputs):
+    def on_meta_step(self, args, state, control, *, problem, **kwargs):
         if self.calls in self.at_steps:
-            self.analyse(self.calls, inputs)
+            self.analyse(self.calls, problem)
         self.calls += 1
-        return self.inner.estimate(*inputs)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -87,23 +85,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {"backbone": backbone, "seed": seed, "evograd_options": options, "draws": cli.draws,
                               "states": []}  # fmt: skip
 
-    def analyse(step: int, inputs: tuple) -> None:
+    def analyse(step: int, problem: MetaStepProblem) -> None:
         rng, start = torch.get_rng_state(), time.time()
-        reference = flatten(create_estimator("t1t2").estimate(*inputs).grads)
+        reference = flatten(problem.estimate(create_estimator("t1t2")).grads)
         state: dict[str, Any] = {"step": step, "t1t2_norm": float(reference.norm())}
         for epsilon in cli.fd_epsilons:
-            fd = flatten(create_estimator("t1t2_fd", epsilon=epsilon).estimate(*inputs).grads)
+            fd = flatten(problem.estimate(create_estimator("t1t2_fd", epsilon=epsilon)).grads)
             state[f"t1t2_fd_epsilon_{epsilon:g}_cosine"] = cosine(fd, reference)
         for sigma in cli.sigmas or [options.get("sigma", 0.001)]:
             for population in cli.populations:
                 estimator = create_estimator("evograd", **{**options, "sigma": sigma, "population": population})
-                state[f"evograd_sigma_{sigma}_K{population}"] = compare(reference, estimator, inputs, cli.draws)
+                state[f"evograd_sigma_{sigma}_K{population}"] = compare(reference, estimator, problem, cli.draws)
         state["seconds"] = time.time() - start
         report["states"].append(state)
         print(json.dumps(state), flush=True)
         torch.set_rng_state(rng)
 
-    trainer.estimator = Probe(trainer.estimator, set(cli.at_steps), analyse)
+    trainer.add_callback(Probe(set(cli.at_steps), analyse))
     trainer.train()
     os.makedirs(os.path.dirname(os.path.abspath(cli.output)), exist_ok=True)
     with open(cli.output, "w") as f:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .estimators import ESTIMATORS, HypergradientEstimator, create_estimator
+from .estimators import ESTIMATORS, HypergradientEstimator, create_estimator, register_estimator
 from .trainer import MetaTrainer, PerSampleLossTrainer
 from .training_args import MetaTrainingArguments
 
@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ESTIMATORS",
+    "register_estimator",
     "HypergradientEstimator",
     "MetaTrainer",
     "MetaTrainingArguments",

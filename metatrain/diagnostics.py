@@ -37,7 +37,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_flatten
 
 from .estimators import HypergradientEstimator, HypergradientResult, create_estimator
-from .estimators._base import LossFn, ParamDict
+from .estimators.functional import LossFn, ParamDict
 from .losses import logits_of, per_sample_cross_entropy, weighted_mean
 from .modules import LossWeighter
 from .profiling import MemoryMeter

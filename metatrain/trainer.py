@@ -9,6 +9,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -17,10 +18,10 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerControl, TrainerState
 
 from .diagnostics import cosine, flatten, ratio
-from .estimators import create_estimator
+from .estimators import HypergradientEstimator, HypergradientResult, create_estimator
 from .losses import logits_of, per_sample_cross_entropy, weighted_mean
 from .modules import AttachedTransform, InputTransform, LossWeighter
 from .profiling import MemoryMeter
@@ -148,6 +149,65 @@ def _empty_meta_log() -> dict[str, Any]:
     return {"count": 0, "meta_loss": 0.0, "hypergradient_norm": 0.0, "seconds": 0.0}
 
 
+@dataclass(frozen=True)
+class MetaStepProblem:
+    """What one meta step estimates the hypergradient of: the arguments of
+    [`~metatrain.estimators.HypergradientEstimator.estimate`], as the meta step built them.
+
+    Args:
+        params (`dict[str, torch.Tensor]`): the model's trainable weights at this step (constants).
+        meta_params (`list[torch.Tensor]`): leaves sharing the meta-parameters' storage, `requires_grad=True`.
+        train_loss, meta_loss (`Callable[[dict, Any], torch.Tensor]`): the training loss (weighted, transformed or
+            with the attached meta-module on) and the meta loss, as functions of weights and a batch; they draw the
+            meta step's common noise at every call.
+        train_batch, meta_batch (`dict[str, Any]`): the batches.
+        lr (`float`): the base optimizer's current learning rate.
+    """
+
+    params: dict[str, torch.Tensor]
+    meta_params: list[torch.Tensor]
+    train_loss: Callable[[dict[str, torch.Tensor], Any], torch.Tensor]
+    meta_loss: Callable[[dict[str, torch.Tensor], Any], torch.Tensor]
+    train_batch: dict[str, Any]
+    meta_batch: dict[str, Any]
+    lr: float
+
+    def estimate(self, estimator: HypergradientEstimator) -> HypergradientResult:
+        """`estimator`'s estimate on this problem (the meta step's own is in the event's `result`)."""
+        return estimator.estimate(
+            self.params, self.meta_params, self.train_loss, self.meta_loss, self.train_batch, self.meta_batch, self.lr
+        )
+
+
+class MetaTrainerCallback(TrainerCallback):
+    """A [`~transformers.TrainerCallback`] with one more event, called by [`MetaTrainer`] at every meta step, after
+    the hypergradient is estimated (and averaged over processes) and before the meta-optimizer applies it: probes,
+    diagnostics and tests observe the meta step here instead of patching the trainer."""
+
+    def on_meta_step(
+        self,
+        args: MetaTrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        *,
+        trainer: MetaTrainer,
+        problem: MetaStepProblem,
+        result: HypergradientResult,
+        hypergradient_norm: float,
+        skipped: bool,
+        **kwargs: Any,
+    ) -> None:
+        """Args:
+        trainer ([`MetaTrainer`]): the trainer.
+        problem ([`MetaStepProblem`]): the step's weights, meta-parameters, losses, batches and learning rate;
+            `problem.estimate(other_estimator)` compares another estimator on the same step (its random draws then
+            come from the global RNG: restore it if the run must not change).
+        result (`HypergradientResult`): the hypergradient (averaged over processes) and the meta loss.
+        hypergradient_norm (`float`): its norm before clipping.
+        skipped (`bool`): whether the step is skipped (not finite) and nothing will be applied.
+        """
+
+
 class PerSampleLossTrainer(Trainer):
     """A [`~transformers.Trainer`] that computes per-example losses itself, so that plain modules (timm models
     returning logits) and `transformers` models train the same way, and a subclass can reduce the losses.
@@ -249,8 +309,13 @@ class MetaTrainer(PerSampleLossTrainer):
             training inputs), or a module attached inside the model (its parameters must all be parameters of the
             model). An attached [`~metatrain.modules.AttachedTransform`] (e.g. LFT's feature-wise transforms) acts
             on training forwards only: the meta loss runs with it disabled.
+        estimator (`HypergradientEstimator`, *optional*):
+            An estimator instance to use instead of the one `args.hypergradient` names (e.g. one of your own, see
+            [`metatrain.estimators.functional`]); `args.hypergradient_kwargs` must then be empty.
         per_sample_loss, model_input_names: see [`PerSampleLossTrainer`].
         **kwargs: passed to [`~transformers.Trainer`].
+
+    Callbacks with an `on_meta_step` method (see [`MetaTrainerCallback`]) are called at every meta step.
     """
 
     # meta steps in a row: stop after this many skipped for non-finite model weights; warn after this many zero
@@ -265,10 +330,22 @@ class MetaTrainer(PerSampleLossTrainer):
         *trainer_args: Any,
         meta_dataset: Any = None,
         meta_module: nn.Module | None = None,
+        estimator: HypergradientEstimator | None = None,
         per_sample_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         model_input_names: list[str] | None = None,
         **kwargs: Any,
     ):
+        if estimator is not None and not isinstance(estimator, HypergradientEstimator):
+            raise ValueError(
+                f"`estimator` must be a `metatrain.estimators.HypergradientEstimator` instance, got {estimator!r}: "
+                "subclass it and implement `estimate`, or choose a registered one by name with `hypergradient=`."
+            )
+        if estimator is not None and isinstance(args, MetaTrainingArguments) and args.hypergradient_kwargs:
+            raise ValueError(
+                f"hypergradient_kwargs={args.hypergradient_kwargs} configure the estimator `hypergradient` names, but "
+                f"an estimator instance ({type(estimator).__name__}) was passed: set its options on the instance and "
+                "leave `hypergradient_kwargs` empty."
+            )
         if not isinstance(args, MetaTrainingArguments):
             raise ValueError(
                 f"MetaTrainer needs `args` to be a MetaTrainingArguments, got {type(args).__name__}: build it with "
@@ -338,7 +415,7 @@ class MetaTrainer(PerSampleLossTrainer):
         self.input_transform = meta_module if isinstance(self.external_meta_module, InputTransform) else None
         if self.external_meta_module is not None:
             self.external_meta_module.to(self.args.device)
-        self.estimator = create_estimator(self.args.hypergradient, **self._estimator_options())
+        self.estimator = estimator or create_estimator(self.args.hypergradient, **self._estimator_options())
         self.reference_estimator = None
         if self.args.meta_diagnostics_steps:
             self.reference_estimator = create_estimator(self.args.meta_diagnostics_reference)
@@ -772,6 +849,8 @@ class MetaTrainer(PerSampleLossTrainer):
             loss = self.accelerator.reduce(loss, reduction="mean")
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         finite = bool(torch.isfinite(norm) and torch.isfinite(loss))
+        problem = MetaStepProblem(params, leaves, train_loss, meta_loss, train_batch, meta_batch, lr)
+        self._call_meta_step_event(problem, HypergradientResult(grads, loss), norm, skipped=not finite)
         if self.reference_estimator is not None and self.state.global_step % self.args.meta_diagnostics_steps == 0:
             with self._step_seeded(self._estimator_seed()), self._attention_for(self.reference_estimator):
                 reference = self.reference_estimator.estimate(
@@ -806,6 +885,17 @@ class MetaTrainer(PerSampleLossTrainer):
         self._meta_log["hypergradient_norm"] += norm
         self._meta_log["seconds"] += time.perf_counter() - start
         return True
+
+    def _call_meta_step_event(
+        self, problem: MetaStepProblem, result: HypergradientResult, norm: torch.Tensor, skipped: bool
+    ) -> None:
+        for callback in self.callback_handler.callbacks:
+            on_meta_step = getattr(callback, "on_meta_step", None)
+            if on_meta_step is not None:
+                on_meta_step(
+                    self.args, self.state, self.control, trainer=self, problem=problem, result=result,
+                    hypergradient_norm=float(norm), skipped=skipped,
+                )  # fmt: skip
 
     def _check_base_weights(self, params: dict[str, torch.Tensor], loss: torch.Tensor, norm: torch.Tensor) -> None:
         """Logs a skipped meta step with its cause, and stops the run once the model's own weights have been non-finite

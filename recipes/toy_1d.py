@@ -96,12 +96,12 @@ def closed_form_hypergradient(lam):
 def evograd_hypergradient(estimator: HypergradientEstimator, x: float, lam: float) -> float:
     """EvoGrad's estimate of `d f_V / d lambda` from the point `x`."""
     lam = torch.tensor(float(lam), dtype=torch.float64, requires_grad=True)
-    (grad,) = estimator.hypergradient(
+    (grad,) = estimator.estimate(
         params={"x": torch.tensor(float(x), dtype=torch.float64)},
         meta_params=[lam],
         train_loss=lambda params, _: train_loss(params["x"], lam),
         meta_loss=lambda params, _: val_loss(params["x"]),
-    )
+    ).grads
     return grad.item()
 
 

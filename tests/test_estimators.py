@@ -13,6 +13,38 @@ from metatrain.estimators import evograd as evograd_module
 from metatrain.profiling import LiveTensorMeter
 
 
+def test_register_estimator_adds_a_name_and_the_listing_is_read_only(tmp_path):
+    from metatrain import MetaTrainingArguments
+    from metatrain.estimators import FirstOrder, register_estimator, unregister_estimator
+
+    class Scaled(FirstOrder):
+        def __init__(self, scale: float = 2.0):
+            self.scale = scale
+
+    with pytest.raises(TypeError):
+        ESTIMATORS["scaled"] = Scaled  # the listing is a read-only view
+    with pytest.raises(ValueError, match="Unknown `hypergradient='scaled'`"):
+        MetaTrainingArguments(output_dir=str(tmp_path), hypergradient="scaled", use_cpu=True, report_to=[])
+    register_estimator("scaled", Scaled)
+    try:
+        assert ESTIMATORS["scaled"] is Scaled and create_estimator("scaled", scale=3.0).scale == 3.0
+        MetaTrainingArguments(output_dir=str(tmp_path), hypergradient="scaled", use_cpu=True, report_to=[])
+        with pytest.raises(ValueError, match="already registered as 'scaled'.*overwrite=True"):
+            register_estimator("scaled", FirstOrder)
+        with pytest.raises(ValueError, match="must subclass `metatrain.estimators.HypergradientEstimator`"):
+            register_estimator("other", dict)
+    finally:
+        unregister_estimator("scaled")
+    assert "scaled" not in ESTIMATORS
+    with pytest.raises(ValueError, match="No estimator is registered as 'scaled'"):
+        unregister_estimator("scaled")
+
+
+def test_the_removed_hypergradient_alias_names_estimate():
+    with pytest.raises(AttributeError, match=r"call `estimate\(...\)`.*\.grads"):
+        create_estimator("t1t2").hypergradient({}, [], None, None)
+
+
 def test_create_estimator_names_and_options():
     assert set(ESTIMATORS) >= {"evograd", "t1t2", "first_order"}
     est = create_estimator("evograd", population=10, sigma=1.0, temperature=0.5, noise="gaussian")
@@ -38,7 +70,7 @@ def test_issue_call_shape():
     x = torch.tensor(0.3)
     lam = torch.tensor(0.5, requires_grad=True)
     est = create_estimator("evograd", population=10, sigma=1.0, temperature=0.5, noise="gaussian")
-    grads = est.hypergradient(
+    grads = est.estimate(
         params={"x": x},
         meta_params=[lam],
         train_loss=lambda p, batch: (p["x"] - 1) ** 2 + lam * p["x"] ** 2,
@@ -46,7 +78,7 @@ def test_issue_call_shape():
         train_batch=None,
         meta_batch=None,
         lr=0.1,
-    )
+    ).grads
     assert isinstance(grads, tuple) and len(grads) == 1 and grads[0].shape == lam.shape
     assert torch.isfinite(grads[0]) and lam.grad is None
 
@@ -59,7 +91,7 @@ def test_t1t2_matches_closed_form_one_step(lam_value, x_value):
     x = torch.tensor(x_value, dtype=torch.float64)
     lam = torch.tensor(lam_value, dtype=torch.float64, requires_grad=True)
     train_loss, meta_loss = one_dim_problem(lam)
-    (g,) = create_estimator("t1t2").hypergradient({"x": x}, [lam], train_loss, meta_loss, lr=lr)
+    (g,) = create_estimator("t1t2").estimate({"x": x}, [lam], train_loss, meta_loss, lr=lr).grads
     x_next = x_value - lr * (2 * (x_value - 1) + 2 * lam_value * x_value)
     expected = 2 * (x_next - 0.5) * (-2 * lr * x_value)
     assert abs(g.item() - expected) < 1e-6
@@ -68,9 +100,9 @@ def test_t1t2_matches_closed_form_one_step(lam_value, x_value):
 def test_t1t2_needs_lr():
     lam = torch.tensor(0.5, requires_grad=True)
     with pytest.raises(ValueError, match="lr"):
-        create_estimator("t1t2").hypergradient({"x": torch.tensor(0.1)}, [lam], *one_dim_problem(lam))
+        create_estimator("t1t2").estimate({"x": torch.tensor(0.1)}, [lam], *one_dim_problem(lam))
     with pytest.raises(ValueError, match="lr` >= 0, got lr=-0.1"):
-        create_estimator("t1t2").hypergradient({"x": torch.tensor(0.1)}, [lam], *one_dim_problem(lam), lr=-0.1)
+        create_estimator("t1t2").estimate({"x": torch.tensor(0.1)}, [lam], *one_dim_problem(lam), lr=-0.1)
 
 
 def test_zero_step_lookahead_is_the_direct_term():
@@ -79,10 +111,10 @@ def test_zero_step_lookahead_is_the_direct_term():
     train_loss, _ = one_dim_problem(lam)
     direct = lambda p, batch: (p["x"] - 0.5) ** 2 + lam**2  # noqa: E731
     x = {"x": torch.tensor(0.2)}
-    (t1t2,) = create_estimator("t1t2").hypergradient(x, [lam], train_loss, direct, lr=0.0)
-    (first,) = create_estimator("first_order").hypergradient(x, [lam], train_loss, direct)
+    (t1t2,) = create_estimator("t1t2").estimate(x, [lam], train_loss, direct, lr=0.0).grads
+    (first,) = create_estimator("first_order").estimate(x, [lam], train_loss, direct).grads
     assert t1t2.item() == first.item() == 1.0
-    (evo,) = create_estimator("evograd", sigma="auto").hypergradient(x, [lam], train_loss, direct, lr=0.0)
+    (evo,) = create_estimator("evograd", sigma="auto").estimate(x, [lam], train_loss, direct, lr=0.0).grads
     assert evo.item() == 1.0
 
 
@@ -104,8 +136,8 @@ def test_t1t2_equals_autograd_through_unrolled_sgd_step():
         return nn.functional.cross_entropy(functional_call(model, p, (batch[0],)), batch[1])
 
     params = dict(model.named_parameters())
-    grads = create_estimator("t1t2").hypergradient(
-        params, [logits, decay], train_loss, meta_loss, (xb, yb), (xm, ym), lr
+    grads = (
+        create_estimator("t1t2").estimate(params, [logits, decay], train_loss, meta_loss, (xb, yb), (xm, ym), lr).grads
     )
 
     # reference: write the forward by hand, unroll one SGD step and differentiate through it
@@ -137,7 +169,7 @@ def test_evograd_tracks_closed_form_hypergradient():
         lam = torch.tensor(lam_value, dtype=torch.float64, requires_grad=True)
         train_loss, meta_loss = one_dim_problem(lam)
         estimates = [
-            est.hypergradient({"x": torch.rand((), dtype=torch.float64)}, [lam], train_loss, meta_loss)[0].item()
+            est.estimate({"x": torch.rand((), dtype=torch.float64)}, [lam], train_loss, meta_loss).grads[0].item()
             for _ in range(100)
         ]
         means.append(sum(estimates) / len(estimates))
@@ -170,8 +202,10 @@ def test_evograd_builds_no_second_order_graph(monkeypatch):
     def meta_loss(p, batch):
         return nn.functional.cross_entropy(functional_call(model, p, (xb,)), yb)
 
-    (g,) = create_estimator("evograd", population=4, sigma=0.01).hypergradient(
-        dict(model.named_parameters()), [logits], train_loss, meta_loss
+    (g,) = (
+        create_estimator("evograd", population=4, sigma=0.01)
+        .estimate(dict(model.named_parameters()), [logits], train_loss, meta_loss)
+        .grads
     )
     assert calls == [False, False]  # the meta loss to lambda and the softmax weights, then the weights to lambda
     assert g.shape == logits.shape and torch.isfinite(g).all() and g.abs().sum() > 0
@@ -181,10 +215,10 @@ def test_evograd_builds_no_second_order_graph(monkeypatch):
 def test_first_order_is_direct_term_only():
     lam = torch.tensor(0.7, requires_grad=True)
     train_loss, meta_loss = one_dim_problem(lam)
-    (g,) = create_estimator("first_order").hypergradient({"x": torch.tensor(0.2)}, [lam], train_loss, meta_loss)
+    (g,) = create_estimator("first_order").estimate({"x": torch.tensor(0.2)}, [lam], train_loss, meta_loss).grads
     assert g.item() == 0.0
     direct = lambda p, batch: (p["x"] - 0.5) ** 2 + lam**2  # noqa: E731
-    (g,) = create_estimator("first_order").hypergradient({"x": torch.tensor(0.2)}, [lam], train_loss, direct)
+    (g,) = create_estimator("first_order").estimate({"x": torch.tensor(0.2)}, [lam], train_loss, direct).grads
     assert abs(g.item() - 1.4) < 1e-6
 
 
@@ -207,10 +241,10 @@ def test_evograd_mean_equals_t1t2_at_its_effective_step(population, sigma, antit
 
     params = dict(model.named_parameters())
     est = create_estimator("evograd", population=population, sigma=sigma, temperature=0.05, antithetic=antithetic)
-    (ref,) = create_estimator("t1t2").hypergradient(
-        params, [logits], train_loss, meta_loss, lr=est.effective_lr(sigma)
+    (ref,) = (
+        create_estimator("t1t2").estimate(params, [logits], train_loss, meta_loss, lr=est.effective_lr(sigma)).grads
     )
-    mean = torch.stack([est.hypergradient(params, [logits], train_loss, meta_loss)[0] for _ in range(1000)]).mean(0)
+    mean = torch.stack([est.estimate(params, [logits], train_loss, meta_loss).grads[0] for _ in range(1000)]).mean(0)
     assert nn.functional.cosine_similarity(mean, ref, dim=0) > 0.98
     assert 0.85 < mean.norm() / ref.norm() < 1.15
 
@@ -219,10 +253,10 @@ def test_evograd_rescaled_mean_is_t1t2_at_the_learning_rate():
     """`rescale=True` multiplies by lr / effective step: the mean is the (linearised) lookahead hypergradient at lr,
     which is T1-T2's at a step small enough for T1-T2 to be linear in it."""
     params, lam, train_loss, meta_loss = weighted_mlp_problem()
-    (ref,) = create_estimator("t1t2").hypergradient(params, [lam], train_loss, meta_loss, lr=0.01)
+    (ref,) = create_estimator("t1t2").estimate(params, [lam], train_loss, meta_loss, lr=0.01).grads
     est = create_estimator("evograd", population=4, sigma=0.003, rescale=True)
     torch.manual_seed(0)
-    draws = torch.stack([est.hypergradient(params, [lam], train_loss, meta_loss, lr=0.01)[0] for _ in range(400)])
+    draws = torch.stack([est.estimate(params, [lam], train_loss, meta_loss, lr=0.01).grads[0] for _ in range(400)])
     mean = draws.mean(0)
     assert nn.functional.cosine_similarity(mean, ref, dim=0) > 0.99
     # the mean's distance to T1-T2 within 2.5 of its standard errors (which are about 7% of T1-T2's norm here; for
@@ -232,7 +266,7 @@ def test_evograd_rescaled_mean_is_t1t2_at_the_learning_rate():
     assert standard_error < 0.1 * ref.norm()
     assert (mean - ref).norm() < 2.5 * standard_error
     with pytest.raises(ValueError, match="lr"):
-        est.hypergradient(params, [lam], train_loss, meta_loss)
+        est.estimate(params, [lam], train_loss, meta_loss)
 
 
 EVOGRAD_PATHS = {"default": {}, "lean": {"memory_lean": True}, "forward": {"forward_mode": True}}
@@ -252,7 +286,7 @@ def test_evograd_rescale_scales_only_the_indirect_term(path):
     for rescale in (False, True):
         torch.manual_seed(3)
         est = create_estimator("evograd", population=3, sigma=0.01, rescale=rescale, **EVOGRAD_PATHS[path])
-        estimates[rescale] = est.hypergradient(params, [lam], train_loss, meta_loss_direct, lr=0.05)[0]
+        estimates[rescale] = est.estimate(params, [lam], train_loss, meta_loss_direct, lr=0.05).grads[0]
     factor = 0.05 / est.effective_lr(0.01)
     assert (estimates[False] - a).norm() > 1e-6 and factor > 10  # an indirect term, scaled by far more than 1
     torch.testing.assert_close(estimates[True], a + factor * (estimates[False] - a), rtol=1e-9, atol=1e-12)
@@ -266,7 +300,7 @@ def test_evograd_rescaled_at_a_zero_learning_rate_is_the_direct_term(sigma, path
     params, lam, train_loss, meta_loss = weighted_mlp_problem()
     a = torch.linspace(-1.0, 1.0, len(lam), dtype=lam.dtype)
     est = create_estimator("evograd", sigma=sigma, rescale=True, **EVOGRAD_PATHS[path])
-    (grad,) = est.hypergradient(params, [lam], train_loss, lambda p, b: meta_loss(p, b) + (a * lam).sum(), lr=0.0)
+    (grad,) = est.estimate(params, [lam], train_loss, lambda p, b: meta_loss(p, b) + (a * lam).sum(), lr=0.0).grads
     torch.testing.assert_close(grad, a, rtol=0, atol=1e-12)
 
 
@@ -276,7 +310,7 @@ def test_evograd_auto_sigma_matches_the_learning_rate():
     assert abs(est.effective_lr(est.resolve_sigma(0.03)) - 0.03) < 1e-12
     lam = torch.tensor(0.5, requires_grad=True)
     with pytest.raises(ValueError, match="lr"):
-        est.hypergradient({"x": torch.tensor(0.1)}, [lam], *one_dim_problem(lam))
+        est.estimate({"x": torch.tensor(0.1)}, [lam], *one_dim_problem(lam))
     with pytest.raises(ValueError, match='sigma.*"auto" or "lr"'):
         create_estimator("evograd", sigma="big")
 
@@ -287,12 +321,12 @@ def test_evograd_sigma_tied_to_the_learning_rate():
     assert est.resolve_sigma(1e-3) == 1e-3 and est.resolve_sigma(0.05) == 0.05
     x, lam = {"x": torch.tensor(0.3)}, torch.tensor(0.5, requires_grad=True)
     with pytest.raises(ValueError, match="lr"):
-        est.hypergradient(x, [lam], *one_dim_problem(lam))
+        est.estimate(x, [lam], *one_dim_problem(lam))
     torch.manual_seed(0)
-    tied = est.hypergradient(x, [lam], *one_dim_problem(lam), lr=0.2)
+    tied = est.estimate(x, [lam], *one_dim_problem(lam), lr=0.2).grads
     torch.manual_seed(0)
     fixed_sigma = create_estimator("evograd", sigma=0.2, noise="gaussian")
-    fixed = fixed_sigma.hypergradient(x, [lam], *one_dim_problem(lam), lr=0.2)
+    fixed = fixed_sigma.estimate(x, [lam], *one_dim_problem(lam), lr=0.2).grads
     assert tied[0].item() != 0 and torch.equal(tied[0], fixed[0])
 
 
@@ -332,15 +366,15 @@ def test_evograd_perturbing_a_subset_is_the_lookahead_over_that_subset():
 
     est = create_estimator("evograd", population=2, sigma=0.01, temperature=0.05, perturb=r"^net\.2\.")
     ref_params = {name: params[name] for name in head}
-    (ref,) = create_estimator("t1t2").hypergradient(
-        ref_params, [logits], train_loss, meta_loss, lr=est.effective_lr(0.01)
+    (ref,) = (
+        create_estimator("t1t2").estimate(ref_params, [logits], train_loss, meta_loss, lr=est.effective_lr(0.01)).grads
     )
-    mean = torch.stack([est.hypergradient(params, [logits], train_loss, meta_loss)[0] for _ in range(1000)]).mean(0)
+    mean = torch.stack([est.estimate(params, [logits], train_loss, meta_loss).grads[0] for _ in range(1000)]).mean(0)
     assert nn.functional.cosine_similarity(mean, ref, dim=0) > 0.98
     assert 0.85 < mean.norm() / ref.norm() < 1.15
 
     with pytest.raises(ValueError, match="perturb='nope' matches no parameter name"):
-        create_estimator("evograd", perturb="nope").hypergradient(params, [logits], train_loss, meta_loss)
+        create_estimator("evograd", perturb="nope").estimate(params, [logits], train_loss, meta_loss)
     with pytest.raises(ValueError, match="perturb"):
         create_estimator("evograd", perturb="(")
 
@@ -377,7 +411,7 @@ def test_every_estimator_adds_the_meta_losss_direct_term_exactly(name):
     for direct in (False, True):
         torch.manual_seed(4)
         loss = (lambda p, b: meta_loss(p, b) + (a * lam).sum()) if direct else meta_loss
-        grads.append(create_estimator(name).hypergradient(params, [lam], train_loss, loss, lr=0.05)[0])
+        grads.append(create_estimator(name).estimate(params, [lam], train_loss, loss, lr=0.05).grads[0])
     assert grads[0].norm() > 0 or name == "first_order"  # an indirect part that must stay as it was
     torch.testing.assert_close(grads[1] - grads[0], a, rtol=0, atol=1e-9)
 
@@ -390,18 +424,18 @@ def test_t1t2_fd_is_exact_when_the_training_loss_is_quadratic():
     for lam_value, x_value in [(0.5, 0.3), (2.0, -1.0), (0.0, 0.7)]:
         lam = torch.tensor(lam_value, dtype=torch.float64, requires_grad=True)
         x = {"x": torch.tensor(x_value, dtype=torch.float64)}
-        (fd,) = create_estimator("t1t2_fd").hypergradient(x, [lam], *one_dim_problem(lam), lr=0.1)
-        (exact,) = create_estimator("t1t2").hypergradient(x, [lam], *one_dim_problem(lam), lr=0.1)
+        (fd,) = create_estimator("t1t2_fd").estimate(x, [lam], *one_dim_problem(lam), lr=0.1).grads
+        (exact,) = create_estimator("t1t2").estimate(x, [lam], *one_dim_problem(lam), lr=0.1).grads
         assert abs(fd.item() - exact.item()) < 1e-10
 
 
 def test_t1t2_fd_matches_t1t2_within_finite_difference_error():
     params, lam, train_loss, meta_loss = weighted_mlp_problem()
-    (exact,) = create_estimator("t1t2").hypergradient(params, [lam], train_loss, meta_loss, lr=0.5)
+    (exact,) = create_estimator("t1t2").estimate(params, [lam], train_loss, meta_loss, lr=0.5).grads
     errors = []
     for epsilon in (0.1, 0.01):
-        (fd,) = create_estimator("t1t2_fd", epsilon=epsilon).hypergradient(
-            params, [lam], train_loss, meta_loss, lr=0.5
+        (fd,) = (
+            create_estimator("t1t2_fd", epsilon=epsilon).estimate(params, [lam], train_loss, meta_loss, lr=0.5).grads
         )
         errors.append(relative_error(fd, exact))
     assert errors[1] < 3e-5
@@ -442,12 +476,12 @@ def test_neumann_converges_to_the_implicit_hypergradient():
     errors = []
     for terms in (0, 5, 20, 200):
         est = create_estimator("neumann", terms=terms, alpha=1.0 / lipschitz)
-        (g,) = est.hypergradient(params, [lam], train_loss, meta_loss)
+        (g,) = est.estimate(params, [lam], train_loss, meta_loss).grads
         errors.append(relative_error(g, exact))
     assert errors[-1] < 1e-10
     assert errors == sorted(errors, reverse=True) and errors[0] > 0.1
     # alpha defaults to the inner step size
-    default = create_estimator("neumann", terms=200).hypergradient(params, [lam], train_loss, meta_loss, lr=0.2)[0]
+    default = create_estimator("neumann", terms=200).estimate(params, [lam], train_loss, meta_loss, lr=0.2).grads[0]
     assert relative_error(default, exact) < 1e-8
     for bad in ({"terms": -1}, {"alpha": 0.0}, {"terms": 2.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):
@@ -457,8 +491,8 @@ def test_neumann_converges_to_the_implicit_hypergradient():
 def test_neumann_with_no_terms_is_the_lookahead_to_first_order():
     """J = 0: p = alpha v, which is T1-T2's second-order term at step alpha (T1-T2 evaluates v at theta')."""
     params, lam, train_loss, meta_loss = weighted_mlp_problem()
-    (neu,) = create_estimator("neumann", terms=0).hypergradient(params, [lam], train_loss, meta_loss, lr=1e-4)
-    (t1t2,) = create_estimator("t1t2").hypergradient(params, [lam], train_loss, meta_loss, lr=1e-4)
+    (neu,) = create_estimator("neumann", terms=0).estimate(params, [lam], train_loss, meta_loss, lr=1e-4).grads
+    (t1t2,) = create_estimator("t1t2").estimate(params, [lam], train_loss, meta_loss, lr=1e-4).grads
     assert relative_error(neu, t1t2) < 1e-3
 
 
@@ -483,7 +517,7 @@ def test_reverse_equals_autograd_through_the_unrolled_steps():
     trajectory = sgd_trajectory(params, train_loss, batches, lr)
     est = create_estimator("reverse", horizon=3)
     estimates = [
-        est.hypergradient(trajectory[t], [lam], train_loss, meta_loss, batches[t], lr=lr)[0] for t in range(4)
+        est.estimate(trajectory[t], [lam], train_loss, meta_loss, batches[t], lr=lr).grads[0] for t in range(4)
     ]
 
     # reference: autograd through the last three steps, written out from theta_1
@@ -494,12 +528,12 @@ def test_reverse_equals_autograd_through_the_unrolled_steps():
     (reference,) = torch.autograd.grad(meta_loss(theta, None), [lam])
     assert relative_error(estimates[3], reference) < 1e-12
     # the first call has no history: one step, which is T1-T2
-    (t1t2,) = create_estimator("t1t2").hypergradient(trajectory[0], [lam], train_loss, meta_loss, batches[0], lr=lr)
+    (t1t2,) = create_estimator("t1t2").estimate(trajectory[0], [lam], train_loss, meta_loss, batches[0], lr=lr).grads
     assert relative_error(estimates[0], t1t2) < 1e-12
     # horizon 1 is T1-T2 at every call
-    (one,) = create_estimator("reverse", horizon=1).hypergradient(trajectory[2], [lam], train_loss, meta_loss,
-                                                                  batches[2], lr=lr)  # fmt: skip
-    (t1t2,) = create_estimator("t1t2").hypergradient(trajectory[2], [lam], train_loss, meta_loss, batches[2], lr=lr)
+    (one,) = create_estimator("reverse", horizon=1).estimate(trajectory[2], [lam], train_loss, meta_loss,
+                                                                  batches[2], lr=lr).grads  # fmt: skip
+    (t1t2,) = create_estimator("t1t2").estimate(trajectory[2], [lam], train_loss, meta_loss, batches[2], lr=lr).grads
     assert relative_error(one, t1t2) < 1e-12
 
 
@@ -509,11 +543,11 @@ def test_reverse_state_round_trip():
     trajectory = sgd_trajectory(params, train_loss, batches, 0.3)
     est = create_estimator("reverse", horizon=3)
     for t in range(2):
-        est.hypergradient(trajectory[t], [lam], train_loss, meta_loss, batches[t], lr=0.3)
+        est.estimate(trajectory[t], [lam], train_loss, meta_loss, batches[t], lr=0.3)
     restored = create_estimator("reverse", horizon=3)
     restored.load_state_dict(est.state_dict())
-    (a,) = est.hypergradient(trajectory[2], [lam], train_loss, meta_loss, lr=0.3)
-    (b,) = restored.hypergradient(trajectory[2], [lam], train_loss, meta_loss, lr=0.3)
+    (a,) = est.estimate(trajectory[2], [lam], train_loss, meta_loss, lr=0.3).grads
+    (b,) = restored.estimate(trajectory[2], [lam], train_loss, meta_loss, lr=0.3).grads
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="longer horizon"):
         create_estimator("reverse", horizon=2).load_state_dict(est.state_dict())
@@ -531,7 +565,7 @@ def test_evograd_memory_lean_and_forward_mode_give_the_same_estimate(options, po
     for path, extra in EVOGRAD_PATHS.items():
         torch.manual_seed(5)
         est = create_estimator("evograd", population=population, sigma=0.05, **extra, **options)
-        estimates[path] = est.hypergradient(params, [lam], train_loss, meta_loss)[0]
+        estimates[path] = est.estimate(params, [lam], train_loss, meta_loss).grads[0]
     assert estimates["default"].norm() > 0
     for path in ("lean", "forward"):
         torch.testing.assert_close(estimates[path], estimates["default"], rtol=1e-9, atol=1e-12)
@@ -561,7 +595,7 @@ def test_evograd_forward_mode_stores_no_activations_for_the_meta_loss():
         torch.manual_seed(2)
         est = create_estimator("evograd", population=2, sigma=0.01, **EVOGRAD_PATHS[path])
         with LiveTensorMeter(layer // 2) as meter:
-            estimates[path] = est.hypergradient(params, [lam], train_loss, meta_loss)[0]
+            estimates[path] = est.estimate(params, [lam], train_loss, meta_loss).grads[0]
         peaks[path] = meter.peak_bytes / layer
     torch.testing.assert_close(estimates["forward"], estimates["lean"], rtol=1e-9, atol=1e-12)
     assert estimates["lean"].norm() > 0
@@ -585,7 +619,7 @@ def test_evograd_forward_mode_with_dropout_and_attention_in_the_meta_loss(popula
     for path in ("lean", "forward"):
         torch.manual_seed(5)
         est = create_estimator("evograd", population=population, sigma=0.05, **EVOGRAD_PATHS[path])
-        estimates[path] = est.hypergradient(params, [lam], train_loss, random_meta_loss)[0]
+        estimates[path] = est.estimate(params, [lam], train_loss, random_meta_loss).grads[0]
         after[path] = torch.rand(3)
     assert estimates["lean"].norm() > 0
     torch.testing.assert_close(estimates["forward"], estimates["lean"], rtol=1e-9, atol=1e-12)
@@ -618,7 +652,7 @@ def test_evograd_forward_mode_names_an_operator_without_a_forward_derivative():
     params, lam, train_loss, meta_loss = weighted_mlp_problem()
     est = create_estimator("evograd", forward_mode=True)
     with pytest.raises(NotImplementedError, match="forward_mode=True.*Set forward_mode=False"):
-        est.hypergradient(params, [lam], train_loss, lambda p, b: NoJvp.apply(meta_loss(p, b)))
+        est.estimate(params, [lam], train_loss, lambda p, b: NoJvp.apply(meta_loss(p, b)))
     with pytest.raises(ValueError, match="forward_mode"):
         create_estimator("evograd", forward_mode="yes")
 
@@ -635,7 +669,7 @@ def test_evograd_sign_noise_is_packed_bits_unpacked_in_chunks(monkeypatch, antit
     for lean in (False, True):
         torch.manual_seed(4)
         est = create_estimator("evograd", population=4, sigma=0.05, antithetic=antithetic, memory_lean=lean)
-        estimates.append(est.hypergradient(params, [lam], train_loss, meta_loss)[0])
+        estimates.append(est.estimate(params, [lam], train_loss, meta_loss).grads[0])
     assert estimates[0].norm() > 0
     torch.testing.assert_close(estimates[1], estimates[0], rtol=1e-9, atol=1e-12)
     assert sorted(p.numel() for p in params.values()) == [3, 8, 24, 32]
@@ -686,7 +720,7 @@ def test_evograd_memory_lean_holds_about_one_weight_copy(noise):
         torch.manual_seed(2)
         est = create_estimator("evograd", population=4, sigma=0.01, noise=noise, memory_lean=lean)
         with LiveTensorMeter(square // 8) as meter:
-            estimates[lean] = est.hypergradient(params, [lam], train_loss, meta_loss)[0]
+            estimates[lean] = est.estimate(params, [lam], train_loss, meta_loss).grads[0]
         peaks[lean] = meter.peak_bytes / (8 * square)
     torch.testing.assert_close(estimates[True], estimates[False], rtol=1e-9, atol=0)
     assert estimates[True].norm() > 0
@@ -700,7 +734,7 @@ def test_evograd_meta_backward_leaves_the_callers_grads():
     params, lam, train_loss, meta_loss, _ = deep_mlp_problem(layers=2, width=16)
     lam.grad = torch.full_like(lam, 7.0)
     est = create_estimator("evograd", population=2, sigma=0.01, memory_lean=True)
-    (grad,) = est.hypergradient(params, [lam], train_loss, meta_loss)
+    (grad,) = est.estimate(params, [lam], train_loss, meta_loss).grads
     assert torch.equal(lam.grad, torch.full_like(lam, 7.0)) and grad.norm() > 0
 
 
@@ -708,19 +742,19 @@ def test_evograd_noise_is_replayed_from_the_global_rng_and_differs_per_rank(monk
     params, lam, train_loss, meta_loss = weighted_mlp_problem()
     est = create_estimator("evograd", population=2, sigma=0.05)
     torch.manual_seed(1)
-    a = est.hypergradient(params, [lam], train_loss, meta_loss)[0]
+    a = est.estimate(params, [lam], train_loss, meta_loss).grads[0]
     torch.manual_seed(1)
-    b = est.hypergradient(params, [lam], train_loss, meta_loss)[0]
+    b = est.estimate(params, [lam], train_loss, meta_loss).grads[0]
     assert torch.equal(a, b)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
     monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda objects, src: None)  # as if on rank 0
     torch.manual_seed(1)
-    other_rank = est.hypergradient(params, [lam], train_loss, meta_loss)[0]
+    other_rank = est.estimate(params, [lam], train_loss, meta_loss).grads[0]
     assert not torch.equal(a, other_rank)
     torch.manual_seed(1)
     shared = create_estimator("evograd", population=2, sigma=0.05, per_rank_noise=False)
-    assert torch.equal(shared.hypergradient(params, [lam], train_loss, meta_loss)[0], a)
+    assert torch.equal(shared.estimate(params, [lam], train_loss, meta_loss).grads[0], a)
     with pytest.raises(ValueError, match="memory_lean"):
         create_estimator("evograd", memory_lean=1)
 
@@ -737,11 +771,11 @@ def test_evograd_memory_lean_draws_sign_noise_once_per_copy(monkeypatch):
         calls.clear()
         torch.manual_seed(3)
         est = create_estimator("evograd", population=4, sigma=0.05, memory_lean=lean)
-        estimates.append(est.hypergradient(params, [lam], train_loss, meta_loss)[0])
+        estimates.append(est.estimate(params, [lam], train_loss, meta_loss).grads[0])
         assert calls == [0, 1, 2, 3]
     torch.testing.assert_close(estimates[1], estimates[0], rtol=1e-9, atol=1e-12)
     calls.clear()
-    create_estimator("evograd", population=4, sigma=0.05, noise="gaussian", memory_lean=True).hypergradient(
+    create_estimator("evograd", population=4, sigma=0.05, noise="gaussian", memory_lean=True).estimate(
         params, [lam], train_loss, meta_loss
     )
     assert calls == [0, 1, 2, 3] * 3  # Gaussian noise is regenerated from its seed

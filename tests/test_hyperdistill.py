@@ -13,7 +13,7 @@ from problems import WeightedMLP, one_dim_problem
 from torch import nn
 from torch.func import functional_call
 
-from metatrain.estimators._lookahead import sgd_unroll
+from metatrain.estimators.functional import sgd_unroll
 from metatrain.estimators.hyperdistill import HyperDistill
 from metatrain.estimators.t1t2 import T1T2
 
@@ -74,8 +74,8 @@ def test_gamma_zero_is_t1t2_on_mlp(batch_mixing):
     model, meta_params, train_loss, meta_loss = mlp_problem()
     est, reference = HyperDistill(gamma=0.0, batch_mixing=batch_mixing), T1T2()
     for params, batch, meta, lr in mlp_calls(model, steps=4):
-        got = est.hypergradient(params, meta_params, train_loss, meta_loss, batch, meta, lr)
-        ref = reference.hypergradient(params, meta_params, train_loss, meta_loss, batch, meta, lr)
+        got = est.estimate(params, meta_params, train_loss, meta_loss, batch, meta, lr).grads
+        ref = reference.estimate(params, meta_params, train_loss, meta_loss, batch, meta, lr).grads
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
         assert all(g.abs().sum() > 0 for g in got)
     assert all(p.grad is None for p in model.parameters()) and all(m.grad is None for m in meta_params)
@@ -85,8 +85,8 @@ def test_first_call_is_t1t2_for_any_gamma():
     """At t = 1, w*_1 = w_0 and D*_1 = D_1 (Eq. 13-14), so a fixed pi = 1 gives the one-step lookahead."""
     model, meta_params, train_loss, meta_loss = mlp_problem()
     params, batch, meta, lr = mlp_calls(model, steps=1)[0]
-    got = HyperDistill(gamma=0.9).hypergradient(params, meta_params, train_loss, meta_loss, batch, meta, lr)
-    ref = T1T2().hypergradient(params, meta_params, train_loss, meta_loss, batch, meta, lr)
+    got = HyperDistill(gamma=0.9).estimate(params, meta_params, train_loss, meta_loss, batch, meta, lr).grads
+    ref = T1T2().estimate(params, meta_params, train_loss, meta_loss, batch, meta, lr).grads
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
 
 
@@ -170,7 +170,7 @@ def test_linear_estimator_matches_algorithm_4_by_hand():
     grads = []
     for x, lr in zip(xs, lrs):
         grads.append(
-            est.hypergradient({"x": torch.tensor(x, dtype=torch.float64)}, [lam], *one_dim_problem(lam), lr=lr)
+            est.estimate({"x": torch.tensor(x, dtype=torch.float64)}, [lam], *one_dim_problem(lam), lr=lr).grads
         )
 
     def phi(x, lr):
@@ -218,7 +218,7 @@ def test_state_dict_round_trip_gives_identical_estimates():
     with torch.random.fork_rng():
         torch.manual_seed(0)
         for params, batch, meta, lr in calls[:4]:
-            est.hypergradient(params, meta_params, train_loss, meta_loss, batch, meta, lr)
+            est.estimate(params, meta_params, train_loss, meta_loss, batch, meta, lr)
     assert est.theta != 1.0 and len(est.state_dict()["window_batches"]) == 1  # fitted once, mid-window now
     buffer = io.BytesIO()
     torch.save(copy.deepcopy(est.state_dict()), buffer)
@@ -227,8 +227,8 @@ def test_state_dict_round_trip_gives_identical_estimates():
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     theta_before = est.theta
     for params, batch, meta, lr in calls[4:]:
-        expected = est.hypergradient(params, meta_params, train_loss, meta_loss, batch, meta, lr)
-        got = resumed.hypergradient(params, meta_params, train_loss, meta_loss, batch, meta, lr)
+        expected = est.estimate(params, meta_params, train_loss, meta_loss, batch, meta, lr).grads
+        got = resumed.estimate(params, meta_params, train_loss, meta_loss, batch, meta, lr).grads
         for a, b in zip(got, expected):
             assert torch.equal(a, b)
     assert est.theta == resumed.theta != theta_before
@@ -267,7 +267,7 @@ def test_bad_options_raise_value_error_naming_the_option(options, option):
 def test_needs_lr():
     lam = torch.tensor(0.5, requires_grad=True)
     with pytest.raises(ValueError, match="lr"):
-        HyperDistill().hypergradient({"x": torch.tensor(0.1)}, [lam], *one_dim_problem(lam))
+        HyperDistill().estimate({"x": torch.tensor(0.1)}, [lam], *one_dim_problem(lam))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -296,8 +296,8 @@ def test_closer_to_the_exact_multi_step_hypergradient_than_t1t2(seed):
     est = HyperDistill(gamma=0.9, pi=None, horizon=10, estimation_period=10, seed=seed)
     weights, errors_hd, errors_t1t2 = start, [], []
     for t in range(steps):
-        (g_hd,) = est.hypergradient(weights, [lam], train_loss, meta_loss, batches[t], None, lr)
-        (g_t1t2,) = T1T2().hypergradient(weights, [lam], train_loss, meta_loss, batches[t], None, lr)
+        (g_hd,) = est.estimate(weights, [lam], train_loss, meta_loss, batches[t], None, lr).grads
+        (g_t1t2,) = T1T2().estimate(weights, [lam], train_loss, meta_loss, batches[t], None, lr).grads
         end = sgd_unroll(start, train_loss, batches[: t + 1], [lr] * (t + 1), create_graph=True)
         (exact,) = torch.autograd.grad(meta_loss(end, None), [lam])
         errors_hd.append(((g_hd - exact).norm() / exact.norm()).item())
@@ -338,7 +338,7 @@ def test_a_fixed_pi_scales_the_distilled_term():
     for pi in (1.0, 2.5):
         est = HyperDistill(gamma=0.9, pi=pi, seed=0)
         runs[pi] = [
-            est.hypergradient(params, meta_params, train_loss, meta_loss, batch, meta, lr)
+            est.estimate(params, meta_params, train_loss, meta_loss, batch, meta, lr).grads
             for params, batch, meta, lr in mlp_calls(model, steps=3)
         ]
     for one, scaled in zip(runs[1.0], runs[2.5]):

@@ -15,8 +15,11 @@ from torch.func import functional_call
 from transformers import TrainerCallback
 
 from metatrain import MetaTrainer, MetaTrainingArguments
+from metatrain.estimators import HypergradientEstimator, HypergradientResult, create_estimator
+from metatrain.estimators.functional import grads_or_zeros, sgd_lookahead
 from metatrain.losses import weighted_mean
 from metatrain.modules import MetaWeightNet
+from metatrain.trainer import MetaTrainerCallback
 
 
 def image_dataset(n: int, seed: int, nan: bool = False) -> datasets.Dataset:
@@ -52,7 +55,9 @@ def make_args(tmp_path, **overrides) -> MetaTrainingArguments:
     return MetaTrainingArguments(**options)
 
 
-def make_trainer(tmp_path, model=None, meta_module=None, meta_nan=False, **overrides) -> MetaTrainer:
+def make_trainer(
+    tmp_path, model=None, meta_module=None, meta_nan=False, estimator=None, callbacks=None, **overrides
+) -> MetaTrainer:
     torch.manual_seed(1)
     return MetaTrainer(
         model=model if model is not None else bn_model(),
@@ -60,6 +65,8 @@ def make_trainer(tmp_path, model=None, meta_module=None, meta_nan=False, **overr
         train_dataset=image_dataset(64, seed=1),
         meta_dataset=image_dataset(20, seed=2, nan=meta_nan),
         meta_module=meta_module if meta_module is not None else MetaWeightNet(),
+        estimator=estimator,
+        callbacks=callbacks,
     )
 
 
@@ -1021,3 +1028,57 @@ def test_second_order_estimators_train_a_model_with_fused_attention(tmp_path, es
     trainer = build(**({"batch_mixing": "replace"} if estimator == "hyperdistill" else {}))
     trainer.train()
     assert trainer.meta_steps_skipped == 0
+
+
+class OneStepLookahead(HypergradientEstimator):
+    """A user's estimator, outside the package, from the public pieces: T1-T2 written again."""
+
+    name = "one_step_lookahead"
+    second_order = True
+
+    def estimate(self, params, meta_params, train_loss, meta_loss, train_batch=None, meta_batch=None, lr=None):
+        loss = meta_loss(sgd_lookahead(params, train_loss, train_batch, lr, create_graph=True), meta_batch)
+        return HypergradientResult(grads_or_zeros(loss, meta_params), loss.detach())
+
+
+class Recorder(MetaTrainerCallback):
+    """Records every meta step, and T1-T2's estimate of the event's problem at that moment."""
+
+    def __init__(self):
+        self.events = []
+
+    def on_meta_step(self, args, state, control, *, trainer, problem, result, hypergradient_norm, skipped, **kwargs):
+        again = problem.estimate(create_estimator("t1t2")) if not skipped else None
+        self.events.append((state.global_step, again, result, hypergradient_norm, skipped))
+
+
+def test_a_user_estimator_trains_through_meta_trainer_and_the_meta_step_event_sees_every_step(tmp_path):
+    recorders = {}
+    for name in ("t1t2", "user"):
+        recorders[name] = Recorder()
+        trainer = make_trainer(
+            tmp_path / name, hypergradient="t1t2", estimator=OneStepLookahead() if name == "user" else None,
+            callbacks=[recorders[name]],
+        )  # fmt: skip
+        trainer.train()
+        assert trainer.meta_steps_skipped == 0
+    user, reference = recorders["user"].events, recorders["t1t2"].events
+    assert [e[0] for e in user] == [0, 1, 2, 3] and all(not e[4] for e in user)
+    for (_, again, mine, norm, _), (_, _, theirs, _, _) in zip(user, reference):
+        assert norm > 0
+        for a, b, c in zip(mine.grads, theirs.grads, again.grads):  # the same run, and the event's problem again
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+            torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-8)
+
+
+def test_the_meta_step_event_reports_a_skipped_step(tmp_path):
+    recorder = Recorder()
+    make_trainer(tmp_path, meta_nan=True, hypergradient="evograd", callbacks=[recorder], max_steps=2).train()
+    assert [e[4] for e in recorder.events] == [True, True]
+
+
+def test_an_estimator_instance_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="HypergradientEstimator` instance, got .t1t2..*hypergradient="):
+        make_trainer(tmp_path, estimator="t1t2")
+    with pytest.raises(ValueError, match=r"hypergradient_kwargs=\{'sigma': 0.1\}.*instance \(OneStepLookahead\)"):
+        make_trainer(tmp_path, estimator=OneStepLookahead(), hypergradient_kwargs={"sigma": 0.1})

@@ -58,18 +58,6 @@ class HypergradientEstimator:
         meta_batch: Any = None,
         lr: float | None = None,
     ) -> HypergradientResult:
-        raise NotImplementedError
-
-    def hypergradient(
-        self,
-        params: ParamDict,
-        meta_params: Sequence[torch.Tensor],
-        train_loss: LossFn,
-        meta_loss: LossFn,
-        train_batch: Any = None,
-        meta_batch: Any = None,
-        lr: float | None = None,
-    ) -> tuple[torch.Tensor, ...]:
         """Estimates `d meta_loss / d meta_params`.
 
         Args:
@@ -86,9 +74,16 @@ class HypergradientEstimator:
             lr (`float`, *optional*): inner step size, required by lookahead estimators.
 
         Returns:
-            `tuple[torch.Tensor, ...]`: one gradient per meta-parameter, shaped like it.
+            [`HypergradientResult`]: one gradient per meta-parameter (shaped like it) and the detached meta loss.
         """
-        return self.estimate(params, meta_params, train_loss, meta_loss, train_batch, meta_batch, lr).grads
+        raise NotImplementedError
+
+    def hypergradient(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        """Removed: one spelling of the call is kept, `estimate(...)`, whose result holds the gradients (`.grads`)."""
+        raise AttributeError(
+            f"{type(self).__name__}.hypergradient(...) was removed: call `estimate(...)` with the same arguments and "
+            "take `.grads` of its result."
+        )
 
     @property
     def stateful(self) -> bool:
