@@ -11,6 +11,15 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+# options recipes no longer take, and what replaced them: named in the error instead of argparse's "unrecognized"
+REMOVED_OPTIONS = {
+    "evograd_kwargs": "give each method's estimator options in the recipe's `method_options`, e.g. "
+    "`method_options: {mwn_evograd: {population: 2, sigma: 0.001}}` in the YAML config or `--method_options "
+    '\'{"mwn_evograd": {"population": 2, "sigma": 0.001}}\'` (a flag replaces the config\'s whole mapping); to change '
+    "one option of every run of the estimator `--hypergradient` names (EvoGrad by default), pass "
+    "`--hypergradient_kwargs '{\"sigma\": 0.01}'`, which updates each method's `method_options`",
+}
+
 
 def _to_argv(config: dict[str, Any]) -> list[str]:
     argv: list[str] = []
@@ -29,7 +38,8 @@ def parse_config(dataclass_types: Sequence[type], argv: list[str] | None = None,
 
     `argv` is `[config.yaml] [--key value ...]`; without a YAML file `default_config` is read (if given). Lists
     in YAML become space-separated values, dicts become JSON strings (e.g. `hypergradient_kwargs`), and `null` sets
-    the field to `None` (unless a flag sets it).
+    the field to `None` (unless a flag sets it). A removed option (see `REMOVED_OPTIONS`), in the file or as a flag,
+    raises an error that names its replacement.
 
     Returns:
         `tuple`: one instance per dataclass type.
@@ -41,12 +51,15 @@ def parse_config(dataclass_types: Sequence[type], argv: list[str] | None = None,
         with open(config_path) as f:
             config = yaml.safe_load(f) or {}
     names = [{f.name for f in dataclasses.fields(t)} for t in dataclass_types]
+    flagged = {arg[2:].split("=")[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    removed = sorted((set(config) | flagged) & set(REMOVED_OPTIONS) - set().union(*names))
+    if removed:
+        raise ValueError(" ".join(f"`{key}` was removed: {REMOVED_OPTIONS[key]}." for key in removed))
     unknown = sorted(set(config) - set().union(*names))
     if unknown:
         raise ValueError(
             f"Unknown keys {unknown} in {config_path}: not fields of {[t.__name__ for t in dataclass_types]}."
         )
-    flagged = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
     nulls = {key for key, value in config.items() if value is None and key not in flagged}
     given = {key: value for key, value in config.items() if value is not None}
     parsed = HfArgumentParser(dataclass_types).parse_args_into_dataclasses(

@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -202,15 +202,63 @@ def train_and_measure(trainer: Trainer) -> dict[str, Any]:
     }
 
 
-def estimator_options(estimator: str | None, evograd_kwargs: str, training_args: Any) -> dict[str, Any]:
-    """The options a recipe's run passes to its estimator: the recipe's `evograd_kwargs` (JSON) for EvoGrad; for the
-    estimator that `training_args.hypergradient` names, `training_args.hypergradient_kwargs` (e.g. `--hypergradient
-    neumann --hypergradient_kwargs '{"terms": 5}'`); none for any other (or no) estimator."""
-    if estimator == "evograd":
-        return json.loads(evograd_kwargs)
-    if estimator is not None and estimator == training_args.hypergradient:
-        return dict(training_args.hypergradient_kwargs or {})
-    return {}
+def parse_method_options(value: dict | str | None, methods: Mapping[str, str | None]) -> dict[str, dict[str, Any]]:
+    """A recipe's `method_options`, checked: for each of its methods that runs an estimator, the options of that
+    estimator, e.g. `{"mwn_evograd": {"population": 2, "sigma": 0.001, "temperature": 0.05}}` (a dict, or its JSON
+    string as a flag gives it; `None` is no options). See [`method_estimator`] for how they reach a run.
+
+    Args:
+        methods (`Mapping[str, str | None]`): the recipe's methods and the estimator each runs (`None`: none).
+
+    Raises:
+        `ValueError`: not JSON, not a dict of dicts, or a key that is not a method with an estimator.
+    """
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"`method_options={value!r}` is not valid JSON ({err}); pass e.g. "
+                '\'{"mwn_evograd": {"population": 2, "sigma": 0.001}}\'.'
+            ) from err
+    value = {} if value is None else value
+    allowed = [method for method, estimator in methods.items() if estimator is not None]
+    if not isinstance(value, dict) or not all(isinstance(options, dict) for options in value.values()):
+        raise ValueError(f"`method_options` must map a method to a dict of its estimator's options, got {value!r}.")
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise ValueError(f"`method_options` names {unknown}, which run no estimator: choose from {allowed}.")
+    return {method: dict(options) for method, options in value.items()}
+
+
+def method_estimator(
+    method: str,
+    methods: Mapping[str, str | None],
+    method_options: Mapping[str, Mapping[str, Any]],
+    training_args: Any,
+) -> dict[str, Any]:
+    """The `hypergradient` and `hypergradient_kwargs` of a recipe's run of `method`, to replace in its
+    `training_args`.
+
+    The estimator is the one `methods[method]` names (a method without one keeps `training_args.hypergradient`, which
+    it does not use, and gets no options). Its options are `method_options[method]` (the recipe's, from its config),
+    updated with `training_args.hypergradient_kwargs` when `training_args.hypergradient` names the same estimator:
+    `--hypergradient_kwargs '{"sigma": 0.01}'` (EvoGrad being the default `hypergradient`) changes `sigma` for every
+    EvoGrad method and keeps the rest of each one's options, and `--hypergradient neumann --hypergradient_kwargs
+    '{"terms": 5}'` reaches the Neumann methods only (other estimators would reject the options). The flag wins over
+    the config so that no option a user passes is dropped.
+    """
+    estimator = methods[method]
+    if estimator is None:
+        return {"hypergradient": training_args.hypergradient, "hypergradient_kwargs": {}}
+    options = dict(method_options.get(method, {}))
+    if estimator == training_args.hypergradient:
+        overrides = dict(training_args.hypergradient_kwargs or {})
+        changed = {key: value for key, value in overrides.items() if key in options and options[key] != value}
+        if changed:
+            logger.info("%s: hypergradient_kwargs %s override its method_options.", method, changed)
+        options.update(overrides)
+    return {"hypergradient": estimator, "hypergradient_kwargs": options}
 
 
 def check_methods(methods: Iterable[str], allowed: Iterable[str]) -> None:

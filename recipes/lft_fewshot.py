@@ -25,6 +25,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +46,10 @@ from metatrain.experiments import (
     check_methods,
     check_resume,
     episode_accuracy,
-    estimator_options,
     evaluate_episodes,
+    method_estimator,
     paired_differences,
+    parse_method_options,
     resumes_last_checkpoints,
     run_grid,
     summarize,
@@ -115,14 +117,21 @@ class LFTArguments:
     ft_init_beta: float = field(default=0.5, metadata={"help": "Initial theta_beta of the FT layers."})
     methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Any of {list(METHODS)}."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One run per seed and method."})
-    evograd_kwargs: str = field(
-        default='{"population": 2, "sigma": "lr", "temperature": 0.05, "memory_lean": true}',
-        metadata={
-            "help": "JSON options of EvoGrad for `lft_evograd`: sigma tied to the model learning rate (EvoGrad's LFT "
-            "code), copies processed one at a time (`memory_lean`)."
+    method_options: dict[str, dict[str, Any]] | str | None = field(
+        default_factory=lambda: {
+            "lft_evograd": {"population": 2, "sigma": "lr", "temperature": 0.05, "memory_lean": True}
         },
-    )  # fmt: skip
+        metadata={
+            "help": "Per method that runs an estimator, that estimator's options (a YAML mapping or JSON), updated "
+            "with `hypergradient_kwargs` where `hypergradient` names the same estimator (see "
+            "`metatrain.experiments.method_estimator`). Default: EvoGrad for `lft_evograd` with sigma tied to "
+            "the model learning rate (EvoGrad's LFT code) and copies processed one at a time (`memory_lean`)."
+        },
+    )
     results_dir: str = field(default="outputs/lft_fewshot", metadata={"help": "Where results.json and plots go."})
+
+    def __post_init__(self):
+        self.method_options = parse_method_options(self.method_options, METHODS)
 
 
 def load_domains(args: LFTArguments, seed: int) -> tuple[dict, dict]:
@@ -211,8 +220,7 @@ def build_trainer(args: LFTArguments, training_args: MetaTrainingArguments, back
         training_args,
         output_dir=os.path.join(training_args.output_dir, backbone, method, f"seed{seed}"),
         seed=seed,
-        hypergradient=hypergradient or training_args.hypergradient,
-        hypergradient_kwargs=estimator_options(hypergradient, args.evograd_kwargs, training_args),
+        **method_estimator(method, METHODS, args.method_options, training_args),
     )
     common = dict(
         model=model, args=run_args, compute_metrics=episode_accuracy, model_input_names=MODEL_INPUTS,

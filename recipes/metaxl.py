@@ -22,6 +22,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import (
@@ -50,7 +51,8 @@ from metatrain.experiments import (
     accuracy,
     check_methods,
     check_resume,
-    estimator_options,
+    method_estimator,
+    parse_method_options,
     per_method,
     run_grid,
     summarize,
@@ -116,13 +118,21 @@ class MetaXLArguments:
     )
     methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Any of {list(METHODS)}."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One run per seed and method."})
-    evograd_kwargs: str = field(
-        default='{"population": 2, "sigma": 0.001, "temperature": 0.05, "rescale": true}',
-        metadata={"help": "JSON options of EvoGrad for `metaxl_evograd`: the paper's values with `rescale`."},
+    method_options: dict[str, dict[str, Any]] | str | None = field(
+        default_factory=lambda: {
+            "metaxl_evograd": {"population": 2, "sigma": 0.001, "temperature": 0.05, "rescale": True}
+        },
+        metadata={
+            "help": "Per method that runs an estimator, that estimator's options (a YAML mapping or JSON), updated "
+            "with `hypergradient_kwargs` where `hypergradient` names the same estimator (see "
+            "`metatrain.experiments.method_estimator`). Default: the paper's EvoGrad values for "
+            "`metaxl_evograd`, with `rescale`."
+        },
     )
     results_dir: str = field(default="outputs/metaxl", metadata={"help": "Where results.json and plots go."})
 
     def __post_init__(self):
+        self.method_options = parse_method_options(self.method_options, METHODS)
         if self.task not in ("ner", "sequence"):
             raise ValueError(f"Unknown task={self.task!r}: choose 'ner' or 'sequence'.")
         if self.task == "sequence" and self.dataset != "generated":
@@ -203,8 +213,7 @@ def run(args: MetaXLArguments, training_args: MetaTrainingArguments, method: str
         training_args,
         output_dir=os.path.join(training_args.output_dir, method, f"seed{seed}"),
         seed=seed,
-        hypergradient=hypergradient or training_args.hypergradient,
-        hypergradient_kwargs=estimator_options(hypergradient, args.evograd_kwargs, training_args),
+        **method_estimator(method, METHODS, args.method_options, training_args),
     )
     tokenizer = data["tokenizer"]
     if args.task == "ner":

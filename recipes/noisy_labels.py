@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import set_seed
@@ -26,7 +27,8 @@ from metatrain.experiments import (
     accuracy,
     check_methods,
     check_resume,
-    estimator_options,
+    method_estimator,
+    parse_method_options,
     per_method,
     run_grid,
     summarize,
@@ -60,15 +62,21 @@ class NoisyLabelsArguments:
     num_meta_per_class: int = field(default=10, metadata={"help": "Clean meta examples per class."})
     methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Any of {list(METHODS)}."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One run per seed and method."})
-    evograd_kwargs: str = field(
-        default='{"population": 2, "sigma": 0.001, "temperature": 0.05, "rescale": true}',
+    method_options: dict[str, dict[str, Any]] | str | None = field(
+        default_factory=lambda: {
+            "mwn_evograd": {"population": 2, "sigma": 0.001, "temperature": 0.05, "rescale": True}
+        },
         metadata={
-            "help": "JSON options of EvoGrad for `mwn_evograd`: the paper's values, with the estimate rescaled to "
-            "the learning rate (`rescale`; see README). The paper's own: "
-            '\'{"population": 2, "sigma": 0.001, "temperature": 0.05}\'.'
+            "help": "Per method that runs an estimator, that estimator's options (a YAML mapping or JSON), updated "
+            "with `hypergradient_kwargs` where `hypergradient` names the same estimator (see "
+            "`metatrain.experiments.method_estimator`). Default: the paper's EvoGrad values for `mwn_evograd`, "
+            "with the estimate rescaled to the learning rate (`rescale`; see README)."
         },
     )
     results_dir: str = field(default="outputs/noisy_labels", metadata={"help": "Where results.json and plots go."})
+
+    def __post_init__(self):
+        self.method_options = parse_method_options(self.method_options, METHODS)
 
 
 def load_data(args: NoisyLabelsArguments, seed: int):
@@ -92,8 +100,7 @@ def run(args: NoisyLabelsArguments, training_args: MetaTrainingArguments, method
         training_args,
         output_dir=os.path.join(training_args.output_dir, method, f"seed{seed}"),
         seed=seed,
-        hypergradient=hypergradient or training_args.hypergradient,
-        hypergradient_kwargs=estimator_options(hypergradient, args.evograd_kwargs, training_args),
+        **method_estimator(method, METHODS, args.method_options, training_args),
     )
     common = dict(model=model, args=run_args, train_dataset=splits["train"], eval_dataset=splits["test"],
                   compute_metrics=accuracy)  # fmt: skip

@@ -19,6 +19,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import datasets
 import numpy as np
@@ -33,7 +34,8 @@ from metatrain.experiments import (
     accuracy,
     check_methods,
     check_resume,
-    estimator_options,
+    method_estimator,
+    parse_method_options,
     per_method,
     run_grid,
     summarize,
@@ -45,7 +47,8 @@ from metatrain.modules import LearnableRotation, rotate_images
 from metatrain.plotting import plot_curves
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "rotation_digits.yaml")
-METHODS = ("baseline", "matched", *(f"rotation_{name}" for name in ESTIMATORS))
+# each method and the estimator it learns the rotation with (none for the fixed-model methods)
+METHODS = {"baseline": None, "matched": None, **{f"rotation_{name}": name for name in ESTIMATORS}}
 
 
 @dataclass
@@ -58,11 +61,21 @@ class RotationArguments:
         metadata={"help": f"Any of {list(METHODS)}; `rotation_<name>` learns the rotation with estimator <name>."},
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One run per seed and method."})
-    evograd_kwargs: str = field(
-        default='{"population": 2, "sigma": 0.001, "temperature": 0.05, "rescale": true}',
-        metadata={"help": "JSON options of EvoGrad: the paper's, with the estimate rescaled to the learning rate."},
+    method_options: dict[str, dict[str, Any]] | str | None = field(
+        default_factory=lambda: {
+            "rotation_evograd": {"population": 2, "sigma": 0.001, "temperature": 0.05, "rescale": True}
+        },
+        metadata={
+            "help": "Per method that runs an estimator, that estimator's options (a YAML mapping or JSON), updated "
+            "with `hypergradient_kwargs` where `hypergradient` names the same estimator (see "
+            "`metatrain.experiments.method_estimator`). Default: the paper's EvoGrad values for "
+            "`rotation_evograd`, with the estimate rescaled to the learning rate."
+        },
     )
     results_dir: str = field(default="outputs/rotation", metadata={"help": "Where results.json and plots go."})
+
+    def __post_init__(self):
+        self.method_options = parse_method_options(self.method_options, METHODS)
 
 
 def rotated(split: datasets.Dataset, degrees: float) -> datasets.Dataset:
@@ -107,13 +120,12 @@ class AngleRecorder(TrainerCallback, ExportableState):
 def run(args: RotationArguments, training_args: MetaTrainingArguments, method: str, seed: int, splits) -> dict:
     set_seed(seed)
     model = build_model(args.model, num_classes=10, in_chans=1)
-    estimator = method.removeprefix("rotation_") if method.startswith("rotation_") else None
+    estimator = METHODS[method]
     run_args = dataclasses.replace(
         training_args,
         output_dir=os.path.join(training_args.output_dir, method, f"seed{seed}"),
         seed=seed,
-        hypergradient=estimator or training_args.hypergradient,
-        hypergradient_kwargs=estimator_options(estimator, args.evograd_kwargs, training_args),
+        **method_estimator(method, METHODS, args.method_options, training_args),
     )
     test = splits["test_unrotated"] if method == "matched" else splits["test"]
     common = dict(model=model, args=run_args, train_dataset=splits["train"], eval_dataset=test,

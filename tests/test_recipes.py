@@ -449,16 +449,106 @@ def test_yaml_null_sets_none_and_flags_still_win(tmp_path):
         parse_config((NullableOptions, MetaTrainingArguments), [str(path)])
 
 
-def test_recipes_pass_the_options_of_the_estimator_they_run(tmp_path):
-    """`evograd_kwargs` for EvoGrad runs; `--hypergradient X --hypergradient_kwargs ...` reach the runs of estimator X
-    (they were dropped for every estimator but EvoGrad); other estimators get none."""
-    from metatrain import MetaTrainingArguments
-    from metatrain.experiments import estimator_options
+RECIPE_ARGUMENTS = {"noisy_labels": "NoisyLabelsArguments", "rotation": "RotationArguments",
+                    "lft_fewshot": "LFTArguments", "metaxl": "MetaXLArguments"}  # fmt: skip
+EVOGRAD_RESCALED = {"population": 2, "sigma": 0.001, "temperature": 0.05, "rescale": True}
+EVOGRAD_LFT = {"population": 2, "sigma": "lr", "temperature": 0.05, "memory_lean": True}
+LFT_RUNS = {"no_ft": ("evograd", {}), "fixed_ft": ("evograd", {}), "lft_t1t2": ("t1t2", {}),
+            "lft_evograd": ("evograd", EVOGRAD_LFT)}  # fmt: skip
+METAXL_RUNS = {"source_only": ("evograd", {}), "joint": ("evograd", {}), "metaxl_t1t2": ("t1t2", {}),
+               "metaxl_evograd": ("evograd", EVOGRAD_RESCALED)}  # fmt: skip
+# the estimator and options each method of each shipped config ran with before `method_options` replaced
+# `evograd_kwargs` (computed from that code); a method without estimator keeps the default `hypergradient`, unused
+SHIPPED_CONFIG_RUNS = {
+    "lft_fewshot_cdfsl.yaml": LFT_RUNS,
+    "lft_fewshot_digits.yaml": LFT_RUNS,
+    "lft_fewshot_resnet34.yaml": LFT_RUNS,
+    "metaxl_generated.yaml": METAXL_RUNS,
+    "metaxl_wikiann.yaml": METAXL_RUNS,
+    "noisy_labels_cifar10.yaml": {"baseline": ("evograd", {}), "mwn_t1t2": ("t1t2", {}), "mwn_evograd": (
+        "evograd", {"population": 2, "sigma": 0.001, "temperature": 0.05})},
+    "noisy_labels_digits.yaml": {"baseline": ("evograd", {}), "mwn_t1t2": ("t1t2", {}),
+                                 "mwn_evograd": ("evograd", EVOGRAD_RESCALED)},
+    "rotation_digits.yaml": {
+        "baseline": ("evograd", {}), "matched": ("evograd", {}), "rotation_evograd": ("evograd", EVOGRAD_RESCALED),
+        "rotation_t1t2": ("t1t2", {}), "rotation_t1t2_fd": ("t1t2_fd", {}),
+        "rotation_first_order": ("first_order", {}), "rotation_neumann": ("neumann", {}),
+        "rotation_reverse": ("reverse", {}),
+        "rotation_hyperdistill": ("hyperdistill", {}),
+    },
+}  # fmt: skip
 
-    args = MetaTrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, hypergradient="neumann", hypergradient_kwargs='{"terms": 5}'
-    )
-    assert estimator_options("neumann", '{"sigma": 0.1}', args) == {"terms": 5}
-    assert estimator_options("evograd", '{"sigma": 0.1}', args) == {"sigma": 0.1}
-    assert estimator_options("t1t2", '{"sigma": 0.1}', args) == {}
-    assert estimator_options(None, '{"sigma": 0.1}', args) == {}
+
+def recipe_runs(config: Path, *flags: str) -> dict[str, tuple[str, dict]]:
+    """`{method: (hypergradient, hypergradient_kwargs)}` of the runs of every method of `config`'s recipe."""
+    from metatrain import MetaTrainingArguments
+    from metatrain.cli import parse_config
+    from metatrain.experiments import method_estimator
+
+    recipe = next(name for name in RECIPE_ARGUMENTS if config.name.startswith(name))
+    module = load_recipe(recipe)
+    arguments = getattr(module, RECIPE_ARGUMENTS[recipe])
+    args, training_args = parse_config((arguments, MetaTrainingArguments), [str(config), "--use_cpu", "true", *flags])
+    runs = {}
+    for method in module.METHODS:
+        run_args = dataclasses.replace(
+            training_args, **method_estimator(method, module.METHODS, args.method_options, training_args)
+        )
+        runs[method] = (run_args.hypergradient, run_args.hypergradient_kwargs)
+    return runs
+
+
+def test_every_shipped_config_gives_each_method_the_estimator_and_options_it_had():
+    configs = sorted(path.name for path in (ROOT / "recipes" / "configs").glob("*.yaml"))
+    assert configs == sorted(SHIPPED_CONFIG_RUNS)
+    for name, expected in SHIPPED_CONFIG_RUNS.items():
+        assert recipe_runs(ROOT / "recipes" / "configs" / name) == expected, name
+
+
+def test_recipe_defaults_match_their_default_configs():
+    for recipe, arguments in RECIPE_ARGUMENTS.items():
+        module = load_recipe(recipe)
+        path = Path(module.DEFAULT_CONFIG)
+        evograd = next(method for method in module.METHODS if method.endswith("_evograd"))
+        assert getattr(module, arguments)().method_options == {evograd: SHIPPED_CONFIG_RUNS[path.name][evograd][1]}
+
+
+def test_hypergradient_kwargs_update_the_method_options_of_the_estimator_they_name():
+    """The one rule: a method's options are its `method_options`, updated with `hypergradient_kwargs` where
+    `hypergradient` names the method's estimator; a method without estimator gets none."""
+    config = ROOT / "recipes" / "configs" / "noisy_labels_digits.yaml"
+    runs = recipe_runs(config, "--hypergradient_kwargs", '{"sigma": 0.01, "memory_lean": true}')  # evograd: default
+    assert runs["mwn_evograd"] == ("evograd", {**EVOGRAD_RESCALED, "sigma": 0.01, "memory_lean": True})
+    assert runs["mwn_t1t2"] == ("t1t2", {}) and runs["baseline"] == ("evograd", {})
+    rotation = ROOT / "recipes" / "configs" / "rotation_digits.yaml"
+    runs = recipe_runs(rotation, "--hypergradient", "t1t2_fd", "--hypergradient_kwargs", '{"epsilon": 1e-5}')
+    assert runs["rotation_t1t2_fd"] == ("t1t2_fd", {"epsilon": 1e-5}) and runs["rotation_neumann"] == ("neumann", {})
+    assert runs["rotation_evograd"] == ("evograd", EVOGRAD_RESCALED) and runs["baseline"] == ("t1t2_fd", {})
+    # a `--method_options` flag replaces the config's whole mapping
+    runs = recipe_runs(rotation, "--method_options", '{"rotation_neumann": {"terms": 5, "alpha": 0.1}}',
+                       "--hypergradient", "neumann", "--hypergradient_kwargs", '{"alpha": 0.5}')  # fmt: skip
+    assert runs["rotation_neumann"] == ("neumann", {"terms": 5, "alpha": 0.5}) and runs["rotation_evograd"] == (
+        "evograd", {})  # fmt: skip
+
+
+def test_method_options_name_methods_with_an_estimator(tmp_path):
+    from metatrain.experiments import parse_method_options
+
+    methods = {"baseline": None, "mwn_evograd": "evograd"}
+    assert parse_method_options(None, methods) == {}
+    assert parse_method_options('{"mwn_evograd": {"sigma": 0.1}}', methods) == {"mwn_evograd": {"sigma": 0.1}}
+    with pytest.raises(ValueError, match=r"names \['baseline', 'mwn_evgrad'\], which run no estimator"):
+        parse_method_options({"mwn_evgrad": {}, "baseline": {}}, methods)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        parse_method_options("{mwn_evograd: 1}", methods)
+    with pytest.raises(ValueError, match="must map a method to a dict"):
+        parse_method_options({"mwn_evograd": 0.1}, methods)
+
+
+def test_evograd_kwargs_is_refused_with_its_replacement(noisy_labels, tmp_path):
+    with pytest.raises(ValueError, match="`evograd_kwargs` was removed: .*`method_options`.*--hypergradient_kwargs"):
+        noisy_labels.main(["--evograd_kwargs", '{"sigma": 0.01}', "--output_dir", str(tmp_path)])
+    config = tmp_path / "old.yaml"
+    config.write_text("""evograd_kwargs: '{"sigma": 0.01}'\n""")
+    with pytest.raises(ValueError, match="`evograd_kwargs` was removed: .*method_options"):
+        noisy_labels.main([str(config), "--output_dir", str(tmp_path)])
