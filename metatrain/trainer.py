@@ -81,9 +81,10 @@ def join_batches(
                 if not paddable or any(v.shape[2:] != first.shape[2:] for v in values):
                     raise ValueError(
                         f"The micro-batches of an accumulation window cannot be joined for the meta step: {key!r} has "
-                        f"shapes {[tuple(v.shape) for v in values]} and no padding value (padded keys: "
-                        f"{sorted(pad_values)}). Pad every batch to one length (e.g. `padding='max_length'`), or set "
-                        "`meta_train_batch='micro_batch'` to run the meta step on one micro-batch."
+                        f"shapes {[tuple(v.shape) for v in values]}, which padding the second dimension (keys padded: "
+                        f"{sorted(pad_values)}) cannot join. Pad every batch to one length (e.g. "
+                        "`padding='max_length'`), or set `meta_train_batch='micro_batch'` to run the meta step on one "
+                        "micro-batch."
                     )
                 length = max(v.shape[1] for v in values)
                 widths = [(0, 0)] * (first.dim() - 2)
@@ -121,6 +122,14 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def _mixed_precision(args: Any) -> str:
+    """`"bf16"`, `"fp16"` or `"no"`, from the flags or Accelerate's setting (`accelerate launch` configs, the
+    `ACCELERATE_MIXED_PRECISION` variable), as Trainer resolves it."""
+    if args.bf16 or args.fp16:
+        return "bf16" if args.bf16 else "fp16"
+    return str(getattr(args, "mixed_precision", None) or "no")
+
+
 def _flat(values: Any) -> Iterator[Any]:
     """The scalars of nested lists (a token-classification label column)."""
     for v in values:
@@ -130,13 +139,20 @@ def _flat(values: Any) -> Iterator[Any]:
             yield v
 
 
+def _torch_rng_kept(device: torch.device) -> contextlib.AbstractContextManager:
+    """torch's CPU random state, and `device`'s, restored after the block."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
+
+
 @contextlib.contextmanager
 def random_state_kept(device: torch.device) -> Iterator[None]:
     """Python's, numpy's and torch's (CPU and `device`) random states as they were before the block, after it."""
     import numpy as np
 
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+    with _torch_rng_kept(device):
         try:
             yield
         finally:
@@ -318,11 +334,6 @@ class MetaTrainer(PerSampleLossTrainer):
     Callbacks with an `on_meta_step` method (see [`MetaTrainerCallback`]) are called at every meta step.
     """
 
-    # meta steps in a row: stop after this many skipped for non-finite model weights; warn after this many zero
-    # hypergradients
-    nonfinite_weights_patience = 3
-    zero_hypergradient_patience = 20
-
     def __init__(
         self,
         model: PreTrainedModel | nn.Module | None = None,
@@ -391,7 +402,7 @@ class MetaTrainer(PerSampleLossTrainer):
         for p in self.meta_params:
             p.requires_grad_(False)
 
-        if args.fp16 and args.device.type == "cpu":
+        if _mixed_precision(args) == "fp16" and args.device.type == "cpu":
             raise ValueError(
                 "fp16=True on CPU trains in full precision without a word (Accelerate applies no fp16 autocast "
                 "there): use bf16=True for mixed precision on CPU, or neither."
@@ -446,11 +457,16 @@ class MetaTrainer(PerSampleLossTrainer):
         `temperature` is given, it then takes `MIXED_PRECISION_EVOGRAD` (the same expected lookahead step,
         `(K - 1) sigma^2 / (K tau)`); a given `sigma` below it is warned about."""
         options = dict(self.args.hypergradient_kwargs)
-        if self.args.hypergradient != "evograd" or not (self.args.bf16 or self.args.fp16):
+        precision = _mixed_precision(self.args)
+        if self.args.hypergradient != "evograd" or precision not in ("bf16", "fp16"):
             return options
-        precision = "bf16" if self.args.bf16 else "fp16"
         if "sigma" not in options and "temperature" not in options:
-            logger.info(f"EvoGrad under {precision}: {MIXED_PRECISION_EVOGRAD} (perturbations {precision} resolves).")
+            logger.warning(
+                f"EvoGrad under {precision}: sigma={MIXED_PRECISION_EVOGRAD['sigma']}, temperature="
+                f"{MIXED_PRECISION_EVOGRAD['temperature']} instead of the paper's 0.001 and 0.05 ({precision} does "
+                "not resolve perturbations of 0.001; the expected step is the same). Set `sigma` or `temperature` in "
+                "`hypergradient_kwargs` to choose them."
+            )
             return {**options, **MIXED_PRECISION_EVOGRAD}
         sigma = options.get("sigma", 0.001)
         if isinstance(sigma, (int, float)) and sigma < MIXED_PRECISION_EVOGRAD["sigma"]:
@@ -462,29 +478,57 @@ class MetaTrainer(PerSampleLossTrainer):
             )
         return options
 
+    def _forward_sample(self, batch: dict[str, Any], training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's logits and the labels of `batch`, through a functional call with cloned buffers (batch norm
+        statistics untouched), in training or evaluation mode, an attached transform off, random states kept."""
+        inputs = self._prepare_inputs(batch)
+        args, kwargs, labels = self._split_inputs(inputs)
+        weights = {**{n: b.clone() for n, b in self.model.named_buffers()}, **dict(self.model.named_parameters())}
+        attached = isinstance(self.meta_module, AttachedTransform)
+        attached_off = self.meta_module.disabled() if attached else contextlib.nullcontext()
+        with random_state_kept(self.args.device), attached_off:
+            was_training = self.model.training
+            self.model.train(training)
+            try:
+                logits = logits_of(functional_call(self.model, weights, args, kwargs))
+            finally:
+                self.model.train(was_training)
+        return logits, labels
+
     def unused_parameters(self) -> list[str]:
-        """The trainable weights that one forward and backward of a training batch (in evaluation mode, so no random
-        draw and no batch norm statistics change) leaves without gradient."""
+        """The trainable weights that one training-mode forward and backward of two training examples leaves without
+        gradient (buffers and random states untouched)."""
         trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
-        inputs = self._prepare_inputs(self._collated_sample(self.train_dataset, "training", size=2))
-        with random_state_kept(self.args.device), evaluation_mode(self.model):
-            loss = self.compute_loss(self.model, inputs)
-            grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
+        logits, labels = self._forward_sample(self._collated_sample(self.train_dataset, "training", size=2), True)
+        grads = torch.autograd.grad(
+            self.per_sample_loss(logits, labels).mean(), list(trainable.values()), allow_unused=True
+        )
         return [name for name, g in zip(trainable, grads) if g is None]
 
     def _set_find_unused_parameters(self) -> None:
-        """DDP's `find_unused_parameters`, where not set, from the model: on only when a weight gets no gradient
-        (Trainer turns it on for every plain module, and DDP then warns on every rank and searches the graph at every
-        step)."""
+        """Turns off DDP's search for unused weights where Trainer turned it on by default (every plain module) and
+        one training forward shows every weight used: DDP would warn on every rank and search the graph at every step.
+        Never turns it on; `ddp_find_unused_parameters` overrides it, and models whose use of weights varies between
+        steps (LayerDrop, activation checkpointing) keep Trainer's choice."""
         handler = getattr(self.accelerator, "ddp_handler", None)
         if self.args.ddp_find_unused_parameters is not None or handler is None or self.args.world_size < 2:
             return
-        if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
+        config = getattr(self.model, "config", None)
+        varies = (
+            getattr(self.model, "is_gradient_checkpointing", False)
+            or self.args.gradient_checkpointing
+            or any(
+                (getattr(config, key, 0) or 0) > 0 for key in ("layerdrop", "encoder_layerdrop", "decoder_layerdrop")
+            )
+        )
+        sized = self.train_dataset is not None and hasattr(self.train_dataset, "__len__") and len(self.train_dataset)
+        if not handler.find_unused_parameters or varies or not sized:
             return
         unused = self.unused_parameters()
-        handler.find_unused_parameters = bool(unused)
         if unused:
-            logger.info(f"DDP finds unused parameters: {len(unused)} weights get no gradient, e.g. {unused[:3]}.")
+            logger.info(f"DDP searches for unused weights: {len(unused)} get no gradient, e.g. {unused[:3]}.")
+        else:
+            handler.find_unused_parameters = False
 
     # ------------------------------------------------------------------------------------------ meta data checks
     def _collated_sample(self, dataset: Any, description: str, size: int = 4) -> dict[str, Any]:
@@ -531,30 +575,48 @@ class MetaTrainer(PerSampleLossTrainer):
                 f"meta_dataset has no {label!r} (its batches hold {sorted(batch)}): name its label column {label!r}, "
                 f"e.g. `meta_dataset = meta_dataset.rename_column('target', {label!r})`, or set `label_names`."
             )
-        # an attached transform's keys (MetaXL's `is_source`) serve training forwards only, not the meta loss
-        training_only = set(self.meta_module.batch_keys) if isinstance(self.meta_module, AttachedTransform) else set()
-        missing = sorted(self._training_batch_keys() - set(batch) - training_only)
+        missing = sorted(self._model_keys() - set(batch))
         if missing:
             raise ValueError(
-                f"meta_dataset's batches lack {missing}, which the training batches have (meta: {sorted(batch)}): "
-                "prepare the meta set as the training set (the same tokenization or transform and columns)."
+                f"meta_dataset's batches lack {missing}, which the model reads from the training batches (meta: "
+                f"{sorted(batch)}): prepare the meta set as the training set (the same tokenization or transform)."
             )
-        classes = getattr(getattr(self.model, "config", None), "num_labels", None)
-        if classes is None or getattr(self.model.config, "problem_type", None) == "regression":
-            classes = getattr(self.model, "num_classes", None)
-        if not isinstance(classes, int) or classes < 1:
+        labels = self._meta_labels(batch)
+        if labels is None or labels.is_floating_point() or labels.is_complex():
             return
-        column = next((c for c in (label, "label") if c in getattr(meta, "column_names", ())), None)
-        labels = torch.as_tensor(list(_flat(meta.with_format(None)[column])) if column else batch[label])
-        if labels.is_floating_point() or labels.is_complex():
+        try:
+            logits, _ = self._forward_sample(batch, training=False)
+            classes = int(logits.shape[-1])
+        except Exception:  # a model that fails here fails in the meta step with its own error
             return
         bad = labels[(labels != -100) & ((labels < 0) | (labels >= classes))]
         if bad.numel():
             raise ValueError(
-                f"meta_dataset has labels outside the model's {classes} classes (0 to {classes - 1}; -100 is "
+                f"meta_dataset has labels outside the model's {classes} outputs (0 to {classes - 1}; -100 is "
                 f"ignored): {sorted(set(bad.tolist()))[:10]}. Map its labels with the training set's label mapping, "
                 "or build the model with that many classes (`num_labels`)."
             )
+
+    def _model_keys(self) -> set[str]:
+        """The batch keys the model reads: `model_input_names` for a plain module; for a `transformers` model, the
+        non-label keys of a training batch, less the keys the trainer reads itself (an attached transform's)."""
+        if not self._is_transformers_model():
+            return set(self.model_input_names)
+        return self._training_batch_keys() - set(self.args.label_names) - set(self.trainer_batch_keys)
+
+    def _meta_labels(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """Every label of the meta set where its label column holds plain integers (no custom transform), else those
+        of the collated sample."""
+        meta, label = self.meta_dataset, self.args.label_names[0]
+        column = next((c for c in (label, "label") if c in getattr(meta, "column_names", ())), None)
+        if column is not None and meta.format.get("type") != "custom":
+            values = list(_flat(meta.with_format(None)[column]))
+            if all(isinstance(v, int) for v in values):
+                return torch.as_tensor(values)
+        try:
+            return torch.as_tensor(batch[label])
+        except (TypeError, ValueError):
+            return None
 
     def reduce_loss(self, losses: torch.Tensor, training: bool) -> torch.Tensor:
         """The loss weighter's `sum(w * l) / sum(w)` in training, the plain mean otherwise."""
@@ -764,7 +826,7 @@ class MetaTrainer(PerSampleLossTrainer):
     @contextlib.contextmanager
     def _step_seeded(self, seed: int) -> Iterator[None]:
         """The torch RNG seeded by `seed` inside the block and as it was after it (the global stream is untouched)."""
-        with torch.random.fork_rng(devices=[] if self.args.device.type == "cpu" else [self.args.device]):
+        with _torch_rng_kept(self.args.device):
             torch.manual_seed(seed)
             yield
 
@@ -865,7 +927,7 @@ class MetaTrainer(PerSampleLossTrainer):
             return False
         self._nonfinite_weights = None
         self._zero_hypergradients = self._zero_hypergradients + 1 if norm == 0 else 0
-        if self._zero_hypergradients == self.zero_hypergradient_patience:
+        if self._zero_hypergradients == self.args.meta_zero_hypergradient_patience:
             logger.warning(
                 f"The hypergradient has been exactly zero for {self._zero_hypergradients} meta steps in a row (step "
                 f"{self.state.global_step}, {self.estimator.name}): the meta-parameters learn nothing. The losses may "
@@ -899,7 +961,7 @@ class MetaTrainer(PerSampleLossTrainer):
 
     def _check_base_weights(self, params: dict[str, torch.Tensor], loss: torch.Tensor, norm: torch.Tensor) -> None:
         """Logs a skipped meta step with its cause, and stops the run once the model's own weights have been non-finite
-        for `nonfinite_weights_patience` meta steps in a row (no meta step can help them)."""
+        for `meta_nonfinite_weights_patience` meta steps in a row (no meta step can help them)."""
         step, skipped = self.state.global_step, self.meta_steps_skipped
         bad = [name for name, p in params.items() if not torch.isfinite(p).all()]
         if not bad:
@@ -916,9 +978,10 @@ class MetaTrainer(PerSampleLossTrainer):
             f"Meta step skipped at step {step}: the model's weights are not finite (first seen at step {first}; "
             f"{len(bad)} tensors, e.g. {bad[:3]}). The meta-parameters are unchanged; the model is not."
         )
-        if count + 1 >= self.nonfinite_weights_patience:
+        if count + 1 >= self.args.meta_nonfinite_weights_patience:
             raise RuntimeError(
-                f"The model's weights have been non-finite since step {first} ({len(bad)} tensors, e.g. {bad[:3]}), "
+                f"The model's weights are not finite (first seen at step {first}; {len(bad)} tensors, e.g. "
+                f"{bad[:3]}), "
                 f"and {count + 1} meta steps in a row were skipped for it. Check the training data for NaN or "
                 "infinite values, lower `learning_rate`, set `max_grad_norm`, or train in fp32."
             )

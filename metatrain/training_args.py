@@ -109,6 +109,20 @@ class MetaTrainingArguments(TrainingArguments):
         default=100,
         metadata={"help": "With `meta_disjoint_key`, the most meta batches drawn for one step before an error."},
     )
+    meta_nonfinite_weights_patience: int = field(
+        default=3,
+        metadata={
+            "help": "Stop with an error after this many meta steps in a row skipped because the model's own weights "
+            "are not finite (no meta step can repair them)."
+        },
+    )
+    meta_zero_hypergradient_patience: int = field(
+        default=20,
+        metadata={
+            "help": "Warn once the hypergradient has been exactly zero for this many meta steps in a row (the losses "
+            "do not depend on the meta-parameters); 0 turns the warning off."
+        },
+    )
     meta_max_grad_norm: float | None = field(
         default=None, metadata={"help": "Clip the hypergradient to this global norm before the meta-optimizer step."}
     )
@@ -152,8 +166,10 @@ class MetaTrainingArguments(TrainingArguments):
 
         import torch
 
-        if self.use_cpu or not torch.cuda.is_available():
-            self.dataloader_pin_memory = False  # pinning needs a GPU: on CPU torch only warns, for every loader
+        accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6; CUDA alone before
+        available = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+        if self.use_cpu or not available:
+            self.dataloader_pin_memory = False  # pinning needs an accelerator: on CPU torch only warns, every loader
 
         from .estimators import ESTIMATORS
 
@@ -191,6 +207,15 @@ class MetaTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"Unknown `meta_diagnostics_reference={self.meta_diagnostics_reference!r}`: choose one of "
                 f"{sorted(ESTIMATORS)}."
+            )
+        if self.meta_nonfinite_weights_patience < 1:
+            raise ValueError(
+                f"`meta_nonfinite_weights_patience` must be >= 1, got {self.meta_nonfinite_weights_patience}."
+            )
+        if self.meta_zero_hypergradient_patience < 0:
+            raise ValueError(
+                f"`meta_zero_hypergradient_patience` must be >= 0 (0 turns the warning off), got "
+                f"{self.meta_zero_hypergradient_patience}."
             )
         if self.meta_disjoint_max_draws < 1:
             raise ValueError(f"`meta_disjoint_max_draws` must be >= 1, got {self.meta_disjoint_max_draws}.")

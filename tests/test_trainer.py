@@ -869,9 +869,9 @@ def test_a_meta_dataset_the_meta_step_cannot_use_is_refused_at_construction(tmp_
     with pytest.raises(ValueError, match=r"meta_dataset has no 'labels'.*rename_column"):
         build(meta.rename_column("labels", "target"))
     out_of_range = meta.map(lambda row, i: {"labels": 7 if i == 5 else row["labels"]}, with_indices=True)
-    with pytest.raises(ValueError, match=r"meta_dataset has labels outside the model's 3 classes.*\[7\]"):
+    with pytest.raises(ValueError, match=r"meta_dataset has labels outside the model's 3 outputs.*\[7\]"):
         build(out_of_range)
-    with pytest.raises(ValueError, match=r"meta_dataset's batches lack \['token_type_ids'\]"):
+    with pytest.raises(ValueError, match=r"meta_dataset's batches lack \['token_type_ids'\], which the model reads"):
         build(meta.remove_columns(["token_type_ids"]))
     with pytest.raises(ValueError, match="meta_dataset is empty"):
         build(meta.select([]))
@@ -880,7 +880,7 @@ def test_a_meta_dataset_the_meta_step_cannot_use_is_refused_at_construction(tmp_
 
     model = timm.create_model("resnet10t", pretrained=False, num_classes=3, in_chans=1)
     bad = image_dataset(8, 0).map(lambda row: {"labels": 3})
-    with pytest.raises(ValueError, match="outside the model's 3 classes"):
+    with pytest.raises(ValueError, match="outside the model's 3 outputs"):
         MetaTrainer(model=model, args=make_args(tmp_path), train_dataset=image_dataset(8, 1), meta_dataset=bad,
                     meta_module=MetaWeightNet())  # fmt: skip
 
@@ -890,6 +890,17 @@ def test_fp16_on_cpu_is_refused_naming_bf16(tmp_path):
         make_trainer(tmp_path, fp16=True)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_set_through_accelerate_is_seen(tmp_path, monkeypatch, precision):
+    """`accelerate launch` configs set `ACCELERATE_MIXED_PRECISION`, not the flags."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", precision)
+    if precision == "fp16":
+        with pytest.raises(ValueError, match="fp16=True on CPU"):
+            make_trainer(tmp_path, hypergradient="evograd")
+    else:
+        assert make_trainer(tmp_path, hypergradient="evograd").estimator.sigma == 0.01
+
+
 def test_evograd_under_bf16_perturbs_at_a_scale_bf16_resolves(tmp_path, caplog):
     from metatrain.trainer import MIXED_PRECISION_EVOGRAD
 
@@ -897,7 +908,8 @@ def test_evograd_under_bf16_perturbs_at_a_scale_bf16_resolves(tmp_path, caplog):
     assert trainer.estimator.sigma == MIXED_PRECISION_EVOGRAD["sigma"]
     assert trainer.estimator.temperature == MIXED_PRECISION_EVOGRAD["temperature"]
     # the same expected lookahead step as the paper's sigma 0.001 and temperature 0.05
-    assert math.isclose(0.01**2 / 5.0, 0.001**2 / 0.05)
+    step = MIXED_PRECISION_EVOGRAD["sigma"] ** 2 / MIXED_PRECISION_EVOGRAD["temperature"]
+    assert math.isclose(step, 0.001**2 / 0.05)
     assert make_trainer(tmp_path, hypergradient="evograd").estimator.sigma == 0.001  # fp32 keeps the paper's
     with caplog.at_level(logging.WARNING, logger="metatrain.trainer"):
         chosen = make_trainer(tmp_path, hypergradient="evograd", bf16=True, hypergradient_kwargs={"sigma": 0.001})
@@ -912,7 +924,7 @@ def test_non_finite_model_weights_stop_the_run_with_their_cause(tmp_path, caplog
     )  # fmt: skip
     before = snapshot(trainer.meta_module)
     with caplog.at_level(logging.WARNING, logger="metatrain.trainer"):
-        with pytest.raises(RuntimeError, match=r"non-finite since step 1 .*3 meta steps in a row.*NaN"):
+        with pytest.raises(RuntimeError, match=r"first seen at step 1;.*3 meta steps in a row.*NaN"):
             trainer.train()
     assert "the model's weights are not finite (first seen at step 1" in caplog.text
     assert "The meta-parameters are unchanged; the model is not." in caplog.text
@@ -921,14 +933,12 @@ def test_non_finite_model_weights_stop_the_run_with_their_cause(tmp_path, caplog
 
 
 def test_a_hypergradient_exactly_zero_for_many_steps_is_warned_about(tmp_path, caplog):
-    trainer = make_trainer(tmp_path, hypergradient="first_order", max_steps=4)  # zero for a loss weighter
-    trainer.zero_hypergradient_patience = 3
+    trainer = make_trainer(tmp_path, hypergradient="first_order", max_steps=4, meta_zero_hypergradient_patience=3)
     with caplog.at_level(logging.WARNING, logger="metatrain.trainer"):
         trainer.train()
     assert caplog.text.count("exactly zero for 3 meta steps in a row") == 1
     caplog.clear()
-    trainer = make_trainer(tmp_path, hypergradient="t1t2", max_steps=4)
-    trainer.zero_hypergradient_patience = 3
+    trainer = make_trainer(tmp_path, hypergradient="t1t2", max_steps=4, meta_zero_hypergradient_patience=3)
     with caplog.at_level(logging.WARNING, logger="metatrain.trainer"):
         trainer.train()
     assert "exactly zero" not in caplog.text
@@ -941,15 +951,6 @@ class WithUnusedHead(nn.Module):
 
     def forward(self, x):
         return self.body(x)
-
-
-def test_unused_parameters_are_found_by_one_forward_and_backward(tmp_path):
-    trainer = make_trainer(tmp_path)
-    state, rng = snapshot(trainer.model), torch.get_rng_state()
-    assert trainer.unused_parameters() == []
-    assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None for p in trainer.model.parameters())
-    assert all(torch.equal(v, state[k]) for k, v in snapshot(trainer.model).items())  # batch norm statistics too
-    assert make_trainer(tmp_path, model=WithUnusedHead()).unused_parameters() == ["unused.weight", "unused.bias"]
 
 
 def test_cpu_runs_do_not_pin_memory(tmp_path):
@@ -992,7 +993,7 @@ def test_an_attached_meta_module_is_saved_apart_from_the_model(tmp_path):
     assert "bert.meta_scale.log_scale" not in load_file(out / "model.safetensors")
     torch.testing.assert_close(load_file(out / "meta_module.safetensors")["log_scale"], full.meta_module.log_scale)
     _, info = BertForSequenceClassification.from_pretrained(out, output_loading_info=True)
-    assert info["unexpected_keys"] == set() or not info["unexpected_keys"]
+    assert not info["unexpected_keys"]
     first = build("resumed")
     first.add_callback(StopAfter(3))
     first.train()
@@ -1082,3 +1083,60 @@ def test_an_estimator_instance_is_checked(tmp_path):
         make_trainer(tmp_path, estimator="t1t2")
     with pytest.raises(ValueError, match=r"hypergradient_kwargs=\{'sigma': 0.1\}.*instance \(OneStepLookahead\)"):
         make_trainer(tmp_path, estimator=OneStepLookahead(), hypergradient_kwargs={"sigma": 0.1})
+
+
+def test_meta_datasets_the_meta_step_can_use_are_accepted(tmp_path):
+    """What the construction checks must not refuse: a language model's token labels (its outputs are the vocabulary,
+    not `num_labels`), labels a transform maps from strings, and training columns the model never reads."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    tokenizer = tiny_tokenizer(tmp_path)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32)  # fmt: skip
+    masked = tokenized_text_dataset(tokenizer, 8, 0).map(lambda row: {"labels": row["input_ids"]})
+    masked = masked.remove_columns(["token_type_ids"])
+    MetaTrainer(
+        model=BertForMaskedLM(config), args=make_args(tmp_path), train_dataset=masked, meta_dataset=masked,
+        meta_module=MetaWeightNet(), data_collator=lambda rows: _pad_labels(tokenizer, rows),
+    )  # fmt: skip
+    names = ["cat", "dog", "frog"]
+    strings = image_dataset(8, 2).with_format(None).map(lambda row: {"labels": names[row["labels"]]})
+    strings.set_transform(lambda b: {"pixel_values": torch.tensor(b["pixel_values"]),
+                                     "labels": torch.tensor([names.index(n) for n in b["labels"]])})  # fmt: skip
+    extra = image_dataset(64, 1).add_column("clean_labels", list(range(64)))
+    MetaTrainer(
+        model=bn_model(), args=make_args(tmp_path, remove_unused_columns=False), train_dataset=extra,
+        meta_dataset=strings, meta_module=MetaWeightNet(),
+    )  # fmt: skip
+
+
+def _pad_labels(tokenizer, rows):
+    """Pads input ids with the pad token and token labels with -100 (a masked-LM collator without the masking)."""
+    length = max(len(r["input_ids"]) for r in rows)
+    pad = lambda values, value: values + [value] * (length - len(values))  # noqa: E731
+    return {
+        "input_ids": torch.tensor([pad(list(r["input_ids"]), tokenizer.pad_token_id) for r in rows]),
+        "attention_mask": torch.tensor([pad(list(r["attention_mask"]), 0) for r in rows]),
+        "labels": torch.tensor([pad(list(r["labels"]), -100) for r in rows]),
+    }
+
+
+class TrainOnlyBranch(nn.Module):
+    """A weight used in training forwards only: an evaluation-mode probe would miss it."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.train_only = bn_model(), nn.Linear(3, 3)
+
+    def forward(self, x):
+        out = self.body(x)
+        return out + self.train_only(out) if self.training else out
+
+
+def test_unused_parameter_probe_runs_in_training_mode_and_leaves_the_model_as_it_was(tmp_path):
+    trainer = make_trainer(tmp_path, model=TrainOnlyBranch())
+    state, rng = snapshot(trainer.model), torch.get_rng_state()
+    assert trainer.unused_parameters() == []
+    assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None for p in trainer.model.parameters())
+    assert all(torch.equal(v, state[k]) for k, v in snapshot(trainer.model).items())  # batch norm statistics too
+    assert make_trainer(tmp_path, model=WithUnusedHead()).unused_parameters() == ["unused.weight", "unused.bias"]
