@@ -15,6 +15,7 @@ from torch.func import functional_call
 from transformers import TrainerCallback
 
 from metatrain import MetaTrainer, MetaTrainingArguments
+from metatrain.diagnostics import cosine, flatten
 from metatrain.estimators import HypergradientEstimator, HypergradientResult, create_estimator
 from metatrain.estimators.functional import grads_or_zeros, sgd_lookahead
 from metatrain.losses import weighted_mean
@@ -271,19 +272,21 @@ def test_non_finite_hypergradient_skips_meta_step(tmp_path, caplog):
 def test_a_skipped_meta_step_leaves_the_estimator_state_as_it_was(tmp_path):
     """HyperDistill's running average, distilled batch and refit window must not take in a step that is skipped: the
     state after the run is that of a run whose skipped call never happened."""
+    from metatrain.estimators import HyperDistill
+
+    calls, before = [], []
+
+    class FailingSecondCall(HyperDistill):
+        def estimate(self, *args, **kwargs):
+            before.append(copy.deepcopy(self.state_dict()))
+            result = super().estimate(*args, **kwargs)
+            calls.append(self.state_dict()["step"])
+            if len(calls) == 2:
+                return type(result)(tuple(torch.full_like(g, math.nan) for g in result.grads), result.meta_loss)
+            return result
+
     options = {"gamma": 0.9, "pi": None, "horizon": 2, "estimation_period": 2}
-    trainer = make_trainer(tmp_path, hypergradient="hyperdistill", hypergradient_kwargs=options)
-    estimate, calls, before = trainer.estimator.estimate, [], []
-
-    def failing_second_call(*args, **kwargs):
-        before.append(copy.deepcopy(trainer.estimator.state_dict()))
-        result = estimate(*args, **kwargs)
-        calls.append(trainer.estimator.state_dict()["step"])
-        if len(calls) == 2:
-            return type(result)(tuple(torch.full_like(g, math.nan) for g in result.grads), result.meta_loss)
-        return result
-
-    trainer.estimator.estimate = failing_second_call
+    trainer = make_trainer(tmp_path, estimator=FailingSecondCall(**options))
     trainer.train()
     assert trainer.meta_steps_skipped == 1
     assert calls == [1, 2, 2, 3]  # the third call took the skipped one's place
@@ -329,7 +332,7 @@ def test_resume_continues_the_same_run(tmp_path, estimator, options):
     resumed = make_trainer(tmp_path / "resumed", **common)
     resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "out" / "checkpoint-4"))
     assert resumed.state.global_step == 7
-    assert resumed._meta_data_state == full._meta_data_state
+    assert resumed.meta_state_dict()["meta_data"] == full.meta_state_dict()["meta_data"]
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     for a, b in zip(full.meta_module.parameters(), resumed.meta_module.parameters()):
@@ -664,10 +667,12 @@ def test_random_layers_draw_the_same_noise_at_every_weight_of_one_meta_step(tmp_
         assert entry["hypergradient_cosine_to_t1t2"] > 0.999
 
     # without common draws the finite difference measures the noise, not the weights
-    trainer, _, _ = lft_trainer(tmp_path / "fresh", float64=True, **options)
+    recorder = Recorder()
+    trainer, _, _ = lft_trainer(tmp_path / "fresh", float64=True, callbacks=[recorder], **options)
     trainer._same_noise = lambda stream: contextlib.nullcontext()
     trainer.meta_step(batch)
-    assert trainer._meta_log["cosine"] < 0.5
+    _, again, result, _, _, _ = recorder.events[0]
+    assert cosine(flatten(result.grads), flatten(again.grads)) < 0.5
 
 
 def domain_dataset(domains: list[int], seed: int) -> datasets.Dataset:
@@ -682,15 +687,11 @@ def test_meta_batches_come_from_another_domain(tmp_path):
     meta = domain_dataset([0, 0, 1, 1, 2, 2] * 2, seed=2)
     trainer = MetaTrainer(model=bn_model(), args=args, train_dataset=train, meta_dataset=meta,
                           meta_module=MetaWeightNet())  # fmt: skip
-    pairs = []
-
-    def recording_meta_batch_for(train_batch):
-        batch = MetaTrainer._meta_batch_for(trainer, train_batch)
-        pairs.append((set(train_batch["domain"].tolist()), set(batch["domain"].tolist())))
-        return batch
-
-    trainer._meta_batch_for = recording_meta_batch_for
+    recorder = Recorder()
+    trainer.add_callback(recorder)
     trainer.train()
+    pairs = [(set(p.train_batch["domain"].tolist()), set(p.meta_batch["domain"].tolist())) for _, _, _, _, _, p in
+             recorder.events]  # fmt: skip
     assert "domain" in train.column_names and len(pairs) == 4
     assert all(not train_domains & meta_domains for train_domains, meta_domains in pairs)
 
@@ -1050,7 +1051,7 @@ class Recorder(MetaTrainerCallback):
 
     def on_meta_step(self, args, state, control, *, trainer, problem, result, hypergradient_norm, skipped, **kwargs):
         again = problem.estimate(create_estimator("t1t2")) if not skipped else None
-        self.events.append((state.global_step, again, result, hypergradient_norm, skipped))
+        self.events.append((state.global_step, again, result, hypergradient_norm, skipped, problem))
 
 
 def test_a_user_estimator_trains_through_meta_trainer_and_the_meta_step_event_sees_every_step(tmp_path):
@@ -1065,7 +1066,7 @@ def test_a_user_estimator_trains_through_meta_trainer_and_the_meta_step_event_se
         assert trainer.meta_steps_skipped == 0
     user, reference = recorders["user"].events, recorders["t1t2"].events
     assert [e[0] for e in user] == [0, 1, 2, 3] and all(not e[4] for e in user)
-    for (_, again, mine, norm, _), (_, _, theirs, _, _) in zip(user, reference):
+    for (_, again, mine, norm, _, _), (_, _, theirs, _, _, _) in zip(user, reference):
         assert norm > 0
         for a, b, c in zip(mine.grads, theirs.grads, again.grads):  # the same run, and the event's problem again
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
