@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import Trainer, TrainerState, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from .data.episodes import stack_images
@@ -21,7 +22,6 @@ from .trainer import evaluation_mode
 
 logger = logging.getLogger(__name__)
 RUNS_DONE_NAME = "runs_done.json"
-TRAINER_STATE_NAME = "trainer_state.json"
 
 
 def accuracy(eval_pred) -> dict[str, float]:
@@ -95,6 +95,25 @@ def _checkpoint_path(args: TrainingArguments) -> str | None:
     return None if resumes_last_checkpoints(args) else value
 
 
+def resumes(args: TrainingArguments) -> bool:
+    """Whether `args.resume_from_checkpoint` asks to resume at all: `true`, or a checkpoint path."""
+    return resumes_last_checkpoints(args) or _checkpoint_path(args) is not None
+
+
+def check_checkpoint_belongs(checkpoint: str, output_dir: str) -> None:
+    """Raises a `ValueError` unless the checkpoint folder `checkpoint` is in `output_dir` (real paths compared): a
+    checkpoint of another run (another method, seed or recipe) can have meta-state of the same shapes and would
+    resume silently."""
+    parent = os.path.dirname(os.path.realpath(checkpoint))
+    if parent != os.path.realpath(output_dir):
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} is a checkpoint of the run in {parent}, not of this run, whose "
+            f"output_dir is {output_dir}: pass a checkpoint of this run (a `{PREFIX_CHECKPOINT_DIR}-<step>` folder "
+            "in its output_dir, or `true` for the last one there), or select the run (method, seed...) the "
+            "checkpoint belongs to."
+        )
+
+
 def check_resume(args: TrainingArguments, **grid: Sequence[Any]) -> None:
     """Checks `args.resume_from_checkpoint` against a recipe's grid of runs, before any run starts.
 
@@ -151,16 +170,21 @@ def train_or_resume(trainer: Trainer) -> tuple[TrainOutput, dict[str, Any] | Non
     logs where the run starts.
 
     `true`: from the last checkpoint in `args.output_dir` (see [`last_checkpoint`]), or from step 0 if there is none;
-    a path (checked by [`check_resume`]): from that checkpoint; none: from step 0, with a warning if `output_dir`
-    already holds checkpoints (they are overwritten as the new run reaches their steps).
+    a path (checked by [`check_resume`]): from that checkpoint, which must be in `args.output_dir`; none: from step 0,
+    with a warning if `output_dir` already holds checkpoints (they are overwritten as the new run reaches their steps).
 
     Returns:
         `tuple`: `Trainer.train`'s output, and `{"checkpoint": path, "global_step": step}` of the checkpoint the run
         resumed from (`None` for a run from step 0).
+
+    Raises:
+        `ValueError`: a checkpoint path that is not in `args.output_dir` (see [`check_checkpoint_belongs`]).
     """
     args = trainer.args
     found = last_checkpoint(args.output_dir)
     checkpoint = found if resumes_last_checkpoints(args) else _checkpoint_path(args)
+    if checkpoint is not None:
+        check_checkpoint_belongs(checkpoint, args.output_dir)
     if checkpoint is None:
         if args.should_log and resumes_last_checkpoints(args):
             logger.warning("No checkpoint in %s to resume from: training from step 0.", args.output_dir)
@@ -280,7 +304,8 @@ def run_grid(
 
     Args:
         results_dir (`str`, *optional*): where the main process writes `runs_done.json`, the results of the runs
-            finished so far, after every run: an interrupted or crashed grid keeps what it measured.
+            finished so far, after every run (whole or not at all): an interrupted or crashed grid keeps what it
+            measured.
         training_args (`TrainingArguments`, *optional*): the recipe's. With `resume_from_checkpoint` `true`, the runs
             `runs_done.json` holds (by seed and method) finished before: their results are kept and they do not run
             again (a seed whose runs all finished loads no data); the others resume in `run` (see
@@ -289,13 +314,13 @@ def run_grid(
     Returns:
         `tuple[list[dict], bool]`: the result of each run, and whether this process is the main one (the one that
         writes files under `accelerate launch`).
+
+    Raises:
+        `ValueError`: resuming with a `runs_done.json` that cannot be read (the error says to delete it).
     """
     done_path = None if results_dir is None else os.path.join(results_dir, RUNS_DONE_NAME)
     resume = training_args is not None and resumes_last_checkpoints(training_args)
-    done: dict[tuple[int, str], dict[str, Any]] = {}
-    if resume and os.path.isfile(done_path or ""):
-        with open(done_path) as f:
-            done = {(r["seed"], r["method"]): r for r in json.load(f)}
+    done = _load_runs_done(done_path) if resume and os.path.isfile(done_path or "") else {}
     results, is_main = [], training_args is None or training_args.process_index == 0
     for seed in seeds:
         data = None if all((seed, method) in done for method in methods) else load_data(seed)
@@ -309,10 +334,38 @@ def run_grid(
                 results.append(result)
                 is_main = trainer.is_world_process_zero()
             if done_path is not None and is_main:
-                os.makedirs(results_dir, exist_ok=True)
-                with open(done_path, "w") as f:
-                    json.dump(results, f, indent=1)
+                _write_json_atomically(done_path, results)
     return results, is_main
+
+
+def _load_runs_done(path: str) -> dict[tuple[int, str], dict[str, Any]]:
+    """The results `runs_done.json` at `path` holds, by seed and method; a `ValueError` naming the file and the fix
+    if it cannot be read."""
+    try:
+        with open(path) as f:
+            return {(r["seed"], r["method"]): r for r in json.load(f)}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"Cannot read the finished runs' results from {path} ({type(err).__name__}: {err}). Delete it to run "
+            "those runs again (with `--resume_from_checkpoint true`, each from the last checkpoint in its output_dir)."
+        ) from err
+
+
+def _write_json_atomically(path: str, value: Any) -> None:
+    """Writes `value` to `path` through a temporary file in the same folder, moved into place once complete: a crash
+    mid-write leaves the previous file whole."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def per_method(results: Sequence[dict[str, Any]], key: str) -> dict[str, list[Any]]:

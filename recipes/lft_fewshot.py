@@ -50,7 +50,7 @@ from metatrain.experiments import (
     method_estimator,
     paired_differences,
     parse_method_options,
-    resumes_last_checkpoints,
+    resumes,
     run_grid,
     summarize,
     train_and_measure,
@@ -174,8 +174,9 @@ def pretrain(args: LFTArguments, training_args: MetaTrainingArguments, backbone:
         output_dir=os.path.join(training_args.output_dir, backbone, "pretrain", f"seed{seed}"),
         seed=seed, max_steps=args.pretrain_steps, per_device_train_batch_size=args.pretrain_batch_size,
         dataloader_drop_last=True,  # no last batch of one image, which batch norm cannot train on
-        # a checkpoint path is a grid run's; `true` also resumes pre-training from its own last checkpoint
-        resume_from_checkpoint="true" if resumes_last_checkpoints(training_args) else None,
+        # a checkpoint path is the meta-training run's: with it, as with `true`, pre-training resumes from its own last
+        # checkpoint (from step 0 it would overwrite them)
+        resume_from_checkpoint="true" if resumes(training_args) else None,
     )  # fmt: skip
     train_or_resume(PerSampleLossTrainer(model=net, args=pretrain_args, train_dataset=pooled))
     net.reset_classifier(0)

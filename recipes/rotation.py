@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -24,7 +25,7 @@ from typing import Any
 import datasets
 import numpy as np
 from transformers import TrainerCallback, set_seed
-from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from metatrain import MetaTrainer, MetaTrainingArguments, PerSampleLossTrainer
 from metatrain.cli import parse_config
@@ -47,8 +48,10 @@ from metatrain.modules import LearnableRotation, rotate_images
 from metatrain.plotting import plot_curves
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "rotation_digits.yaml")
+ANGLES_NAME = "learned_degrees.json"  # in each checkpoint: the angle after every step so far
 # each method and the estimator it learns the rotation with (none for the fixed-model methods)
 METHODS = {"baseline": None, "matched": None, **{f"rotation_{name}": name for name in ESTIMATORS}}
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -99,22 +102,39 @@ def load_data(args: RotationArguments, seed: int) -> dict[str, datasets.Dataset]
     }
 
 
-class AngleRecorder(TrainerCallback, ExportableState):
-    """Records the learned angle (degrees) after every optimizer step. Checkpoints keep the record (in the trainer
-    state's `stateful_callbacks`), so a resumed run's covers the steps before the checkpoint too."""
+class AngleRecorder(TrainerCallback):
+    """Records the learned angle (degrees) after every optimizer step. Each checkpoint keeps the record so far in
+    `learned_degrees.json` beside its trainer state, and a run resumed from it starts from that record: a resumed
+    run's record covers the steps before the checkpoint too."""
 
     def __init__(self, rotation: LearnableRotation):
         self.rotation, self.degrees = rotation, []
 
-    def state(self) -> dict:
-        return {"args": {}, "attributes": {"degrees": list(self.degrees)}}
+    @staticmethod
+    def checkpoint_file(args, state) -> str:
+        """Where the checkpoint of `state.global_step` keeps the record (the folder `Trainer` saves it in)."""
+        return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", ANGLES_NAME)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        saved = state.stateful_callbacks.get(type(self).__name__) if state.global_step else None
-        self.degrees = list(saved["attributes"]["degrees"]) if saved else []
+        self.degrees = []
+        if not state.global_step:
+            return
+        path = self.checkpoint_file(args, state)  # resumed from the checkpoint of that step
+        if os.path.isfile(path):
+            with open(path) as f:
+                self.degrees = json.load(f)[: state.global_step]
+        else:
+            logger.warning("%s is missing: the angles of the %d steps before the resume are unknown (null).", path,
+                           state.global_step)  # fmt: skip
+        self.degrees += [None] * (state.global_step - len(self.degrees))
 
     def on_step_end(self, args, state, control, **kwargs):
         self.degrees.append(self.rotation.degrees)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            with open(self.checkpoint_file(args, state), "w") as f:
+                json.dump(self.degrees, f)
 
 
 def run(args: RotationArguments, training_args: MetaTrainingArguments, method: str, seed: int, splits) -> dict:

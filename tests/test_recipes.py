@@ -7,9 +7,11 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import re
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -117,20 +119,99 @@ def test_noisy_labels_resumes_every_run_of_the_grid(noisy_labels, tmp_path, no_n
 
 
 def test_rotation_resumes_its_single_run_from_a_checkpoint_path(tmp_path, no_network, caplog):
-    """A checkpoint path resumes the one run of a one-seed, one-method grid, its per-step angle record included."""
+    """A checkpoint path resumes the one run of a one-seed, one-method grid, its per-step angle record included (kept
+    in the checkpoint folder, not in the trainer state's callback states, which Trainer would restore by calling
+    `AngleRecorder()` without its rotation)."""
     rotation = load_recipe("rotation")
     flags = [*tiny_checkpointing_flags(tmp_path), "--methods", "rotation_t1t2"]
     uninterrupted = rotation.main(flags)["runs"][0]
     checkpoint = tmp_path / "runs" / "rotation_t1t2" / "seed0" / "checkpoint-2"
-    with caplog.at_level(logging.WARNING, logger="metatrain.experiments"):
-        resumed = rotation.main([*flags, "--resume_from_checkpoint", str(checkpoint)])["runs"][0]
-    assert f"from {checkpoint} at global step 2." in caplog.text
-    assert resumed["resumed_from"] == {"checkpoint": str(checkpoint), "global_step": 2}
-    assert len(resumed["degrees_per_step"]) == 4
-    assert resumed["degrees_per_step"] == pytest.approx(uninterrupted["degrees_per_step"], abs=1e-6)
-    assert resumed["test_accuracy"] == uninterrupted["test_accuracy"]
+    saved = json.loads((checkpoint / rotation.ANGLES_NAME).read_text())
+    assert saved == pytest.approx(uninterrupted["degrees_per_step"][:2], abs=1e-6)
+    (tmp_path / "link").symlink_to(tmp_path / "runs")  # the same output_dir by another path: accepted
+    for restore in ("false", "true"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="metatrain.experiments"):
+            resumed = rotation.main([*flags, "--resume_from_checkpoint", str(checkpoint),
+                                     "--restore_callback_states_from_checkpoint", restore])["runs"][0]  # fmt: skip
+        assert f"from {checkpoint} at global step 2." in caplog.text
+        assert resumed["resumed_from"] == {"checkpoint": str(checkpoint), "global_step": 2}
+        assert len(resumed["degrees_per_step"]) == 4
+        assert resumed["degrees_per_step"] == pytest.approx(uninterrupted["degrees_per_step"], abs=1e-6)
+        assert resumed["learned_degrees"] == resumed["degrees_per_step"][-1]
+        assert resumed["test_accuracy"] == uninterrupted["test_accuracy"]
+        checkpoint = tmp_path / "link" / "rotation_t1t2" / "seed0" / "checkpoint-2"
     with pytest.raises(ValueError, match="is not a checkpoint: no trainer_state.json"):
         rotation.main([*flags, "--resume_from_checkpoint", str(tmp_path / "runs")])
+
+
+def test_a_checkpoint_path_of_another_run_is_refused(noisy_labels, tmp_path, no_network):
+    """A checkpoint of another method's run (the same meta-state shapes) does not resume this run: the error names
+    the path, this run's output_dir and the fix."""
+    flags = [*tiny_checkpointing_flags(tmp_path), "--max_steps", "2"]
+    noisy_labels.main([*flags, "--methods", "mwn_t1t2"])
+    checkpoint = tmp_path / "runs" / "mwn_t1t2" / "seed0" / "checkpoint-2"
+    output_dir = tmp_path / "runs" / "mwn_evograd" / "seed0"
+    message = (
+        re.escape(f"--resume_from_checkpoint {checkpoint} is a checkpoint of the run in {checkpoint.parent}, not of ")
+        + re.escape(f"this run, whose output_dir is {output_dir}: pass a checkpoint of this run")
+        + ".*or select the run"
+    )
+    with pytest.raises(ValueError, match=message):
+        noisy_labels.main([*flags, "--methods", "mwn_evograd", "--resume_from_checkpoint", str(checkpoint)])
+    assert not list(output_dir.glob("checkpoint-*"))  # refused before training
+
+
+def test_checkpoint_file_names_come_from_transformers():
+    """The name of a checkpoint's trainer state is transformers' own, not a copy that could drift from it."""
+    import transformers.trainer
+
+    from metatrain import experiments
+
+    assert experiments.TRAINER_STATE_NAME is transformers.trainer.TRAINER_STATE_NAME
+
+
+class _Run:
+    """A stand-in for a recipe's run in `run_grid`: its result (as given), and a trainer of the main process."""
+
+    def __init__(self, results: dict):
+        self.results, self.calls = results, []
+
+    def __call__(self, method, seed, data):
+        self.calls.append(method)
+        return {"seed": seed, "method": method, **self.results.get(method, {})}, self
+
+    def is_world_process_zero(self) -> bool:
+        return True
+
+
+def test_runs_done_survives_a_crash_while_it_is_written(tmp_path):
+    """runs_done.json is replaced whole, never truncated: a crash in the middle of writing it (here a result JSON
+    cannot hold, found after part of the file is written) leaves the runs finished before, and the grid resumes."""
+    from metatrain.experiments import run_grid
+
+    resume = SimpleNamespace(resume_from_checkpoint="true", process_index=0)
+    crashing = _Run({"b": {"value": object()}})
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        run_grid([0], ["a", "b"], lambda seed: None, crashing, str(tmp_path), resume)
+    assert json.loads((tmp_path / "runs_done.json").read_text()) == [{"seed": 0, "method": "a"}]
+    assert [p.name for p in tmp_path.iterdir()] == ["runs_done.json"]  # no temporary file left behind
+    run = _Run({"b": {"value": 1}})
+    results, _ = run_grid([0], ["a", "b"], lambda seed: None, run, str(tmp_path), resume)
+    assert run.calls == ["b"] and results == [{"seed": 0, "method": "a"}, {"seed": 0, "method": "b", "value": 1}]
+    assert json.loads((tmp_path / "runs_done.json").read_text()) == results
+
+
+@pytest.mark.parametrize("content", ['[{"seed": 0, "method": "a"}, {"se', '{"seed": 0}', '[{"method": "a"}]'])
+def test_an_unreadable_runs_done_is_named_with_the_fix(content, tmp_path):
+    from metatrain.experiments import run_grid
+
+    (tmp_path / "runs_done.json").write_text(content)
+    resume = SimpleNamespace(resume_from_checkpoint="true", process_index=0)
+    path = tmp_path / "runs_done.json"
+    with pytest.raises(ValueError, match=re.escape(f"Cannot read the finished runs' results from {path} (") + ".*"
+                       "Delete it to run those runs again"):  # fmt: skip
+        run_grid([0], ["a"], lambda seed: None, _Run({}), str(tmp_path), resume)
 
 
 @pytest.mark.parametrize("name", ["noisy_labels", "rotation", "lft_fewshot", "metaxl"])
@@ -401,6 +482,28 @@ def test_lft_fewshot_pretrains_the_backbone_once_per_seed(lft_fewshot, tmp_path,
         lft_fewshot.pretrain(
             dataclasses.replace(args, pretrain_domains=["low_contrast"]), training_args, "test_resnet", 0, seen
         )
+
+
+def test_lft_fewshot_resumes_pretraining_with_a_checkpoint_path(lft_fewshot, tmp_path, no_network, caplog):
+    """A checkpoint path is the meta-training run's: pre-training resumes from its own last checkpoint, as with
+    `true`, instead of training from step 0 over its own checkpoints."""
+    from metatrain.cli import parse_config
+
+    flags = [*tiny_lft_flags(tmp_path), "--pretrain_steps", "4", "--save_strategy", "steps", "--save_steps", "2"]
+    args, training_args = parse_config((lft_fewshot.LFTArguments, lft_fewshot.MetaTrainingArguments), flags)
+    seen, _ = lft_fewshot.load_domains(args, 0)
+    weights = lft_fewshot.pretrain(args, training_args, "test_resnet", 0, seen)
+    pretraining = tmp_path / "runs" / "test_resnet" / "pretrain" / "seed0"
+    shutil.rmtree(pretraining / "checkpoint-4")  # pre-training interrupted after its checkpoint at step 2
+    state = (pretraining / "checkpoint-2" / "trainer_state.json").read_text()
+    checkpoint = tmp_path / "runs" / "test_resnet" / "no_ft" / "seed0" / "checkpoint-2"
+    resuming = dataclasses.replace(training_args, resume_from_checkpoint=str(checkpoint))
+    with caplog.at_level(logging.WARNING, logger="metatrain.experiments"):
+        again = lft_fewshot.pretrain(args, resuming, "test_resnet", 0, seen)
+    assert f"Resuming {pretraining} from {pretraining / 'checkpoint-2'} at global step 2." in caplog.text
+    assert (pretraining / "checkpoint-2" / "trainer_state.json").read_text() == state  # not trained again
+    assert (pretraining / "checkpoint-4").is_dir()
+    assert all(torch.equal(weights[k], again[k]) for k in weights)  # the uninterrupted pre-training's weights
 
 
 RECIPE_OF_CONFIG = {"noisy_labels": "noisy_labels", "rotation": "rotation", "lft_fewshot": "lft_fewshot",
