@@ -34,7 +34,8 @@ def hypergradients(estimator: str, options: dict, bf16: bool, draws: int, batch_
     args = MetaTrainingArguments(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch_size, use_cpu=True, report_to=[],
         optim="sgd", learning_rate=0.1, bf16=bf16, hypergradient=estimator, hypergradient_kwargs=options,
-        meta_optimizer="sgd", meta_learning_rate=1.0, meta_momentum=0.0, meta_weight_decay=0.0,
+        meta_optimizer="sgd", meta_learning_rate=1.0,
+        meta_optimizer_kwargs={"momentum": 0.0, "weight_decay": 0.0},
     )  # fmt: skip
     trainer = MetaTrainer(
         model=build_model("cifar_resnet32", num_classes=10, width=width), args=args,

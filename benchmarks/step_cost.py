@@ -142,7 +142,8 @@ def run_configuration(config: dict[str, Any]) -> dict[str, Any]:
     import forward_only
     from _data import RandomImages
 
-    forward_only.register()
+    if config["method"] == "evograd_forward":  # only where used: in-process runs share the registry
+        forward_only.register()
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch, timed = config["batch_size"], config["warmup"] + config["repeats"]

@@ -656,20 +656,11 @@ class MetaTrainer(PerSampleLossTrainer):
         return optimizer
 
     def create_meta_optimizer(self) -> torch.optim.Optimizer:
-        """Builds the plain torch meta-optimizer from `meta_optimizer`, `meta_learning_rate` and friends (once)."""
+        """Builds the plain torch meta-optimizer from `meta_optimizer`, `meta_learning_rate` and
+        `meta_optimizer_kwargs` (once)."""
         if self.meta_optimizer is None:
-            a = self.args
-            if a.meta_optimizer == "sgd":
-                self.meta_optimizer = torch.optim.SGD(
-                    self.meta_params, a.meta_learning_rate, momentum=a.meta_momentum, nesterov=a.meta_nesterov,
-                    weight_decay=a.meta_weight_decay,
-                )  # fmt: skip
-            else:
-                cls = torch.optim.Adam if a.meta_optimizer == "adam" else torch.optim.AdamW
-                self.meta_optimizer = cls(
-                    self.meta_params, a.meta_learning_rate, betas=(a.meta_adam_beta1, a.meta_adam_beta2),
-                    weight_decay=a.meta_weight_decay,
-                )  # fmt: skip
+            cls, kwargs = self.args.meta_optimizer_cls_and_kwargs()
+            self.meta_optimizer = cls(self.meta_params, **kwargs)
         return self.meta_optimizer
 
     # ------------------------------------------------------------------------------------------------- meta data

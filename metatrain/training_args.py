@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
 
-META_OPTIMIZERS = ("adam", "adamw", "sgd")
+META_OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+}
+META_OPTIMIZERS = tuple(META_OPTIMIZER_CLASSES)
+# options each meta-optimizer is built with unless `meta_optimizer_kwargs` sets them (Meta-Weight-Net's weight decay;
+# `adamw` keeps it too, instead of torch's 1e-2)
+META_OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "adam": {"betas": (0.9, 0.999), "weight_decay": 1e-4},
+    "adamw": {"betas": (0.9, 0.999), "weight_decay": 1e-4},
+    "sgd": {"momentum": 0.9, "nesterov": False, "weight_decay": 1e-4},
+}
+# fields that `meta_optimizer_kwargs` replaced, and the option of the meta-optimizer each one set
+REMOVED_META_OPTIMIZER_FIELDS = {
+    "meta_weight_decay": "weight_decay",
+    "meta_momentum": "momentum",
+    "meta_nesterov": "nesterov",
+    "meta_adam_beta1": "betas",
+    "meta_adam_beta2": "betas",
+}
 META_STEP_POSITIONS = ("before", "after")
 META_TRAIN_BATCHES = ("window", "micro_batch")
 META_LOSS_MODES = ("train", "eval")
@@ -17,6 +40,28 @@ SUPPORTED_SETUPS = (
     "MULTI_GPU/MULTI_CPU config, or `torchrun`), in fp32, bf16 or fp16 mixed precision (`bf16`/`fp16` or the "
     "accelerate config's `mixed_precision`; examples in recipes/accelerate_configs/)"
 )
+
+
+def meta_optimizer_kwargs_for(removed: dict[str, Any]) -> dict[str, Any]:
+    """The `meta_optimizer_kwargs` that give what values of the removed fields (`REMOVED_META_OPTIMIZER_FIELDS`, as
+    Python values or command-line strings) gave: a lone `meta_adam_beta1`/`meta_adam_beta2` keeps the other beta's
+    default."""
+    kwargs: dict[str, Any] = {}
+    for name, value in removed.items():
+        option = REMOVED_META_OPTIMIZER_FIELDS[name]
+        try:
+            if option == "nesterov":
+                value = value.strip().lower() in ("true", "1", "yes") if isinstance(value, str) else bool(value)
+            else:
+                value = float(value)
+        except (TypeError, ValueError):
+            pass  # shown as given
+        if option == "betas":
+            betas = list(kwargs.get("betas", META_OPTIMIZER_DEFAULTS["adam"]["betas"]))
+            betas[int(name[-1]) - 1] = value
+            value = tuple(betas)
+        kwargs[option] = value
+    return kwargs
 
 
 def refuse_sharded_training(args: TrainingArguments) -> None:
@@ -64,11 +109,16 @@ class MetaTrainingArguments(TrainingArguments):
     meta_optimizer: str = field(
         default="adam", metadata={"help": f"Meta-optimizer: one of {META_OPTIMIZERS} (plain torch optimizers)."}
     )
-    meta_weight_decay: float = field(default=1e-4, metadata={"help": "Weight decay of the meta-optimizer."})
-    meta_momentum: float = field(default=0.9, metadata={"help": "Momentum of the `sgd` meta-optimizer."})
-    meta_nesterov: bool = field(default=False, metadata={"help": "Nesterov momentum for the `sgd` meta-optimizer."})
-    meta_adam_beta1: float = field(default=0.9, metadata={"help": "beta1 of the `adam`/`adamw` meta-optimizer."})
-    meta_adam_beta2: float = field(default=0.999, metadata={"help": "beta2 of the `adam`/`adamw` meta-optimizer."})
+    meta_optimizer_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Other options of the meta-optimizer (keyword arguments of its torch class, e.g. `weight_decay`, "
+            "`momentum`, `nesterov`, `betas`, `eps`), as a dict or a JSON string, e.g. "
+            '\'{"weight_decay": 0.0, "betas": [0.9, 0.99]}\'. They update the defaults of '
+            "`META_OPTIMIZER_DEFAULTS` (weight decay 1e-4 for every meta-optimizer, momentum 0.9 for `sgd`; torch's "
+            "defaults otherwise)."
+        },
+    )
     meta_batch_size: int | None = field(
         default=None,
         metadata={"help": "Per-device meta (validation) batch size; defaults to per_device_train_batch_size."},
@@ -159,13 +209,25 @@ class MetaTrainingArguments(TrainingArguments):
         },
     )
 
+    def __new__(cls, *args, **kwargs):
+        # the dataclass's own `__init__` would only say "unexpected keyword argument"
+        removed = {name: value for name, value in kwargs.items() if name in REMOVED_META_OPTIMIZER_FIELDS}
+        if removed:
+            raise TypeError(
+                f"{' and '.join(removed)} {'was' if len(removed) == 1 else 'were'} removed: pass "
+                f"meta_optimizer_kwargs={meta_optimizer_kwargs_for(removed)!r}"
+            )
+        return super().__new__(cls)
+
+    def meta_optimizer_cls_and_kwargs(self) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+        """The torch class of `meta_optimizer` and its keyword arguments besides the parameters: `lr` from
+        `meta_learning_rate`, then `META_OPTIMIZER_DEFAULTS` updated by `meta_optimizer_kwargs`."""
+        options = {**META_OPTIMIZER_DEFAULTS[self.meta_optimizer], **(self.meta_optimizer_kwargs or {})}
+        return META_OPTIMIZER_CLASSES[self.meta_optimizer], {"lr": self.meta_learning_rate, **options}
+
     def __post_init__(self):
         refuse_sharded_training(self)
         super().__post_init__()
-        import json
-
-        import torch
-
         accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6; CUDA alone before
         available = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
         if self.use_cpu or not available:
@@ -189,6 +251,7 @@ class MetaTrainingArguments(TrainingArguments):
             raise ValueError(f"`hypergradient_kwargs` must be a dict, got {self.hypergradient_kwargs!r}.")
         if self.meta_optimizer not in META_OPTIMIZERS:
             raise ValueError(f"Unknown `meta_optimizer={self.meta_optimizer!r}`: choose one of {META_OPTIMIZERS}.")
+        self._check_meta_optimizer_kwargs()
         if self.meta_step_position not in META_STEP_POSITIONS:
             raise ValueError(
                 f"Unknown `meta_step_position={self.meta_step_position!r}`: choose one of {META_STEP_POSITIONS}."
@@ -230,3 +293,41 @@ class MetaTrainingArguments(TrainingArguments):
             )
         if self.meta_batch_size is not None and self.meta_batch_size < 1:
             raise ValueError(f"`meta_batch_size` must be >= 1 or None, got {self.meta_batch_size}.")
+
+    def _check_meta_optimizer_kwargs(self) -> None:
+        """Parses a JSON `meta_optimizer_kwargs` and checks its keys against the signature of the torch class of
+        `meta_optimizer` (lists become tuples, as torch's `betas`)."""
+        if isinstance(self.meta_optimizer_kwargs, str):
+            try:
+                self.meta_optimizer_kwargs = json.loads(self.meta_optimizer_kwargs)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"`meta_optimizer_kwargs={self.meta_optimizer_kwargs!r}` is not valid JSON ({err}); pass e.g. "
+                    "'{\"weight_decay\": 0.0}'."
+                ) from err
+        if self.meta_optimizer_kwargs is None:
+            self.meta_optimizer_kwargs = {}
+        if not isinstance(self.meta_optimizer_kwargs, dict):
+            raise ValueError(f"`meta_optimizer_kwargs` must be a dict, got {self.meta_optimizer_kwargs!r}.")
+        cls = META_OPTIMIZER_CLASSES[self.meta_optimizer]
+        accepted = sorted(
+            name
+            for name, parameter in inspect.signature(cls.__init__).parameters.items()
+            if name not in ("self", "params", "lr")
+            and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+        )
+        for key in self.meta_optimizer_kwargs:
+            if key == "lr":
+                raise ValueError(
+                    "`meta_optimizer_kwargs` sets `lr`: give the meta-optimizer's learning rate as "
+                    "`meta_learning_rate`."
+                )
+            if key not in accepted:
+                raise ValueError(
+                    f"Unknown option {key!r} in `meta_optimizer_kwargs` for `meta_optimizer={self.meta_optimizer!r}` "
+                    f"(torch.optim.{cls.__name__}): accepted are {accepted}."
+                )
+        self.meta_optimizer_kwargs = {
+            key: tuple(value) if isinstance(value, list) else value
+            for key, value in self.meta_optimizer_kwargs.items()
+        }

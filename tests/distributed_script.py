@@ -47,7 +47,7 @@ def run(name: str, estimator: str, options: dict, output_dir: str, use_cpu: bool
         output_dir=os.path.join(output_dir, name), per_device_train_batch_size=4, max_steps=3, learning_rate=0.1,
         logging_steps=3, report_to=[], use_cpu=use_cpu, save_strategy="no", disable_tqdm=True, seed=0,
         hypergradient=estimator, hypergradient_kwargs=options, meta_optimizer="sgd", meta_learning_rate=1.0,
-        meta_momentum=0.0, meta_weight_decay=0.0,
+        meta_optimizer_kwargs={"momentum": 0.0, "weight_decay": 0.0},
     )  # fmt: skip
     trainer = MetaTrainer(
         model=model, args=args, train_dataset=dataset(32, 1), meta_dataset=dataset(16, 2), meta_module=MetaWeightNet()

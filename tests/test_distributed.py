@@ -197,7 +197,7 @@ def accumulated_run(tmp_path, batch_size: int, accumulation: int, meta_module: n
     options = dict(
         hypergradient="t1t2", max_steps=3, per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation, meta_batch_size=8, meta_optimizer="sgd", meta_learning_rate=1.0,
-        meta_momentum=0.0, meta_weight_decay=0.0,
+        meta_optimizer_kwargs={"momentum": 0.0, "weight_decay": 0.0},
     )  # fmt: skip
     trainer = make_trainer(tmp_path, model=no_bn_model(), meta_module=meta_module, **{**options, **overrides})
     steps, meta_step = [], trainer.meta_step

@@ -314,7 +314,8 @@ def test_every_estimator_meta_trains_lft_on_episodes(tmp_path, digit_domains, es
     `first_order`, whose direct term is zero here: the meta loss does not see the FT layers)."""
     trainer, transforms = lft_episode_trainer(
         tmp_path, digit_domains["seen"], k_shot=1, train_episodes=4, meta_episodes=12, max_steps=2,
-        learning_rate=0.01, hypergradient=estimator, hypergradient_kwargs=options, meta_weight_decay=0.0,
+        learning_rate=0.01, hypergradient=estimator, hypergradient_kwargs=options,
+        meta_optimizer_kwargs={"weight_decay": 0.0},
     )  # fmt: skip
     before = {k: v.clone() for k, v in transforms.state_dict().items()}
     trainer.train()
@@ -331,7 +332,7 @@ def test_lft_meta_trains_with_the_other_heads(tmp_path, digit_domains, head):
     LSTMs): two meta steps, finite, the FT layers moved."""
     trainer, transforms = lft_episode_trainer(
         tmp_path, digit_domains["seen"], k_shot=2, train_episodes=4, meta_episodes=12, max_steps=2, head=head,
-        learning_rate=0.01, hypergradient="t1t2", meta_weight_decay=0.0,
+        learning_rate=0.01, hypergradient="t1t2", meta_optimizer_kwargs={"weight_decay": 0.0},
     )  # fmt: skip
     before = {k: v.clone() for k, v in transforms.state_dict().items()}
     trainer.train()

@@ -273,8 +273,8 @@ def test_meta_step_under_t1t2_matches_a_hand_unrolled_sgd_step(tmp_path):
     """MetaXL's bilevel step: the training loss is the mean over a batch of transformed source and untouched target
     examples; the meta loss is the target meta batch's after one plain SGD step at the learning rate."""
     trainer, model, transform = metaxl_trainer(
-        tmp_path, hypergradient="t1t2", meta_optimizer="sgd", meta_learning_rate=1.0, meta_momentum=0.0,
-        meta_weight_decay=0.0,
+        tmp_path, hypergradient="t1t2", meta_optimizer="sgd", meta_learning_rate=1.0,
+        meta_optimizer_kwargs={"momentum": 0.0, "weight_decay": 0.0},
     )  # fmt: skip
     trainer.create_optimizer()
     train_batch = next(iter(trainer.get_train_dataloader()))

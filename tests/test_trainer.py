@@ -98,8 +98,8 @@ def unrolled_hypergradient(model, mwn, train_batch, meta_batch, meta_training_mo
 
 def test_meta_step_matches_unrolled_reference_and_touches_nothing_else(tmp_path):
     trainer = make_trainer(
-        tmp_path, hypergradient="t1t2", meta_optimizer="sgd", meta_learning_rate=1.0, meta_momentum=0.0,
-        meta_weight_decay=0.0,
+        tmp_path, hypergradient="t1t2", meta_optimizer="sgd", meta_learning_rate=1.0,
+        meta_optimizer_kwargs={"momentum": 0.0, "weight_decay": 0.0},
     )  # fmt: skip
     trainer.create_optimizer()
     model, mwn = trainer.model, trainer.meta_module
@@ -122,8 +122,8 @@ def test_meta_loss_in_eval_mode_uses_running_statistics_and_matches_reference(tm
     """`meta_loss_mode="eval"` (LFT's code): the meta loss's forward normalizes by batch norm's running statistics, the
     lookahead's training loss by the batch's own. Checked against autograd through a hand-unrolled SGD step."""
     trainer = make_trainer(
-        tmp_path, hypergradient="t1t2", meta_optimizer="sgd", meta_learning_rate=1.0, meta_momentum=0.0,
-        meta_weight_decay=0.0, meta_loss_mode="eval",
+        tmp_path, hypergradient="t1t2", meta_optimizer="sgd", meta_learning_rate=1.0,
+        meta_optimizer_kwargs={"momentum": 0.0, "weight_decay": 0.0}, meta_loss_mode="eval",
     )  # fmt: skip
     trainer.create_optimizer()
     model, mwn = trainer.model, trainer.meta_module
@@ -475,7 +475,7 @@ def test_input_transform_rotates_training_inputs_only_and_meta_step_matches_refe
     rotation = LearnableRotation(degrees=10.0)
     trainer = make_trainer(
         tmp_path, meta_module=rotation, hypergradient="t1t2", meta_optimizer="sgd", meta_learning_rate=1.0,
-        meta_momentum=0.0, meta_weight_decay=0.0,
+        meta_optimizer_kwargs={"momentum": 0.0, "weight_decay": 0.0},
     )  # fmt: skip
     assert trainer.input_transform is rotation and trainer.loss_weighter is None
     trainer.create_optimizer()
@@ -600,8 +600,8 @@ def test_attached_transform_is_off_in_the_meta_loss_and_meta_step_matches_refere
     import contextlib
 
     trainer, model, transforms = lft_trainer(
-        tmp_path, hypergradient="t1t2", meta_optimizer="sgd", meta_learning_rate=1.0, meta_momentum=0.0,
-        meta_weight_decay=0.0,
+        tmp_path, hypergradient="t1t2", meta_optimizer="sgd", meta_learning_rate=1.0,
+        meta_optimizer_kwargs={"momentum": 0.0, "weight_decay": 0.0},
     )  # fmt: skip
 
     @contextlib.contextmanager
@@ -757,7 +757,7 @@ def test_the_estimators_noise_comes_from_the_run_seed_and_step_and_leaves_the_gl
     updates = []
     for global_seed in (0, 1):
         trainer = make_trainer(tmp_path / str(global_seed), hypergradient="evograd", meta_optimizer="sgd",
-                               meta_momentum=0.0, meta_weight_decay=0.0)  # fmt: skip
+                               meta_optimizer_kwargs={"momentum": 0.0, "weight_decay": 0.0})  # fmt: skip
         trainer.create_optimizer()
         train_batch = next(iter(trainer.get_train_dataloader()))
         before = snapshot(trainer.meta_module)
