@@ -48,7 +48,7 @@ def hypergradients(estimator: str, options: dict, bf16: bool, draws: int, batch_
     rows = []
     for draw in range(draws):
         trainer.state.global_step = draw  # another step's noise, at the same weights and meta batch
-        trainer._meta_iter, trainer._meta_data_state = None, {"epoch": 0, "consumed": 0}
+        trainer.meta_batches.rewind()
         assert trainer.meta_step(batch)
         rows.append(torch.cat([(s - p.detach()).flatten() for s, p in zip(start, trainer.meta_params)]))
         for p, s in zip(trainer.meta_params, start):

@@ -66,7 +66,7 @@ def agreement(workload: str, size, sigma: float, draws: int, batch_size: int) ->
         state = {k: v.clone() for k, v in meta_module.state_dict().items()}
         for draw in range(draws):
             torch.manual_seed(100 + draw)
-            trainer._meta_iter, trainer._meta_data_state = None, {"epoch": 0, "consumed": 0}
+            trainer.meta_batches.rewind()
             trainer.meta_step(batch)
             meta_module.load_state_dict(state)  # every draw at the same meta-parameters
         grads[use_forward] = [flatten(r.grads) for r in captured.results]

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerContr
 from .diagnostics import cosine, flatten, ratio
 from .estimators import HypergradientEstimator, HypergradientResult, create_estimator
 from .losses import logits_of, per_sample_cross_entropy, weighted_mean
+from .meta_data import EpochSeededSampler, MetaBatches
 from .modules import AttachedTransform, InputTransform, LossWeighter
 from .profiling import MemoryMeter
 from .training_args import SUPPORTED_SETUPS, MetaTrainingArguments
@@ -37,24 +38,6 @@ META_MODULE_NAME = "meta_module.safetensors"
 # EvoGrad's default perturbation and temperature under bf16/fp16: 10x the paper's sigma, 100x its temperature, so the
 # expected lookahead step (K - 1) sigma^2 / (K tau) is the paper's
 MIXED_PRECISION_EVOGRAD = {"sigma": 0.01, "temperature": 5.0}
-
-
-class EpochSeededSampler(torch.utils.data.Sampler[int]):
-    """Shuffles `range(size)` with a permutation seeded by `seed + epoch`, so any epoch can be replayed on resume
-    without touching the global RNG."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
 
 
 def join_batches(
@@ -438,10 +421,6 @@ class MetaTrainer(PerSampleLossTrainer):
                 )
         self.meta_optimizer: torch.optim.Optimizer | None = None
         self.meta_steps_skipped = 0
-        self._meta_data_state = {"epoch": 0, "consumed": 0}
-        self._meta_loader = None
-        self._meta_sampler: EpochSeededSampler | None = None
-        self._meta_iter = None
         self._at_window_start = True
         # the detached per-example losses of the last training forward in the current accumulation window
         self._base_losses: torch.Tensor | None = None
@@ -450,6 +429,10 @@ class MetaTrainer(PerSampleLossTrainer):
         self._zero_hypergradients = 0  # meta steps in a row with an exactly zero hypergradient
         self._check_meta_dataset()
         self._set_find_unused_parameters()
+        # the meta batches, endlessly and resumably (their position is part of the checkpoint)
+        self.meta_batches = MetaBatches(
+            self.get_meta_dataloader, EpochSeededSampler(len(meta_dataset), self.args.seed), self._prepare_inputs
+        )
 
     def _estimator_options(self) -> dict[str, Any]:
         """`hypergradient_kwargs`, with EvoGrad's perturbations sized for mixed precision: bf16 and fp16 do not resolve
@@ -664,14 +647,15 @@ class MetaTrainer(PerSampleLossTrainer):
         return self.meta_optimizer
 
     # ------------------------------------------------------------------------------------------------- meta data
-    def get_meta_dataloader(self):
-        """Shuffled, sharded loader over `meta_dataset` (Trainer's `_get_dataloader` with an epoch-seeded sampler)."""
-        self._meta_sampler = EpochSeededSampler(len(self.meta_dataset), self.args.seed)
+    def get_meta_dataloader(self, sampler: EpochSeededSampler | None = None):
+        """Shuffled, sharded loader over `meta_dataset`: Trainer's `_get_dataloader` with `sampler` (by default a new
+        [`EpochSeededSampler`] of the run's seed, epoch 0)."""
+        sampler = sampler or EpochSeededSampler(len(self.meta_dataset), self.args.seed)
         loader = self._get_dataloader(
             self.meta_dataset,
             description="meta",
             batch_size=self.args.meta_batch_size or self.args.per_device_train_batch_size,
-            sampler_fn=lambda _: self._meta_sampler,
+            sampler_fn=lambda _: sampler,
             is_training=True,
         )
         if len(loader) == 0:
@@ -685,33 +669,6 @@ class MetaTrainer(PerSampleLossTrainer):
                 f"{self.args.dataloader_drop_last}: set a smaller meta_batch_size or add meta examples."
             )
         return loader
-
-    def _next_meta_batch(self) -> dict[str, Any]:
-        if self._meta_loader is None:
-            self._meta_loader = self.get_meta_dataloader()
-        state = self._meta_data_state
-        # iterating (and fast-forwarding) the meta loader must not move the global RNG, or resume would diverge: the
-        # loader draws its base seed when its first batch is fetched
-        with torch.random.fork_rng(devices=[]):
-            while True:
-                if self._meta_iter is None:
-                    # Accelerate's loader sets its sampler to its own count of passes when iterated, which starts
-                    # at 0 in a loader built after resume: set that count too, or a run resumed in meta epoch >= 1
-                    # would draw another epoch's order
-                    if hasattr(self._meta_loader, "set_epoch"):
-                        self._meta_loader.set_epoch(state["epoch"])
-                    self._meta_sampler.set_epoch(state["epoch"])
-                    self._meta_iter = iter(self._meta_loader)
-                    for _ in range(state["consumed"]):
-                        next(self._meta_iter)
-                try:
-                    batch = next(self._meta_iter)
-                except StopIteration:
-                    state["epoch"], state["consumed"], self._meta_iter = state["epoch"] + 1, 0, None
-                    continue
-                state["consumed"] += 1
-                break
-        return self._prepare_inputs(batch)
 
     # ------------------------------------------------------------------------------------------------- meta step
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -786,28 +743,6 @@ class MetaTrainer(PerSampleLossTrainer):
             self._meta_log["memory_mb"] = self._meta_log.get("memory_mb", 0.0) + meter.peak_bytes / 2**20
         return done
 
-    def _meta_batch_for(self, train_batch: dict[str, Any]) -> dict[str, Any]:
-        """The next meta batch; with `meta_disjoint_key`, the next one whose values of that key share none with the
-        training batch's (e.g. a pseudo-unseen domain for a pseudo-seen one)."""
-        key = self.args.meta_disjoint_key
-        if key is None:
-            return self._next_meta_batch()
-        if key not in train_batch:
-            raise ValueError(
-                f"meta_disjoint_key={key!r} is not a key of the training batch (keys: {sorted(train_batch)}): add it "
-                "to the dataset's items or unset `meta_disjoint_key`."
-            )
-        train_values = set(torch.as_tensor(train_batch[key]).reshape(-1).tolist())
-        for _ in range(self.args.meta_disjoint_max_draws):
-            batch = self._next_meta_batch()
-            if not train_values & set(torch.as_tensor(batch[key]).reshape(-1).tolist()):
-                return batch
-        raise ValueError(
-            f"No meta batch in {self.args.meta_disjoint_max_draws} draws has a {key!r} other than the training "
-            f"batch's {sorted(train_values)}: the meta dataset needs items with other values of {key!r} (e.g. "
-            "episodes from at least two domains)."
-        )
-
     @staticmethod
     def _attention_for(estimator: Any) -> contextlib.AbstractContextManager:
         """`scaled_dot_product_attention` on its math backend for an estimator that needs a second-order graph (the
@@ -838,7 +773,9 @@ class MetaTrainer(PerSampleLossTrainer):
         start = time.perf_counter()
         model = self.model
         model.train()
-        meta_batch = self._meta_batch_for(train_batch)
+        meta_batch = self.meta_batches.next_for(
+            train_batch, self.args.meta_disjoint_key, self.args.meta_disjoint_max_draws
+        )
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         buffers = dict(model.named_buffers())
         leaves = [p.detach().requires_grad_(True) for p in self.meta_params]
@@ -1051,14 +988,13 @@ class MetaTrainer(PerSampleLossTrainer):
         self.meta_module.load_state_dict(state["meta_module"])
         self.create_meta_optimizer().load_state_dict(state["meta_optimizer"])
         self.estimator.load_state_dict(state["estimator"])
-        self._meta_data_state = dict(state["meta_data"])
+        self.meta_batches.load_state_dict(state["meta_data"])
         self.meta_steps_skipped = state["meta_steps_skipped"]
-        self._meta_iter = None
 
     def _process_state_dict(self) -> dict[str, Any]:
         """What differs between processes: the estimator's state (e.g. the remembered batches of reverse mode and
         HyperDistill, drawn from this process's shard) and this process's position in the meta data."""
-        return {"estimator": self.estimator.state_dict(), "meta_data": dict(self._meta_data_state)}
+        return {"estimator": self.estimator.state_dict(), "meta_data": self.meta_batches.state_dict()}
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)

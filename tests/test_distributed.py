@@ -19,6 +19,7 @@ from torch import nn
 from metatrain import MetaTrainer, MetaTrainingArguments
 from metatrain.diagnostics import cosine, flatten
 from metatrain.modules import LearnableRotation, MetaWeightNet
+from metatrain.trainer import MetaTrainerCallback
 from metatrain.training_args import SUPPORTED_SETUPS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,20 +85,24 @@ def test_every_rank_resumes_with_its_own_estimator_state_and_meta_data_position(
 
 
 # ------------------------------------------------------------------------------------------------ mixed precision
+class Capture(MetaTrainerCallback):
+    def __init__(self):
+        self.grads = []
+
+    def on_meta_step(self, args, state, control, *, result, **kwargs):
+        self.grads.append(flatten(result.grads))
+
+
 def meta_step_grads(trainer: MetaTrainer, train_batch: dict) -> torch.Tensor:
     """The hypergradient of one meta step on `train_batch` and the first meta batch, flattened."""
-    captured = []
-    estimate = trainer.estimator.estimate
-
-    def capturing(*args, **kwargs):
-        result = estimate(*args, **kwargs)
-        captured.append(flatten(result.grads))
-        return result
-
-    trainer.estimator.estimate = capturing
-    trainer._meta_iter, trainer._meta_data_state = None, {"epoch": 0, "consumed": 0}
-    assert trainer.meta_step(train_batch)
-    return captured[0]
+    capture = Capture()
+    trainer.add_callback(capture)
+    trainer.meta_batches.rewind()
+    try:
+        assert trainer.meta_step(train_batch)
+    finally:
+        trainer.remove_callback(capture)
+    return capture.grads[0]
 
 
 def test_bf16_autocasts_every_meta_forward_and_agrees_with_fp32(tmp_path):
@@ -178,9 +183,9 @@ def test_fp16_meta_forwards_give_the_fp32_hypergradient_and_an_overflow_is_skipp
     assert not torch.equal(fp16, fp32)
     assert cosine(fp16, fp32) > 0.99
     before = snapshot(trainer.meta_module)
-    real_next = trainer._next_meta_batch
+    real_next = trainer.meta_batches.next
     monkeypatch.setattr(
-        trainer, "_next_meta_batch", lambda: {**(b := real_next()), "pixel_values": b["pixel_values"] * 1e5}
+        trainer.meta_batches, "next", lambda: {**(b := real_next()), "pixel_values": b["pixel_values"] * 1e5}
     )
     assert not trainer.meta_step(batch)
     assert trainer.meta_steps_skipped == 1

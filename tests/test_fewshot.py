@@ -18,6 +18,7 @@ from metatrain.models import (
     build_fewshot_model,
     class_means,
 )
+from metatrain.trainer import MetaTrainerCallback
 
 
 @pytest.fixture(scope="module")
@@ -277,14 +278,12 @@ def test_lft_meta_trains_on_episodes_from_another_domain(tmp_path, digit_domains
     # temperature 1: on this untrained net (gradient norm ~1,500) the two copies' losses differ by up to 4.4, so at
     # the default 0.05 the softmax is one-hot and, for some noise draws, the hypergradient underflows to exactly zero
     pairs = []
-    draw = trainer._meta_batch_for
 
-    def recording(train_batch):
-        batch = draw(train_batch)
-        pairs.append((int(train_batch["domain"]), int(batch["domain"])))
-        return batch
+    class Recording(MetaTrainerCallback):
+        def on_meta_step(self, args, state, control, *, problem, **kwargs):
+            pairs.append((int(problem.train_batch["domain"]), int(problem.meta_batch["domain"])))
 
-    trainer._meta_batch_for = recording
+    trainer.add_callback(Recording())
     before = {k: v.clone() for k, v in transforms.state_dict().items()}
     trainer.train()
     assert len(pairs) == 3 and all(a != b for a, b in pairs)

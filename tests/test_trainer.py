@@ -108,7 +108,6 @@ def test_meta_step_matches_unrolled_reference_and_touches_nothing_else(tmp_path)
     model_before, mwn_before = snapshot(model), snapshot(mwn)
     expected = unrolled_hypergradient(model, mwn, train_batch, meta_batch)
 
-    trainer._meta_loader = None  # the trainer draws the same first meta batch
     assert trainer.meta_step(train_batch)
     for name, p in mwn.named_parameters():  # SGD with lr 1: the update is minus the hypergradient
         torch.testing.assert_close(mwn_before[name] - p.detach(), expected[name], rtol=1e-4, atol=1e-7)
@@ -137,7 +136,6 @@ def test_meta_loss_in_eval_mode_uses_running_statistics_and_matches_reference(tm
     in_train_mode = unrolled_hypergradient(model, mwn, train_batch, meta_batch)
     assert not all(torch.allclose(expected[n], in_train_mode[n], rtol=1e-2) for n in expected)
 
-    trainer._meta_loader = None
     assert trainer.meta_step(train_batch)
     for name, p in mwn.named_parameters():
         torch.testing.assert_close(mwn_before[name] - p.detach(), expected[name], rtol=1e-4, atol=1e-7)
@@ -498,7 +496,6 @@ def test_input_transform_rotates_training_inputs_only_and_meta_step_matches_refe
     (expected,) = torch.autograd.grad(outer, [lam])
     assert expected != 0
 
-    trainer._meta_loader = None
     assert trainer.meta_step(train_batch)
     torch.testing.assert_close(angle - rotation.angle.detach(), expected, rtol=1e-4, atol=1e-7)
 
@@ -614,7 +611,6 @@ def test_attached_transform_is_off_in_the_meta_loss_and_meta_step_matches_refere
     trainer.create_optimizer()
     train_batch = next(iter(trainer.get_train_dataloader()))
     meta_batch = next(iter(trainer.get_meta_dataloader()))
-    trainer._meta_loader = None
     ft_names = [n for n, _ in model.named_parameters() if "ft_" in n]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 

@@ -1,0 +1,106 @@
+"""The meta batches: an epoch-seeded shuffle of the meta dataset, drawn endlessly and resumably."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+
+
+class EpochSeededSampler(torch.utils.data.Sampler[int]):
+    """Shuffles `range(size)` with a permutation seeded by `seed + epoch`, so any epoch can be replayed on resume
+    without touching the global RNG."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class MetaBatches:
+    """Draws meta batches from a loader over the meta dataset pass after pass, each pass in the order of its epoch's
+    seed; its position (pass and batches drawn in it) is its state, so a resumed run draws the same batches next.
+    Drawing never moves the global RNG (a loader draws its base seed from it when a pass starts).
+
+    Args:
+        build_loader (`Callable[[EpochSeededSampler], Iterable]`): builds the loader over the meta dataset with the
+            given sampler (once, at the first draw).
+        sampler ([`EpochSeededSampler`]): the sampler, set to each pass's epoch.
+        prepare (`Callable[[dict], dict]`, *optional*): applied to each batch drawn (e.g. moving it to the device).
+    """
+
+    def __init__(
+        self,
+        build_loader: Callable[[EpochSeededSampler], Iterable],
+        sampler: EpochSeededSampler,
+        prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ):
+        self._build_loader, self.sampler, self._prepare = build_loader, sampler, prepare or (lambda batch: batch)
+        self._loader: Iterable | None = None
+        self._iterator: Iterator | None = None
+        self.epoch, self.consumed = 0, 0
+
+    def state_dict(self) -> dict[str, int]:
+        """The position: the pass (`epoch`) and the batches drawn in it (`consumed`)."""
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.consumed, self._iterator = int(state["epoch"]), int(state["consumed"]), None
+
+    def rewind(self) -> None:
+        """Back to the first batch of the first pass."""
+        self.load_state_dict({"epoch": 0, "consumed": 0})
+
+    def next(self) -> dict[str, Any]:
+        """The next meta batch."""
+        if self._loader is None:
+            self._loader = self._build_loader(self.sampler)
+        with torch.random.fork_rng(devices=[]):
+            while True:
+                if self._iterator is None:
+                    # Accelerate's loader sets its sampler to its own count of passes when iterated, which starts at
+                    # 0 in a loader built after resume: set that count too, or a run resumed in pass >= 1 would draw
+                    # another pass's order
+                    if hasattr(self._loader, "set_epoch"):
+                        self._loader.set_epoch(self.epoch)
+                    self.sampler.set_epoch(self.epoch)
+                    self._iterator = iter(self._loader)
+                    for _ in range(self.consumed):
+                        next(self._iterator)
+                try:
+                    batch = next(self._iterator)
+                except StopIteration:
+                    self.epoch, self.consumed, self._iterator = self.epoch + 1, 0, None
+                    continue
+                self.consumed += 1
+                return self._prepare(batch)
+
+    def next_for(self, train_batch: dict[str, Any], disjoint_key: str | None = None, max_draws: int = 100):
+        """The next meta batch; with `disjoint_key`, the next one whose values of that key share none with
+        `train_batch`'s (e.g. a pseudo-unseen domain for a pseudo-seen one), within `max_draws` draws."""
+        if disjoint_key is None:
+            return self.next()
+        if disjoint_key not in train_batch:
+            raise ValueError(
+                f"meta_disjoint_key={disjoint_key!r} is not a key of the training batch (keys: "
+                f"{sorted(train_batch)}): add it to the dataset's items or unset `meta_disjoint_key`."
+            )
+        train_values = set(torch.as_tensor(train_batch[disjoint_key]).reshape(-1).tolist())
+        for _ in range(max_draws):
+            batch = self.next()
+            if not train_values & set(torch.as_tensor(batch[disjoint_key]).reshape(-1).tolist()):
+                return batch
+        raise ValueError(
+            f"No meta batch in {max_draws} draws has a {disjoint_key!r} other than the training batch's "
+            f"{sorted(train_values)}: the meta dataset needs items with other values of {disjoint_key!r} (e.g. "
+            "episodes from at least two domains)."
+        )
