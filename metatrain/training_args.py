@@ -64,6 +64,21 @@ def meta_optimizer_kwargs_for(removed: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def _options_dict(name: str, value: dict[str, Any] | str | None, example: str) -> dict[str, Any]:
+    """An options field as a dict: JSON from the command line parsed, `None` as `{}`; a `ValueError` naming the field
+    and an `example` otherwise."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"`{name}={value!r}` is not valid JSON ({err}); pass e.g. '{example}'.") from err
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"`{name}` must be a dict, got {value!r}.")
+    return value
+
+
 def refuse_sharded_training(args: TrainingArguments) -> None:
     """Raises a `ValueError` naming what is supported when `args` or `accelerate launch` (its environment) ask for
     DeepSpeed or FSDP: they shard or wrap the parameters, so the meta step's functional calls are not viable."""
@@ -237,18 +252,7 @@ class MetaTrainingArguments(TrainingArguments):
 
         if self.hypergradient not in ESTIMATORS:
             raise ValueError(f"Unknown `hypergradient={self.hypergradient!r}`: choose one of {sorted(ESTIMATORS)}.")
-        if isinstance(self.hypergradient_kwargs, str):
-            try:
-                self.hypergradient_kwargs = json.loads(self.hypergradient_kwargs)
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"`hypergradient_kwargs={self.hypergradient_kwargs!r}` is not valid JSON ({err}); pass e.g. "
-                    "'{\"sigma\": 0.01}'."
-                ) from err
-        if self.hypergradient_kwargs is None:
-            self.hypergradient_kwargs = {}
-        if not isinstance(self.hypergradient_kwargs, dict):
-            raise ValueError(f"`hypergradient_kwargs` must be a dict, got {self.hypergradient_kwargs!r}.")
+        self.hypergradient_kwargs = _options_dict("hypergradient_kwargs", self.hypergradient_kwargs, '{"sigma": 0.01}')
         if self.meta_optimizer not in META_OPTIMIZERS:
             raise ValueError(f"Unknown `meta_optimizer={self.meta_optimizer!r}`: choose one of {META_OPTIMIZERS}.")
         self._check_meta_optimizer_kwargs()
@@ -297,18 +301,9 @@ class MetaTrainingArguments(TrainingArguments):
     def _check_meta_optimizer_kwargs(self) -> None:
         """Parses a JSON `meta_optimizer_kwargs` and checks its keys against the signature of the torch class of
         `meta_optimizer` (lists become tuples, as torch's `betas`)."""
-        if isinstance(self.meta_optimizer_kwargs, str):
-            try:
-                self.meta_optimizer_kwargs = json.loads(self.meta_optimizer_kwargs)
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"`meta_optimizer_kwargs={self.meta_optimizer_kwargs!r}` is not valid JSON ({err}); pass e.g. "
-                    "'{\"weight_decay\": 0.0}'."
-                ) from err
-        if self.meta_optimizer_kwargs is None:
-            self.meta_optimizer_kwargs = {}
-        if not isinstance(self.meta_optimizer_kwargs, dict):
-            raise ValueError(f"`meta_optimizer_kwargs` must be a dict, got {self.meta_optimizer_kwargs!r}.")
+        self.meta_optimizer_kwargs = _options_dict(
+            "meta_optimizer_kwargs", self.meta_optimizer_kwargs, '{"weight_decay": 0.0}'
+        )
         cls = META_OPTIMIZER_CLASSES[self.meta_optimizer]
         accepted = sorted(
             name
