@@ -146,6 +146,7 @@ def test_lft_probe_compares_estimators_at_fixed_states(tmp_path, no_network):
         assert evograd["undefined"] == 3 or -1 <= evograd["single_draw_cosine_mean"] <= 1
 
 
+@pytest.mark.slow
 def test_gpu_check_parts_record_failures_and_the_report_reads_them(tmp_path):
     """`gpu_check.sh`'s path through `step_cost.py` (one process, --keep_going) and `gpu_report.py`, tiny, on CPU: a
     configuration that fails gets its error in its row and the rest run; a bf16 MetaTrainer run keeps its logs; the

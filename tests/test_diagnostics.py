@@ -68,6 +68,7 @@ def test_t1t2_against_itself_and_first_order_has_no_direction():
     assert t1t2.memory_bytes > first.memory_bytes >= 0
 
 
+@pytest.mark.slow
 def test_evograd_mean_tracks_t1t2_when_its_step_is_the_learning_rate():
     """`sigma="auto"` sets EvoGrad's effective lookahead step to `lr`: the mean over repeats points where T1-T2
     does, while single estimates of a small population are much noisier. 64 repeats: the mean cosine of single

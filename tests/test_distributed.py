@@ -40,6 +40,7 @@ def two_ranks(tmp_path_factory):
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["t1t2", "evograd_per_rank", "evograd_shared"])
 def test_hypergradients_are_averaged_and_meta_parameters_identical_on_every_rank(two_ranks, run):
     rank0, rank1 = two_ranks[0][run], two_ranks[1][run]
@@ -57,12 +58,14 @@ def test_hypergradients_are_averaged_and_meta_parameters_identical_on_every_rank
     assert rank0["meta_steps_skipped"] == rank1["meta_steps_skipped"] == 0
 
 
+@pytest.mark.slow
 def test_ddp_searches_for_unused_parameters_only_where_the_model_has_them(two_ranks):
     """Trainer would turn the search on for a plain module (DDP then warns on every rank): every weight of the MLP
     gets a gradient, so it stays off."""
     assert [rank["t1t2"]["find_unused_parameters"] for rank in two_ranks] == [False, False]
 
 
+@pytest.mark.slow
 def test_evograd_noise_is_per_rank_or_shared_by_option(two_ranks):
     """The script lets the ranks' global RNG streams drift apart: a shared population comes from rank 0's seed."""
     for run, shared in (("evograd_per_rank", False), ("evograd_shared", True)):
@@ -72,6 +75,7 @@ def test_evograd_noise_is_per_rank_or_shared_by_option(two_ranks):
         assert all((a == b) == shared for a, b in zip(seeds0, seeds1)), (run, seeds0, seeds1)
 
 
+@pytest.mark.slow
 def test_every_rank_resumes_with_its_own_estimator_state_and_meta_data_position(two_ranks):
     """Reverse mode remembers each rank's own training batches; the checkpoint (in the second pass over the meta
     data) keeps each rank's, and the resumed run ends where the uninterrupted one does."""

@@ -157,6 +157,7 @@ def test_t1t2_equals_autograd_through_unrolled_sgd_step():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_evograd_tracks_closed_form_hypergradient():
     """Paper Sec. 4.1 / Fig. 2: tau = 0.5, eps ~ N(0, 1), mean over repetitions with random x: the sign and the shape
     (correlation) of the closed form. EvoGrad's scale is not the closed form's at this sigma; it is checked against
@@ -222,6 +223,7 @@ def test_first_order_is_direct_term_only():
     assert abs(g.item() - 1.4) < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("population,sigma,antithetic", [(2, 0.01, False), (4, 0.003, False), (4, 0.007, True)])
 def test_evograd_mean_equals_t1t2_at_its_effective_step(population, sigma, antithetic):
     """Linearised softmax: E[theta*] = theta - (K-1) sigma^2 / (K tau) grad, so the mean EvoGrad hypergradient is

@@ -460,6 +460,7 @@ TINY_RUN = ["--seeds", "0", "--max_steps", "4", "--eval_steps", "2", "--logging_
             "--bottleneck", "4"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_recipe_on_the_generated_pair(recipe, tmp_path, no_network):
     results = tmp_path / "results"
     report = recipe.main(["--source_train_size", "40", "--target_train_size", "8", "--target_test_size", "8",
@@ -475,6 +476,7 @@ def test_recipe_on_the_generated_pair(recipe, tmp_path, no_network):
     assert runs["metaxl_evograd"]["meta_step_memory_mb"] < runs["metaxl_t1t2"]["meta_step_memory_mb"]
 
 
+@pytest.mark.slow
 def test_recipe_on_a_wikiann_folder_and_sequence_classification(recipe, tmp_path, no_network):
     for language, seed in (("en", 0), ("qu", 1)):
         write_wikiann(tmp_path / "wikiann", language, seed, {"train": 12, "validation": 2, "test": 4})

@@ -33,6 +33,7 @@ def noisy_labels():
     return load_recipe("noisy_labels")
 
 
+@pytest.mark.slow
 def test_noisy_labels_on_embedded_digits(noisy_labels, tmp_path, no_network):
     results = tmp_path / "results"
     report = noisy_labels.main(
@@ -249,6 +250,7 @@ def run(toy_1d, tmp_path_factory):
     return results, report
 
 
+@pytest.mark.slow
 def test_files_and_results(run):
     results, report = run
     assert (results / "figure2_hypergradient.png").stat().st_size > 0
@@ -307,6 +309,7 @@ def compare_estimators_recipe():
     return load_recipe("compare_estimators")
 
 
+@pytest.mark.slow
 def test_compare_estimators_recipe(compare_estimators_recipe, tmp_path, no_network):
     results = tmp_path / "results"
     report = compare_estimators_recipe.main(
@@ -348,6 +351,7 @@ def test_compare_estimators_recipe(compare_estimators_recipe, tmp_path, no_netwo
 
 
 # ---------------------------------------------------------------------------------------- rotation (EvoGrad 4.2)
+@pytest.mark.slow
 def test_rotation_recipe(tmp_path, no_network):
     rotation = load_recipe("rotation")
     results = tmp_path / "results"
@@ -391,6 +395,7 @@ def tiny_lft_flags(tmp_path) -> list[str]:
             "--disable_tqdm", "true", "--pretrain_steps", "0", "--pretrain_batch_size", "8"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_lft_fewshot_on_embedded_digit_domains(lft_fewshot, tmp_path, no_network):
     report = lft_fewshot.main(tiny_lft_flags(tmp_path))
     results = tmp_path / "results"
@@ -421,6 +426,7 @@ def test_lft_fewshot_on_embedded_digit_domains(lft_fewshot, tmp_path, no_network
     assert ratios["meta_step_memory_t1t2_over_evograd"] > 1  # memory-lean EvoGrad keeps one copy's graph at a time
 
 
+@pytest.mark.slow
 def test_lft_fewshot_on_image_folder_domains(lft_fewshot, tmp_path, no_network):
     from PIL import Image
 
@@ -449,6 +455,7 @@ def test_lft_fewshot_on_image_folder_domains(lft_fewshot, tmp_path, no_network):
         )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_lft_fewshot_pretrains_the_backbone_once_per_seed(lft_fewshot, tmp_path, no_network):
     """`pretrain_steps`: classification on the pooled seen domains gives the backbone weights every method of a seed
     starts from (the same for each call, not the fresh initialisation), and the grid runs from them."""
