@@ -38,6 +38,8 @@ META_MODULE_NAME = "meta_module.safetensors"
 # EvoGrad's default perturbation and temperature under bf16/fp16: 10x the paper's sigma, 100x its temperature, so the
 # expected lookahead step (K - 1) sigma^2 / (K tau) is the paper's
 MIXED_PRECISION_EVOGRAD = {"sigma": 0.01, "temperature": 5.0}
+# the random stream of the estimator's own draws (EvoGrad's population) in a meta step; 0 and 1 are the losses'
+ESTIMATOR_STREAM = 2**61 + 1
 
 
 def join_batches(
@@ -750,23 +752,19 @@ class MetaTrainer(PerSampleLossTrainer):
         return sdpa_kernel(SDPBackend.MATH) if estimator.second_order else contextlib.nullcontext()
 
     @contextlib.contextmanager
-    def _step_seeded(self, seed: int) -> Iterator[None]:
-        """The torch RNG seeded by `seed` inside the block and as it was after it (the global stream is untouched)."""
+    def _step_seeded(self, stream: int) -> Iterator[None]:
+        """The torch RNG inside the block seeded by the run's seed, the step and `stream`, and as it was after it (the
+        global stream is untouched, so runs, resumes and runs on another evaluation schedule draw the same)."""
         with _torch_rng_kept(self.args.device):
-            torch.manual_seed(seed)
+            torch.manual_seed((self.args.seed * 1_000_003 + self.state.global_step) * 2 + stream)
             yield
-
-    def _estimator_seed(self) -> int:
-        """The seed of the estimator's own draws (EvoGrad's population) at this step: a function of the run's seed and
-        the step alone, so a resumed run, or one evaluated on another schedule, draws the same noise."""
-        return (self.args.seed * 1_000_003 + self.state.global_step) * 2 + 2**61 + 1
 
     @contextlib.contextmanager
     def _same_noise(self, stream: int) -> Iterator[None]:
         """Runs a loss with random layers (dropout, LFT's noise) on the same draws at every call of one meta step, so
         that estimators comparing the loss at several weights (EvoGrad, finite differences) see the weights' effect
-        only. Seeded by the run's seed and the step (the global RNG is untouched, so runs and resumes replay)."""
-        with self._step_seeded((self.args.seed * 1_000_003 + self.state.global_step) * 2 + stream):
+        only (streams 0 and 1: the training and the meta loss)."""
+        with self._step_seeded(stream):
             yield
 
     def _meta_step(self, train_batch: dict[str, Any], base_losses: torch.Tensor | None = None) -> bool:
@@ -832,7 +830,7 @@ class MetaTrainer(PerSampleLossTrainer):
 
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else self.args.learning_rate
         saved = self.estimator.state_dict() if self.estimator.stateful else None  # put back if the step is skipped
-        with self._step_seeded(self._estimator_seed()), self._attention_for(self.estimator):
+        with self._step_seeded(ESTIMATOR_STREAM), self._attention_for(self.estimator):
             result = self.estimator.estimate(params, leaves, train_loss, meta_loss, train_batch, meta_batch, lr)
         grads, loss = self._reduce(result.grads), result.meta_loss
         if self.accelerator.num_processes > 1:
@@ -842,7 +840,7 @@ class MetaTrainer(PerSampleLossTrainer):
         problem = MetaStepProblem(params, leaves, train_loss, meta_loss, train_batch, meta_batch, lr)
         self._call_meta_step_event(problem, HypergradientResult(grads, loss), norm, skipped=not finite)
         if self.reference_estimator is not None and self.state.global_step % self.args.meta_diagnostics_steps == 0:
-            with self._step_seeded(self._estimator_seed()), self._attention_for(self.reference_estimator):
+            with self._step_seeded(ESTIMATOR_STREAM), self._attention_for(self.reference_estimator):
                 reference = self.reference_estimator.estimate(
                     params, leaves, train_loss, meta_loss, train_batch, meta_batch, lr
                 ).grads
