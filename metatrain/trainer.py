@@ -506,8 +506,7 @@ class MetaTrainer(PerSampleLossTrainer):
                 (getattr(config, key, 0) or 0) > 0 for key in ("layerdrop", "encoder_layerdrop", "decoder_layerdrop")
             )
         )
-        sized = self.train_dataset is not None and hasattr(self.train_dataset, "__len__") and len(self.train_dataset)
-        if not handler.find_unused_parameters or varies or not sized:
+        if not handler.find_unused_parameters or varies or not self._has_training_examples():
             return
         unused = self.unused_parameters()
         if unused:
@@ -526,9 +525,15 @@ class MetaTrainer(PerSampleLossTrainer):
         with random_state_kept(torch.device("cpu")):  # a collator may draw (masking): the run's stream is untouched
             return collator([dataset[i] for i in range(min(size, len(dataset)))])
 
+    def _has_training_examples(self) -> bool:
+        """Whether a training set is given, sized and not empty (so a sample of it can be collated)."""
+        return (
+            self.train_dataset is not None and hasattr(self.train_dataset, "__len__") and len(self.train_dataset) > 0
+        )
+
     def _training_batch_keys(self) -> set[str]:
         """The keys of a training batch, or none where the training set is not given or not sized."""
-        if self.train_dataset is None or not hasattr(self.train_dataset, "__len__") or not len(self.train_dataset):
+        if not self._has_training_examples():
             return set()
         try:
             return set(self._collated_sample(self.train_dataset, "training"))
