@@ -18,10 +18,10 @@ import tempfile
 import torch
 
 from metatrain import MetaTrainer, MetaTrainingArguments
-from metatrain.diagnostics import cosine
 from metatrain.models import build_model
 from metatrain.modules import MetaWeightNet
-from metatrain.trainer import MIXED_PRECISION_EVOGRAD
+from metatrain.training_args import MIXED_PRECISION_EVOGRAD
+from metatrain.utils import cosine
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _data import RandomImages  # noqa: E402
@@ -43,7 +43,7 @@ def hypergradients(estimator: str, options: dict, bf16: bool, draws: int, batch_
         meta_module=MetaWeightNet(),
     )  # fmt: skip
     trainer.create_optimizer()
-    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    batch = {k: v.to(trainer.args.device) for k, v in next(iter(trainer.get_train_dataloader())).items()}
     start = [p.detach().clone() for p in trainer.meta_params]
     rows = []
     for draw in range(draws):

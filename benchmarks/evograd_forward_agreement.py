@@ -18,10 +18,10 @@ import tempfile
 import torch
 
 from metatrain import MetaTrainer, MetaTrainingArguments
-from metatrain.diagnostics import cosine, flatten
 from metatrain.models import build_model
 from metatrain.modules import MetaWeightNet, attach_feature_wise_transforms
 from metatrain.trainer import MetaTrainerCallback
+from metatrain.utils import cosine, flatten
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import forward_only  # noqa: E402
@@ -60,12 +60,13 @@ def agreement(workload: str, size, sigma: float, draws: int, batch_size: int) ->
             meta_dataset=RandomImages(batch_size, 2), meta_module=meta_module,
         )  # fmt: skip
         trainer.create_optimizer()
-        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        batch = {k: v.to(trainer.args.device) for k, v in next(iter(trainer.get_train_dataloader())).items()}
         captured = Capture()
         trainer.add_callback(captured)
         state = {k: v.clone() for k, v in meta_module.state_dict().items()}
         for draw in range(draws):
-            torch.manual_seed(100 + draw)
+            # the meta step seeds its noise by the step: another step's noise, the same for both estimators
+            trainer.state.global_step = 100 + draw
             trainer.meta_batches.rewind()
             trainer.meta_step(batch)
             meta_module.load_state_dict(state)  # every draw at the same meta-parameters

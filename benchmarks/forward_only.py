@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from metatrain.estimators import EvoGrad, register_estimator
+from metatrain.estimators import EvoGrad, HypergradientProblem, register_estimator
+from metatrain.estimators.evograd_noise import NoiseDraw
 from metatrain.estimators.functional import grads_or_zeros
 
 NAME = "evograd_forward"
@@ -28,30 +29,28 @@ class ForwardOnlyEvoGrad(EvoGrad):
 
     name = NAME
 
-    def _estimate(self, theta, names, sigma, seed, meta_params, train_loss, meta_loss, train_batch, meta_batch):
+    def _estimate(self, problem: HypergradientProblem, draw: NoiseDraw):
         """No meta backward: `d L_meta / d lambda = direct + sum_k (L_meta(theta_k) - L_meta(theta*)) d w_k / d lambda`
         (the softmax weights sum to one, so the baseline `L_meta(theta*)` only removes the common part). Returns
         `(direct, indirect, meta loss)`, as EvoGrad's own paths."""
-
-        def noise(k: int) -> dict[str, torch.Tensor]:
-            return self._noise(theta, names, sigma, seed, k)
-
+        theta, names, meta_params = draw.theta, draw.names, problem.meta_params
         losses, meta_losses = [], []
         for k in range(self.population):
-            eps = noise(k)
+            eps = draw.perturbation(k)
             copy = {**theta, **{n: theta[n] + e for n, e in eps.items()}}
-            losses.append(train_loss(copy, train_batch).reshape(()))
+            # the training loss with a loss weighter's input held at theta, as EvoGrad's own paths score the copies
+            losses.append(problem.held_train_loss(copy).reshape(()))
             with torch.no_grad():
-                meta_losses.append(meta_loss(copy, meta_batch).reshape(()))
+                meta_losses.append(problem.meta_loss(copy, problem.meta_batch).reshape(()))
             del eps, copy
         weights = self._softmax_weights(torch.stack(losses))
         moved = {name: theta[name].clone() for name in names}
         for k, w in enumerate(weights.detach().tolist()):
-            eps = noise(k)
+            eps = draw.perturbation(k)
             torch._foreach_add_([moved[n] for n in names], [eps[n] for n in names], alpha=w)
             del eps
         # grad mode stays on: a meta loss that depends on lambda directly keeps (only) that graph
-        loss = meta_loss({**theta, **moved}, meta_batch).reshape(())
+        loss = problem.meta_loss({**theta, **moved}, problem.meta_batch).reshape(())
         differences = torch.stack(meta_losses).to(weights.dtype) - loss.detach().to(weights.dtype)
         surrogate = (weights * differences).sum()
         through_weights = grads_or_zeros(surrogate, meta_params)

@@ -20,6 +20,8 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step_cost import add_ratios, measured  # noqa: E402
 
+from metatrain.tables import markdown_table  # noqa: E402
+
 PARTS = ("mwn", "lft", "bf16", "fp16")
 METHOD_NAMES = {
     "plain": "plain",
@@ -133,8 +135,7 @@ def ratio_tables(workload: str, rows: list[dict[str, Any]]) -> str:
     sizes = list(dict.fromkeys(r["size"] for r in rows))
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "plain"]
     first = "width" if workload == "mwn" else "backbone"
-    head = f"| {first} | plain (ms / step, MB) | " + " | ".join(METHOD_NAMES.get(m, m) for m in methods) + " |"
-    lines = [head, "|" + " --- |" * (len(methods) + 2)]
+    lines = []
     for size in sizes:
         plain = _plain(rows, size)
         cells = [f"{plain['median_seconds'] * 1e3:.1f} ms, {plain['peak_bytes'] / MB:.0f} MB" if plain else "failed"]
@@ -142,12 +143,12 @@ def ratio_tables(workload: str, rows: list[dict[str, Any]]) -> str:
             r = _row(rows, size, method)
             bad = _failed(r, short=True)
             cells.append(bad or (f"{_x(r.get('time_ratio'))}, {_x(r.get('memory_ratio'))}" if plain else ""))
-        lines.append(f"| {_size_label(workload, size)} | " + " | ".join(cells) + " |")
+        lines.append([_size_label(workload, size), *cells])
+    header = [first, "plain (ms / step, MB)", *(METHOD_NAMES.get(m, m) for m in methods)]
+    text = markdown_table(header, lines)
     others = [m for m in methods if m != "t1t2"]
     if "t1t2" in methods and others:
-        lines += ["", "T1-T2 over each method (time, memory), same run:", ""]
-        lines += [f"| {first} | " + " | ".join(METHOD_NAMES.get(m, m) for m in others) + " |"]
-        lines += ["|" + " --- |" * (len(others) + 1)]
+        over = []
         for size in sizes:
             t1t2 = _row(rows, size, "t1t2")
             cells = []
@@ -158,28 +159,30 @@ def ratio_tables(workload: str, rows: list[dict[str, Any]]) -> str:
                     continue
                 memory = t1t2["peak_bytes"] / r["peak_bytes"] if r["peak_bytes"] > 0 else None
                 cells.append(f"{_x(t1t2['median_seconds'] / r['median_seconds'])}, {_x(memory)}")
-            lines.append(f"| {_size_label(workload, size)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            over.append([_size_label(workload, size), *cells])
+        header = [first, *(METHOD_NAMES.get(m, m) for m in others)]
+        text += "\n\nT1-T2 over each method (time, memory), same run:\n\n" + markdown_table(header, over)
+    return text
 
 
 def absolute_table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| workload | size | parameters | method | ms / step (median) | min | x plain | peak MB | x plain "
-        "| peak MB with model | live tensors MB | steps |",
-        "|" + " --- |" * 12,
-    ]
+    header = [
+        "workload", "size", "parameters", "method", "ms / step (median)", "min", "x plain", "peak MB", "x plain",
+        "peak MB with model", "live tensors MB", "steps",
+    ]  # fmt: skip
+    lines = []
     for r in rows:
         size = f"width {r['size']}" if r["workload"] == "mwn" else r["size"]
         if not measured(r):
-            lines.append(f"| {r['workload']} | {size} | | {r['method']} | {_failed(r, short=True)} |" + " |" * 7)
+            lines.append([r["workload"], size, "", r["method"], _failed(r, short=True)])
             continue
         absolute, live = _mb(r.get("cuda_absolute_peak_bytes")), _mb(r.get("live_peak_bytes"))
-        lines.append(
-            f"| {r['workload']} | {size} | {r['num_params']:,} | {r['method']} | {r['median_seconds'] * 1e3:.2f} | "
-            f"{r['min_seconds'] * 1e3:.2f} | {_x(r.get('time_ratio'), '')} | {r['peak_bytes'] / MB:.0f} | "
-            f"{_x(r.get('memory_ratio'), '')} | {absolute} | {live} | {r.get('steps', '')} |"
-        )
-    return "\n".join(lines)
+        lines.append([
+            r["workload"], size, f"{r['num_params']:,}", r["method"], f"{r['median_seconds'] * 1e3:.2f}",
+            f"{r['min_seconds'] * 1e3:.2f}", _x(r.get("time_ratio"), ""), f"{r['peak_bytes'] / MB:.0f}",
+            _x(r.get("memory_ratio"), ""), absolute, live, r.get("steps", ""),
+        ])  # fmt: skip
+    return markdown_table(header, lines)
 
 
 def _x(value: float | None, unit: str = "x") -> str:
@@ -197,17 +200,17 @@ def _fmt(r: dict[str, Any], key: str) -> str:
 
 
 def precision_table(parts: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
-    lines = [
-        "| precision | method | steps | ms / step (median) | x plain | peak MB | x plain | meta steps skipped "
-        "| final loss | final meta loss | final hypergradient norm |",
-        "|" + " --- |" * 11,
-    ]
+    header = [
+        "precision", "method", "steps", "ms / step (median)", "x plain", "peak MB", "x plain", "meta steps skipped",
+        "final loss", "final meta loss", "final hypergradient norm",
+    ]  # fmt: skip
+    lines = []
     checks: dict[str, Any] = {}
     for precision in ("bf16", "fp16"):
         for r in parts.get(precision, []):
             if not measured(r):
                 name = METHOD_NAMES.get(r["method"], r["method"])
-                lines.append(f"| {precision} | {name} | | {_failed(r, short=True)} |" + " |" * 7)
+                lines.append([precision, name, "", _failed(r, short=True)])
                 if r["method"] != "plain":
                     checks[f"{precision}_{r['method']}_meta_steps_skipped_is_0"] = None
                 continue
@@ -216,14 +219,13 @@ def precision_table(parts: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[s
             mark = "" if r["method"] == "plain" else (" (ok)" if skipped == 0 else " (**must be 0**)")
             if r["method"] != "plain":
                 checks[f"{precision}_{r['method']}_meta_steps_skipped_is_0"] = skipped == 0
-            lines.append(
-                f"| {precision} | {METHOD_NAMES.get(r['method'], r['method'])} | {r.get('steps', '')} | "
-                f"{r['median_seconds'] * 1e3:.1f} | {_x(r.get('time_ratio'), '')} | "
-                f"{r['peak_bytes'] / MB:.0f} | {_x(r.get('memory_ratio'), '')} | "
-                f"{'' if r['method'] == 'plain' else skipped}{mark} | {_fmt(r, 'final_loss')} | "
-                f"{_fmt(r, 'final_meta_loss')} | {_fmt(r, 'final_hypergradient_norm')} |"
-            )
-    return "\n".join(lines), checks
+            lines.append([
+                precision, METHOD_NAMES.get(r["method"], r["method"]), r.get("steps", ""),
+                f"{r['median_seconds'] * 1e3:.1f}", _x(r.get("time_ratio"), ""), f"{r['peak_bytes'] / MB:.0f}",
+                _x(r.get("memory_ratio"), ""), f"{'' if r['method'] == 'plain' else skipped}{mark}",
+                _fmt(r, "final_loss"), _fmt(r, "final_meta_loss"), _fmt(r, "final_hypergradient_norm"),
+            ])  # fmt: skip
+    return markdown_table(header, lines), checks
 
 
 def report(folder: str, parts_file: str | None = None, smoke: bool = False) -> tuple[str, dict[str, Any]]:

@@ -28,17 +28,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import lft_fewshot  # noqa: E402
 
 from metatrain.cli import parse_config  # noqa: E402
-from metatrain.diagnostics import cosine, flatten  # noqa: E402
-from metatrain.estimators import create_estimator  # noqa: E402
-from metatrain.trainer import MetaStepProblem, MetaTrainerCallback  # noqa: E402
+from metatrain.estimators import HypergradientProblem, create_estimator  # noqa: E402
+from metatrain.trainer import MetaTrainerCallback  # noqa: E402
+from metatrain.utils import cosine, flatten  # noqa: E402
 
 CHECKPOINTS = (1, 3, 10, 30, 100, 300, 1000)  # numbers of draws at which the running mean is compared
 
 
-def compare(reference: torch.Tensor, estimator, problem: MetaStepProblem, draws: int) -> dict[str, Any]:
+def compare(reference: torch.Tensor, estimator, problem: HypergradientProblem, draws: int) -> dict[str, Any]:
     total, singles, by_draws = torch.zeros_like(reference), [], {}
     for n in range(1, draws + 1):
-        grads = flatten(problem.estimate(estimator).grads)
+        grads = flatten(estimator.estimate(problem).grads)
         total += grads
         singles.append(cosine(grads, reference))
         if n in CHECKPOINTS or n == draws:
@@ -85,12 +85,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {"backbone": backbone, "seed": seed, "evograd_options": options, "draws": cli.draws,
                               "states": []}  # fmt: skip
 
-    def analyse(step: int, problem: MetaStepProblem) -> None:
+    def analyse(step: int, problem: HypergradientProblem) -> None:
         rng, start = torch.get_rng_state(), time.time()
-        reference = flatten(problem.estimate(create_estimator("t1t2")).grads)
+        reference = flatten(create_estimator("t1t2").estimate(problem).grads)
         state: dict[str, Any] = {"step": step, "t1t2_norm": float(reference.norm())}
         for epsilon in cli.fd_epsilons:
-            fd = flatten(problem.estimate(create_estimator("t1t2_fd", epsilon=epsilon)).grads)
+            fd = flatten(create_estimator("t1t2_fd", epsilon=epsilon).estimate(problem).grads)
             state[f"t1t2_fd_epsilon_{epsilon:g}_cosine"] = cosine(fd, reference)
         for sigma in cli.sigmas or [options.get("sigma", 0.001)]:
             for population in cli.populations:

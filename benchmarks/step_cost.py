@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import statistics
 import subprocess
@@ -78,43 +77,6 @@ METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]] | None] = {
 
 
 # ------------------------------------------------------------------------------------------------------- worker
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
-
-
-class _Memory:
-    """Peak memory added by a block of work: CUDA peak allocated on a GPU, peak RSS over the start RSS on CPU."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def __enter__(self):
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.start = _proc_status_kib("VmRSS") * 1024
-            with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS (Linux >= 4.0)
-                f.write("5")
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.absolute_peak_bytes = torch.cuda.max_memory_allocated(self.device)  # model and data included
-            self.peak_bytes = self.absolute_peak_bytes - self.start
-            self.kind = "cuda_peak_allocated"
-        else:
-            self.peak_bytes = _proc_status_kib("VmHWM") * 1024 - self.start
-            self.kind = "cpu_peak_rss_over_start"
-
-
 def _load_average() -> float:
     try:
         return os.getloadavg()[0]
@@ -134,8 +96,8 @@ def run_configuration(config: dict[str, Any]) -> dict[str, Any]:
     from metatrain import MetaTrainer, MetaTrainingArguments
     from metatrain.models import build_model
     from metatrain.modules import MetaWeightNet, attach_feature_wise_transforms
-    from metatrain.profiling import LiveTensorMeter
-    from metatrain.trainer import PerSampleLossTrainer
+    from metatrain.per_sample import PerSampleLossTrainer
+    from metatrain.profiling import LiveTensorMeter, MemoryMeter
 
     torch.set_num_threads(config["threads"])
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -218,13 +180,13 @@ def run_configuration(config: dict[str, Any]) -> dict[str, Any]:
             callbacks=[timer, recorder],
         )  # fmt: skip
     start_load = _load_average()
-    with _Memory(device) as memory:
+    with MemoryMeter(device, cpu="rss") as memory:
         trainer.train()
     measured = timer.times[config["warmup"] : timed]
     last = recorder.logs[-1] if recorder.logs else {}
     cuda = {}
     if device.type == "cuda":  # the allocator's figures with the model and data: what the card must hold
-        cuda = {"cuda_start_bytes": memory.start, "cuda_absolute_peak_bytes": memory.absolute_peak_bytes}
+        cuda = {"cuda_start_bytes": memory.start_bytes, "cuda_absolute_peak_bytes": memory.absolute_peak_bytes}
     return {
         **config,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -294,29 +256,31 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
-    lines = [
-        "| workload | size | parameters | method | wall s / step (median) | x plain | CPU s / step (median) | x plain "
-        "| peak memory (MB) | x plain | live tensors (MB) | x plain | load |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    from metatrain.tables import markdown_table as table
+
+    header = [
+        "workload", "size", "parameters", "method", "wall s / step (median)", "x plain", "CPU s / step (median)",
+        "x plain", "peak memory (MB)", "x plain", "live tensors (MB)", "x plain", "load",
+    ]  # fmt: skip
 
     def ratio(r: dict[str, Any], key: str) -> str:
         return f"{r[key]:.2f}" if r.get(key) is not None else ""
 
+    rows = []
     for r in results:
         size = f"width {r['size']}" if r["workload"] == "mwn" else r["size"]
         if not measured(r):
             reason = str(r.get("error") or r.get("skipped") or "no result").splitlines()[0][:100].replace("|", "/")
-            lines.append(f"| {r['workload']} | {size} | | {r['method']} | {reason} |" + " |" * 8)
+            rows.append([r["workload"], size, "", r["method"], reason])
             continue
         live = f"{r['live_peak_bytes'] / 2**20:.0f}" if r.get("live_peak_bytes") is not None else ""
-        lines.append(
-            f"| {r['workload']} | {size} | {r['num_params']:,} | {r['method']} | {r['median_seconds']:.3f} | "
-            f"{ratio(r, 'time_ratio')} | {r['median_cpu_seconds']:.3f} | {ratio(r, 'cpu_time_ratio')} | "
-            f"{r['peak_bytes'] / 2**20:.0f} | {ratio(r, 'memory_ratio')} | {live} | {ratio(r, 'live_memory_ratio')} | "
-            f"{max(r['load_average_1min']):.1f} |"
-        )
-    return "\n".join(lines)
+        rows.append([
+            r["workload"], size, f"{r['num_params']:,}", r["method"], f"{r['median_seconds']:.3f}",
+            ratio(r, "time_ratio"), f"{r['median_cpu_seconds']:.3f}", ratio(r, "cpu_time_ratio"),
+            f"{r['peak_bytes'] / 2**20:.0f}", ratio(r, "memory_ratio"), live, ratio(r, "live_memory_ratio"),
+            f"{max(r['load_average_1min']):.1f}",
+        ])  # fmt: skip
+    return table(header, rows)
 
 
 def plot(results: list[dict[str, Any]], output_dir: str) -> None:

@@ -1,20 +1,19 @@
 """Compare hypergradient estimators on one problem: agreement with a reference estimator, wall time and memory.
 
-[`compare_estimators`] runs each estimator on the same weights, meta-parameters and batch pair and reports how
-its hypergradient lines up with a reference (T1-T2 by default), what a call costs in time and memory;
-[`format_table`] turns the reports into a Markdown table for the docs; [`model_losses`] builds the loss closures
-for a plain classifier with a loss weighter, the way [`MetaTrainer`] does in its meta step (with the weighting
-net's input held at the current weights for EvoGrad and `t1t2_fd`, see [`TrainLoss.holding`]). For example:
+[`compare_estimators`] runs each estimator on the same [`~metatrain.estimators.HypergradientProblem`] and reports
+how its hypergradient lines up with a reference (T1-T2 by default) and what a call costs in time and memory;
+[`format_table`] turns the reports into a Markdown table for the docs. [`~metatrain.objective.MetaObjective`] builds
+the problem of a model and a meta-module as [`MetaTrainer`]'s meta step does. For example:
 
 ```python
-from metatrain.diagnostics import compare_estimators, format_table, model_losses
+from metatrain.diagnostics import compare_estimators, format_table
 from metatrain.modules import MetaWeightNet
+from metatrain.objective import MetaObjective
 
 weighter = MetaWeightNet()
-params, train_loss, meta_loss = model_losses(model.train(), weighter)
+problem = MetaObjective(model.train(), weighter).problem((x_train, y_train), (x_meta, y_meta), lr=0.1)
 reports = compare_estimators(
-    params, list(weighter.parameters()), train_loss, meta_loss, (x_train, y_train), (x_meta, y_meta), lr=0.1,
-    estimators=["t1t2", "first_order", ("evograd", {"population": 64, "sigma": "auto"})], repeats=10,
+    problem, ["t1t2", "first_order", ("evograd", {"population": 64, "sigma": "auto"})], repeats=10
 )
 print(format_table(reports))
 ```
@@ -23,6 +22,7 @@ print(format_table(reports))
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import statistics
 import time
@@ -32,15 +32,12 @@ from functools import partial
 from typing import Any
 
 import torch
-from torch import nn
-from torch.func import functional_call
 from torch.utils._pytree import tree_flatten
 
-from .estimators import HypergradientEstimator, HypergradientResult, create_estimator
-from .estimators.functional import LossFn, ParamDict
-from .losses import logits_of, per_sample_cross_entropy, weighted_mean
-from .modules import LossWeighter
+from .estimators import HypergradientEstimator, HypergradientProblem, HypergradientResult, create_estimator
 from .profiling import MemoryMeter
+from .tables import markdown_table
+from .utils import cosine, flatten, ratio
 
 EstimatorSpec = str | tuple[str, Mapping[str, Any]] | HypergradientEstimator
 
@@ -134,24 +131,6 @@ def _build(spec: Any) -> tuple[str, dict[str, Any], HypergradientEstimator]:
     )
 
 
-def flatten(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One float64 CPU vector of a hypergradient given as one tensor per meta-parameter."""
-    return torch.cat([g.detach().reshape(-1).to(device="cpu", dtype=torch.float64) for g in grads])
-
-
-def ratio(num: float, den: float) -> float:
-    """`num / den`, NaN when `den` is not positive or either is not finite."""
-    return num / den if den > 0 and math.isfinite(num) and math.isfinite(den) else math.nan
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Cosine similarity in [-1, 1], NaN when either vector is zero (undefined, not orthogonal) or not finite."""
-    na, nb = float(a.norm()), float(b.norm())
-    if na == 0 or nb == 0 or not math.isfinite(na * nb):
-        return math.nan
-    return max(-1.0, min(1.0, float(a @ b) / (na * nb)))
-
-
 def synchronize(device: torch.device) -> None:
     """Waits for the device's queued work, so wall-clock timings include it (a no-op on CPU)."""
     if device.type == "cuda":
@@ -187,13 +166,7 @@ def _restoring_state(estimator: HypergradientEstimator, work: Callable[[], Any])
 
 
 def compare_estimators(
-    params: ParamDict,
-    meta_params: Sequence[torch.Tensor],
-    train_loss: LossFn,
-    meta_loss: LossFn,
-    train_batch: Any,
-    meta_batch: Any,
-    lr: float | None,
+    problem: HypergradientProblem,
     estimators: Sequence[EstimatorSpec],
     reference: EstimatorSpec = "t1t2",
     repeats: int = 1,
@@ -210,16 +183,14 @@ def compare_estimators(
     stateful estimator sees every call as a new step on the same weights; its state is restored afterwards, so an
     instance passed in is left as it was.
 
-    When `train_loss` has a `holding` method (the [`TrainLoss`] of [`model_losses`]), each call of each estimator
-    (the reference too) gets `train_loss.holding(params, train_batch, estimator.perturbs_weights)`, the closure
-    [`MetaTrainer`]'s meta step builds: estimators that perturb the weights (EvoGrad, `t1t2_fd`) then see the
-    weighting net's input held at `params` on `train_batch`, so that every estimator targets MetaTrainer's objective.
-    The held losses are computed once per call, inside the timed and metered call as in a meta step.
+    A problem built by [`~metatrain.objective.MetaObjective.problem`] holds a loss weighter's input at the current
+    weights for the estimators that perturb the weights (EvoGrad, `t1t2_fd`), as [`MetaTrainer`]'s meta step does,
+    so that every estimator targets MetaTrainer's objective; the held losses are computed once, in the first call
+    that needs them.
 
     Args:
-        params, meta_params, train_loss, meta_loss, train_batch, meta_batch, lr:
-            The problem, as [`~metatrain.estimators.HypergradientEstimator.estimate`] takes it. `meta_params` must
-            be leaf tensors with `requires_grad=True`; [`model_losses`] builds the rest for a classifier.
+        problem ([`~metatrain.estimators.HypergradientProblem`]): the problem; its `meta_params` must be leaf
+            tensors with `requires_grad=True`. [`~metatrain.objective.MetaObjective`] builds one for a model.
         estimators (`Sequence[str | tuple[str, Mapping[str, Any]] | HypergradientEstimator]`):
             What to compare: registered names (see `metatrain.estimators.ESTIMATORS`), `(name, options)` pairs, or
             built estimators. One report each, in this order.
@@ -234,10 +205,9 @@ def compare_estimators(
         warmup (`int`, *optional*, defaults to 1):
             Untimed calls per estimator before the timed ones.
         hold_weighter_inputs (`bool`, *optional*, defaults to `True`):
-            Whether to hold the weighting net's input as described above; `False` calls every estimator with
-            `train_loss` itself, whose weighting net sees the losses at whatever weights an estimator evaluates
-            (for EvoGrad and `t1t2_fd` a different objective than MetaTrainer's). No effect on a `train_loss`
-            without `holding`.
+            Whether to keep the problem's `held_train_loss`; `False` gives every estimator `train_loss` itself, whose
+            weighting net sees the losses at whatever weights an estimator evaluates (for EvoGrad and `t1t2_fd` a
+            different objective than MetaTrainer's).
 
     Returns:
         `list[EstimatorReport]`: one report per entry of `estimators`.
@@ -256,7 +226,7 @@ def compare_estimators(
         raise ValueError(f"`repeats` must be an integer >= 1, got repeats={repeats!r}.")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"`warmup` must be an integer >= 0, got warmup={warmup!r}.")
-    meta_params = list(meta_params)
+    meta_params = list(problem.meta_params)
     if not meta_params:
         raise ValueError(
             "`meta_params` is empty: pass the meta-module's parameters, e.g. `list(weighter.parameters())`."
@@ -271,19 +241,15 @@ def compare_estimators(
     built = [_build(spec) for spec in estimators]
     reference_name, reference_options, reference_estimator = _build(reference)
     if device is None:
-        device = next(iter(params.values()), meta_params[0]).device
+        device = next(iter(problem.params.values()), meta_params[0]).device
     device = torch.device(device)
-
-    holding = getattr(train_loss, "holding", None) if hold_weighter_inputs else None
-    existing = [*params.values(), *meta_params, *tree_flatten(train_batch)[0], *tree_flatten(meta_batch)[0]]
+    if not hold_weighter_inputs:
+        problem = dataclasses.replace(problem, held_train_loss=None)
+    batches = [*tree_flatten(problem.train_batch)[0], *tree_flatten(problem.meta_batch)[0]]
+    existing = [*problem.params.values(), *meta_params, *batches]
 
     def caller(estimator: HypergradientEstimator) -> Callable[[], HypergradientResult]:
-        def call() -> HypergradientResult:
-            # a new closure every call, like every meta step: the held losses belong to this call
-            loss = train_loss if holding is None else holding(params, train_batch, estimator.perturbs_weights)
-            return estimator.estimate(params, meta_params, loss, meta_loss, train_batch, meta_batch, lr)
-
-        return call
+        return lambda: estimator.estimate(problem)
 
     ref = flatten(_restoring_state(reference_estimator, caller(reference_estimator)).grads)
     ref_norm = float(ref.norm())
@@ -343,140 +309,23 @@ def format_table(reports: Sequence[EstimatorReport]) -> str:
     header = [
         "estimator", "cosine", "cosine of mean", "norm ratio", "norm ratio of mean", "time (ms)", memory_header,
     ]  # fmt: skip
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    rows = []
     for r in reports:
         memory = f"{r.memory_bytes / scale:.1f}" if scale > 1 else str(r.memory_bytes)
         if shared_kind is None:
             memory += f" ({r.memory_kind})"
-        cells = [
-            r.label.replace("|", "\\|"),
-            _number(r.cosine),
-            _number(r.cosine_of_mean),
-            _number(r.norm_ratio),
-            _number(r.norm_ratio_of_mean),
-            f"{r.seconds * 1e3:.2f}",
-            memory,
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append([
+            r.label, _number(r.cosine), _number(r.cosine_of_mean), _number(r.norm_ratio),
+            _number(r.norm_ratio_of_mean), f"{r.seconds * 1e3:.2f}", memory,
+        ])  # fmt: skip
+    return markdown_table(header, rows, right_from=1)
 
 
-class TrainLoss:
-    """The training loss of [`model_losses`]: `train_loss(weights, batch)`, and [`~TrainLoss.holding`] for one step.
-
-    Called directly it feeds the loss weighter the per-sample losses at the weights being evaluated (detached by the
-    weighter), which is what MetaTrainer's base step and every autograd estimator see. [`~TrainLoss.holding`] gives
-    the closure that [`MetaTrainer`]'s meta step builds for an estimator: for an estimator that perturbs the weights
-    (`perturbs_weights`: EvoGrad, `t1t2_fd`), the weighter's input for the current training batch is held at the
-    current weights.
-
-    Args:
-        per_sample (`Callable[[ParamDict, Any], torch.Tensor]`): per-sample losses `[B]` of a batch at some weights.
-        loss_weighter (`LossWeighter`, *optional*): weights the per-sample losses; without it the loss is the mean.
-    """
-
-    def __init__(self, per_sample: Callable[[ParamDict, Any], torch.Tensor], loss_weighter: LossWeighter | None):
-        self.per_sample = per_sample
-        self.loss_weighter = loss_weighter
-
-    def __call__(self, weights: ParamDict, batch: Any) -> torch.Tensor:
-        losses = self.per_sample(weights, batch)
-        return losses.mean() if self.loss_weighter is None else self.loss_weighter.weighted_loss(losses)
-
-    def holding(self, params: ParamDict, train_batch: Any, perturbs_weights: bool = True) -> LossFn:
-        """The training loss of one meta step at `params` on `train_batch`, as [`MetaTrainer`] builds it.
-
-        With `perturbs_weights` (pass the estimator's attribute of that name) and a loss weighter, a call on the
-        batch object `train_batch` itself (`batch is train_batch`, not an equal copy) feeds the weighter the
-        per-sample losses at `params`, computed once under `torch.no_grad` on the first such call; a call on any
-        other batch (reverse mode's remembered batches, HyperDistill's distilled batch) feeds it the losses at the
-        weights being evaluated. Otherwise this is the plain training loss. Build a new one for every step (every
-        `estimate` call): the held losses belong to `params`.
-
-        Args:
-            params (`ParamDict`): the current weights, those passed to `estimate`.
-            train_batch: the current training batch, the object passed to `estimate`.
-            perturbs_weights (`bool`, *optional*, defaults to `True`): whether the estimator evaluates the training
-                loss at perturbed weights; for `False` the plain training loss is returned.
-
-        Returns:
-            `Callable[[ParamDict, Any], torch.Tensor]`: `train_loss(weights, batch)`.
-        """
-        if self.loss_weighter is None or not perturbs_weights:
-            return self
-        weighter, per_sample = self.loss_weighter, self.per_sample
-        held: dict[str, torch.Tensor] = {}
-
-        def train_loss(weights: ParamDict, batch: Any) -> torch.Tensor:
-            losses = per_sample(weights, batch)
-            if batch is not train_batch:
-                return weighter.weighted_loss(losses)
-            if "losses" not in held:
-                with torch.no_grad():
-                    held["losses"] = per_sample(params, batch)
-            return weighted_mean(losses, weighter(held["losses"]))
-
-        return train_loss
-
-
-def model_losses(
-    model: nn.Module,
-    loss_weighter: LossWeighter | None = None,
-    per_sample_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[dict[str, torch.Tensor], TrainLoss, LossFn]:
-    """The weights and loss closures of a classifier, for [`compare_estimators`] or any estimator.
-
-    Mirrors the meta step of [`MetaTrainer`] without it: the model runs through `torch.func.functional_call` on
-    the weights an estimator passes, with freshly cloned buffers at every call, so BatchNorm running statistics
-    (and any other buffer) are never changed. The model runs in the mode it is in: call `model.train()` first to
-    match MetaTrainer, which computes the hypergradient in training mode. The training loss is
-    `sum(w * l) / sum(w)` with `w = loss_weighter(l)` over the per-sample losses `l`, or their mean without a
-    weighter; the meta loss is always the plain mean.
-
-    Which losses the weighting net sees: calling `train_loss` feeds it the (detached) per-sample losses at the
-    weights being evaluated. [`MetaTrainer`] instead holds them at the current weights on the current training batch
-    for estimators that perturb the weights (`perturbs_weights`: EvoGrad, `t1t2_fd`), which otherwise would
-    differentiate through the weighting net's input, a different objective. `train_loss.holding(params, train_batch,
-    estimator.perturbs_weights)` ([`TrainLoss.holding`]) builds that closure for one step, and [`compare_estimators`]
-    uses it for every estimator when given this `train_loss` (unless `hold_weighter_inputs=False`), so that its
-    numbers are those of MetaTrainer's objective. For the autograd estimators the two are the same.
-
-    The meta-parameters are then the loss weighter's own parameters, `list(loss_weighter.parameters())`, which the
-    training loss uses as they are: they must require grad.
-
-    Args:
-        model (`nn.Module`):
-            The classifier, called as `model(inputs)` (or `model(*inputs)` for a tuple) and returning logits, a dict
-            with `logits`, or an output with `.logits`.
-        loss_weighter (`LossWeighter`, *optional*):
-            Weights the per-sample training losses, e.g. [`~metatrain.modules.MetaWeightNet`].
-        per_sample_loss (`Callable[[torch.Tensor, torch.Tensor], torch.Tensor]`, *optional*):
-            Maps logits and labels to per-example losses `[B]`; defaults to
-            [`~metatrain.losses.per_sample_cross_entropy`], MetaTrainer's default (it computes in float32).
-
-    Returns:
-        `tuple[dict[str, torch.Tensor], TrainLoss, Callable]`: `params`, the detached trainable weights of `model`
-        by name (weights not passed keep the model's own values), and `train_loss(weights, batch)` (a [`TrainLoss`],
-        with its `holding` method), `meta_loss(weights, batch)` for batches `(inputs, labels)`.
-    """
-    if loss_weighter is not None and not isinstance(loss_weighter, LossWeighter):
-        raise ValueError(
-            f"`loss_weighter` must be a metatrain.modules.LossWeighter (e.g. MetaWeightNet), got "
-            f"{type(loss_weighter).__name__}."
+def __getattr__(name: str) -> Any:
+    if name in ("model_losses", "TrainLoss"):
+        raise AttributeError(
+            f"metatrain.diagnostics.{name} was replaced by metatrain.objective.MetaObjective: "
+            "`MetaObjective(model, loss_weighter).problem(train_batch, meta_batch, lr)` gives the problem that "
+            "`compare_estimators(problem, estimators)` and every estimator take."
         )
-    per_sample_loss = per_sample_loss or per_sample_cross_entropy
-    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-    def per_sample(weights: ParamDict, batch: Any) -> torch.Tensor:
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise ValueError(f"model_losses expects batches `(inputs, labels)`, got {type(batch).__name__}.")
-        inputs, labels = batch
-        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        buffers = {name: b.clone() for name, b in model.named_buffers()}
-        outputs = functional_call(model, {**buffers, **weights}, args)
-        return per_sample_loss(logits_of(outputs), labels)
-
-    def meta_loss(weights: ParamDict, batch: Any) -> torch.Tensor:
-        return per_sample(weights, batch).mean()
-
-    return params, TrainLoss(per_sample, loss_weighter), meta_loss
+    raise AttributeError(f"module 'metatrain.diagnostics' has no attribute {name!r}")

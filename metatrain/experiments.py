@@ -1,8 +1,9 @@
-"""Pieces the recipes share: the seeds x methods grid and its resumption, the accuracy metric, per-method summaries
-and the results."""
+"""Pieces the recipes share: the trainer of one run of a method, the seeds x methods grid and its resumption, the
+accuracy metric, per-method summaries and the results."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -17,8 +18,10 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from .data.episodes import stack_images
+from .per_sample import PerSampleLossTrainer
 from .profiling import MemoryMeter
-from .trainer import evaluation_mode
+from .trainer import MetaTrainer
+from .utils import evaluation_mode
 
 logger = logging.getLogger(__name__)
 RUNS_DONE_NAME = "runs_done.json"
@@ -202,28 +205,56 @@ def train_or_resume(trainer: Trainer) -> tuple[TrainOutput, dict[str, Any] | Non
 
 def train_and_measure(trainer: Trainer) -> dict[str, Any]:
     """Trains `trainer` (resuming as [`train_or_resume`]) and returns what a recipe reports of the cost:
-    `seconds_per_step` (of the steps this call took), the mean `meta_step_seconds` and `meta_step_memory_mb` of its
-    logs (`None` for a trainer without meta step, or without `meta_profile_memory`), `memory_kind`, the run's
-    `peak_cuda_memory_mb` on a GPU, `meta_steps_skipped`, and `resumed_from` (the checkpoint and its global step, or
-    `None`)."""
+    `seconds_per_step` (of the steps this call took), the mean `meta_step_seconds` and `meta_step_memory_mb` over the
+    run's meta steps (`None` for a trainer without meta step, or without `meta_profile_memory`), `memory_kind`, the
+    run's `peak_cuda_memory_mb` on a GPU, `meta_steps_skipped`, and `resumed_from` (the checkpoint and its global
+    step, or `None`)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     output, resumed = train_or_resume(trainer)
     steps = trainer.state.global_step - (resumed["global_step"] if resumed else 0)
-    logs = [h for h in trainer.state.log_history if "meta_step_seconds" in h]
-
-    def mean(key: str) -> float | None:
-        return float(np.mean([h[key] for h in logs])) if logs and key in logs[0] else None
-
+    statistics = getattr(trainer, "meta_statistics", None)  # a MetaTrainer's, over the run (resumes included)
+    means = statistics.means() if statistics is not None else {}
     return {
         "seconds_per_step": output.metrics["train_runtime"] / max(steps, 1),
-        "meta_step_seconds": mean("meta_step_seconds"),
-        "meta_step_memory_mb": mean("meta_step_memory_mb"),
+        "meta_step_seconds": means.get("meta_step_seconds"),
+        "meta_step_memory_mb": means.get("meta_step_memory_mb"),
         "memory_kind": MemoryMeter(trainer.args.device).kind,
         "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-        "meta_steps_skipped": getattr(trainer, "meta_steps_skipped", None),
+        "meta_steps_skipped": statistics.skipped if statistics is not None else None,
         "resumed_from": resumed,
     }
+
+
+def method_trainer(
+    method: str,
+    methods: Mapping[str, str | None],
+    method_options: Mapping[str, Mapping[str, Any]],
+    training_args: TrainingArguments,
+    seed: int,
+    *,
+    run_dir: Sequence[str] = (),
+    meta_dataset: Any = None,
+    meta_module: Callable[[], torch.nn.Module] | None = None,
+    **trainer_kwargs: Any,
+) -> Trainer:
+    """The trainer of one run of a recipe's `method`: a [`PerSampleLossTrainer`] for a method without estimator
+    (`methods[method]` is `None`), else a [`MetaTrainer`] with `meta_dataset` and the module `meta_module()` builds
+    (called only then: attaching changes the model). Its arguments are `training_args` with the run's `output_dir`
+    (`output_dir/*run_dir/method/seed{seed}`), `seed`, and the method's estimator and options ([`method_estimator`]).
+
+    Args:
+        trainer_kwargs: passed to the trainer (`model`, `train_dataset`, `eval_dataset`, `compute_metrics`, ...).
+    """
+    run_args = dataclasses.replace(
+        training_args,
+        output_dir=os.path.join(training_args.output_dir, *run_dir, method, f"seed{seed}"),
+        seed=seed,
+        **method_estimator(method, methods, method_options, training_args),
+    )
+    if methods[method] is None:
+        return PerSampleLossTrainer(args=run_args, **trainer_kwargs)
+    return MetaTrainer(args=run_args, meta_dataset=meta_dataset, meta_module=meta_module(), **trainer_kwargs)
 
 
 def parse_method_options(value: dict | str | None, methods: Mapping[str, str | None]) -> dict[str, dict[str, Any]]:

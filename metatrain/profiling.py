@@ -1,8 +1,10 @@
-"""Memory of a block of work: the CUDA allocator's peak on GPU, the peak of bytes saved for backward on CPU
-([`MemoryMeter`]), and the peak of live tensor bytes on any device ([`LiveTensorMeter`])."""
+"""Memory of a block of work: the CUDA allocator's peak on GPU, and on CPU the peak of bytes saved for backward or
+the process's peak resident memory ([`MemoryMeter`]); the peak of live tensor bytes on any device
+([`LiveTensorMeter`])."""
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -34,23 +36,41 @@ class MemoryMeter:
     saves them: pass them as `exclude`, or they are counted as if the graph had made them. The two are different
     quantities: compare figures of one kind only, and `kind` says which.
 
+    With `cpu="rss"`, on CPU it is instead the process's peak resident memory over the block minus its resident memory
+    when the block began (Linux): everything the block allocates, tensors or not, for whole training steps.
+
     Args:
         device (`torch.device` or `str`): where the work runs.
         exclude (`Iterable[torch.Tensor]`, *optional*): on CPU, tensors whose storages are not counted when a graph
             saves them (they, or views and detached aliases of them, such as the weights of a functional call).
+        cpu (`str`, *optional*, defaults to `"saved_for_backward"`): what is measured on CPU, `"saved_for_backward"`
+            or `"rss"`.
+
+    After the block, `start_bytes` is the memory allocated (CUDA) or resident (`"rss"`) when it began, and
+    `absolute_peak_bytes` the peak itself (`peak_bytes + start_bytes`); both are 0 for `"saved_for_backward"`.
     """
 
-    def __init__(self, device: torch.device | str, exclude: Iterable[torch.Tensor] = ()):
+    def __init__(
+        self, device: torch.device | str, exclude: Iterable[torch.Tensor] = (), cpu: str = "saved_for_backward"
+    ):
+        if cpu not in ("saved_for_backward", "rss"):
+            raise ValueError(f"MemoryMeter measures `cpu='saved_for_backward'` or `cpu='rss'`, got cpu={cpu!r}.")
         self.device = torch.device(device)
-        self.kind = "cuda_peak_allocated" if self.device.type == "cuda" else "cpu_peak_saved_for_backward"
-        self.peak_bytes = 0
+        self.kind = "cuda_peak_allocated" if self.device.type == "cuda" else f"cpu_peak_{cpu}"
+        if self.kind == "cpu_peak_rss":
+            self.kind = "cpu_peak_rss_over_start"
+        self.peak_bytes = self.start_bytes = self.absolute_peak_bytes = 0
         self._excluded = {t.untyped_storage().data_ptr() for t in exclude if isinstance(t, torch.Tensor)}
 
     def __enter__(self) -> MemoryMeter:
         if self.kind == "cuda_peak_allocated":
             torch.cuda.synchronize(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
+            self.start_bytes = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.kind == "cpu_peak_rss_over_start":
+            self.start_bytes = _process_kib("VmRSS") * 1024
+            with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS (Linux >= 4.0)
+                f.write("5")
         else:
             self._holders: dict[int, int] = {}  # storage pointer -> saved tensors of it alive in a graph
             self._live = 0
@@ -87,9 +107,19 @@ class MemoryMeter:
     def __exit__(self, *exc) -> None:
         if self.kind == "cuda_peak_allocated":
             torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+            self.absolute_peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            self.peak_bytes = self.absolute_peak_bytes - self.start_bytes
+        elif self.kind == "cpu_peak_rss_over_start":
+            self.absolute_peak_bytes = _process_kib("VmHWM") * 1024
+            self.peak_bytes = self.absolute_peak_bytes - self.start_bytes
         else:
             self._hooks.__exit__(*exc)
+
+
+def _process_kib(field: str) -> int:
+    """A memory figure of this process from `/proc/self/status`, in KiB."""
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
 
 
 def _has_storage(value: Any) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,11 @@ REMOVED_META_OPTIMIZER_FIELDS = {
     "meta_adam_beta1": "betas",
     "meta_adam_beta2": "betas",
 }
+logger = logging.getLogger(__name__)
+
+# EvoGrad's default perturbation and temperature under bf16/fp16: 10x the paper's sigma, 100x its temperature, so the
+# expected lookahead step (K - 1) sigma^2 / (K tau) is the paper's
+MIXED_PRECISION_EVOGRAD = {"sigma": 0.01, "temperature": 5.0}
 META_STEP_POSITIONS = ("before", "after")
 META_TRAIN_BATCHES = ("window", "micro_batch")
 META_LOSS_MODES = ("train", "eval")
@@ -239,6 +245,41 @@ class MetaTrainingArguments(TrainingArguments):
         `meta_learning_rate`, then `META_OPTIMIZER_DEFAULTS` updated by `meta_optimizer_kwargs`."""
         options = {**META_OPTIMIZER_DEFAULTS[self.meta_optimizer], **(self.meta_optimizer_kwargs or {})}
         return META_OPTIMIZER_CLASSES[self.meta_optimizer], {"lr": self.meta_learning_rate, **options}
+
+    @property
+    def precision(self) -> str:
+        """`"bf16"`, `"fp16"` or `"no"`, from the flags or Accelerate's setting (`accelerate launch` configs, the
+        `ACCELERATE_MIXED_PRECISION` variable), as Trainer resolves it."""
+        if self.bf16 or self.fp16:
+            return "bf16" if self.bf16 else "fp16"
+        return str(getattr(self, "mixed_precision", None) or "no")
+
+    def estimator_options(self) -> dict[str, Any]:
+        """`hypergradient_kwargs`, with EvoGrad's perturbations sized for mixed precision: bf16 and fp16 do not resolve
+        `sigma=0.001` on weights of order 0.1-1, so its perturbed losses differ by rounding. Unless `sigma` or
+        `temperature` is given, it then takes `MIXED_PRECISION_EVOGRAD` (the same expected lookahead step,
+        `(K - 1) sigma^2 / (K tau)`); a given `sigma` below it is warned about."""
+        options = dict(self.hypergradient_kwargs)
+        precision = self.precision
+        if self.hypergradient != "evograd" or precision not in ("bf16", "fp16"):
+            return options
+        if "sigma" not in options and "temperature" not in options:
+            logger.warning(
+                f"EvoGrad under {precision}: sigma={MIXED_PRECISION_EVOGRAD['sigma']}, temperature="
+                f"{MIXED_PRECISION_EVOGRAD['temperature']} instead of the paper's 0.001 and 0.05 ({precision} does "
+                "not resolve perturbations of 0.001; the expected step is the same). Set `sigma` or `temperature` in "
+                "`hypergradient_kwargs` to choose them."
+            )
+            return {**options, **MIXED_PRECISION_EVOGRAD}
+        sigma = options.get("sigma", 0.001)
+        if isinstance(sigma, (int, float)) and sigma < MIXED_PRECISION_EVOGRAD["sigma"]:
+            logger.warning(
+                f"EvoGrad with sigma={sigma} under {precision}: perturbations that small are below {precision}'s "
+                "resolution for most weights, so the hypergradient is mostly rounding noise. Leave `sigma` and "
+                f"`temperature` unset (then {MIXED_PRECISION_EVOGRAD}, the same expected step), or set sigma >= "
+                f"{MIXED_PRECISION_EVOGRAD['sigma']} with `rescale=True`."
+            )
+        return options
 
     def __post_init__(self):
         refuse_sharded_training(self)

@@ -38,20 +38,15 @@ import torch
 
 from metatrain.cli import parse_config
 from metatrain.data import load_digits_dataset, make_noisy_label_splits
-from metatrain.diagnostics import (
-    EstimatorReport,
-    compare_estimators,
-    cosine,
-    flatten,
-    model_losses,
-    ratio,
-    synchronize,
-)
-from metatrain.estimators import HypergradientEstimator, HypergradientResult, create_estimator
-from metatrain.estimators._lookahead import sgd_lookahead
+from metatrain.diagnostics import EstimatorReport, compare_estimators, synchronize
+from metatrain.estimators import HypergradientEstimator, HypergradientProblem, HypergradientResult, create_estimator
+from metatrain.estimators.functional import sgd_lookahead
 from metatrain.models import build_model
 from metatrain.modules import MetaWeightNet
+from metatrain.objective import MetaObjective
 from metatrain.profiling import MemoryMeter
+from metatrain.tables import markdown_table as table
+from metatrain.utils import cosine, flatten, ratio
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -121,17 +116,12 @@ class FromState(HypergradientEstimator):
         return self._estimator.name
 
     @property
-    def perturbs_weights(self) -> bool:  # type: ignore[override]
-        # `compare_estimators` holds the weighting net's input for the estimator inside, as MetaTrainer would
-        return self._estimator.perturbs_weights
-
-    @property
     def draws(self) -> list[torch.Tensor]:
         return self._draws
 
-    def estimate(self, *args: Any, **kwargs: Any) -> HypergradientResult:
+    def estimate(self, problem: HypergradientProblem) -> HypergradientResult:
         self._estimator.load_state_dict(copy.deepcopy(self._state))
-        result = self._estimator.estimate(*args, **kwargs)
+        result = self._estimator.estimate(problem)
         self._draws.append(flatten(result.grads))
         return result
 
@@ -147,7 +137,11 @@ class Precomputed(HypergradientEstimator):
     def name(self) -> str:
         return self._name
 
-    def estimate(self, *args: Any, **kwargs: Any) -> HypergradientResult:
+    @property
+    def result(self) -> HypergradientResult:
+        return self._result
+
+    def estimate(self, problem: HypergradientProblem) -> HypergradientResult:
         return self._result
 
 
@@ -222,13 +216,11 @@ def markdown_table(rows: list[dict[str, Any]], step: dict[str, float], reference
         "norm / ref", "norm of mean / ref", "ms / call", "x t1t2", "x train step", "memory (MiB)", "x t1t2",
         "x train step",
     ]  # fmt: skip
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    step_cells = ["training step (forward + backward, no hypergradient)", *[""] * 8, f"{step['seconds'] * 1e3:.1f}",
-                  "", "1", f"{step['memory_bytes'] / 2**20:.3g}", "", "1"]  # fmt: skip
-    lines.append("| " + " | ".join(step_cells) + " |")
+    lines = [["training step (forward + backward, no hypergradient)", *[""] * 8, f"{step['seconds'] * 1e3:.1f}",
+              "", "1", f"{step['memory_bytes'] / 2**20:.3g}", "", "1"]]  # fmt: skip
     for r in rows:
         cells = [
-            f"`{r['label']}`".replace("|", "\\|"),
+            f"`{r['label']}`",
             _fmt(r["cosine_reverse"], ".4f"),
             _fmt(r["cosine_of_mean_reverse"], ".4f"),
             _fmt(r["abs_cosine_reverse"], ".3f") if r["stochastic"] else "",
@@ -244,8 +236,8 @@ def markdown_table(rows: list[dict[str, Any]], step: dict[str, float], reference
             _fmt(r["memory_vs_t1t2"], ".2f"),
             _fmt(r["memory_vs_train_step"], ".2f"),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append(cells)
+    return table(header, lines, right_from=1)
 
 
 def _values(rows: list[dict[str, Any]], key: str) -> np.ndarray:
@@ -317,9 +309,11 @@ def main(argv: list[str] | None = None) -> dict:
     meta_batch = (meta["pixel_values"][rows].to(device), meta["labels"][rows].to(device))
     model = build_model(args.model, num_classes=10, in_chans=x.shape[1]).to(device).train()  # as MetaTrainer
     weighter = MetaWeightNet().to(device)
-    meta_params = list(weighter.parameters())
-    theta, plain_loss, _ = model_losses(model)
-    _, train_loss, meta_loss = model_losses(model, weighter)
+    # the losses of MetaTrainer's meta step: the MWN-weighted training loss and the plain meta loss; the plain
+    # training loss without the weighter, for the pretraining
+    objective, plain = MetaObjective(model, weighter), MetaObjective(model)
+    meta_params, train_loss, meta_loss = objective.meta_params, objective.train_loss, objective.meta_loss
+    theta = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
     # plain SGD for a few epochs, then the real steps the stateful estimators see, on the MWN-weighted loss
     stream = batches(x, y, args.batch_size, generator)
@@ -328,36 +322,36 @@ def main(argv: list[str] | None = None) -> dict:
     if args.max_pretrain_steps >= 0:
         pretrain_steps = min(pretrain_steps, args.max_pretrain_steps)
     for _ in range(pretrain_steps):
-        theta = sgd_step(theta, plain_loss, next(stream), args.lr)
+        theta = sgd_step(theta, plain.train_loss, next(stream), args.lr)
     trajectory = max(options["horizon"] for name, options in specs if name == "reverse") - 1
     for _ in range(trajectory):
         batch = next(stream)
         for estimator in estimators:
             if estimator.stateful:
-                estimator.estimate(theta, meta_params, train_loss, meta_loss, batch, meta_batch, args.lr)
+                estimator.estimate(objective.problem(batch, meta_batch, args.lr, params=theta))
         theta = sgd_step(theta, train_loss, batch, args.lr)
     train_batch = next(stream)
     with torch.no_grad():
         state = {
             "pretrain_steps": pretrain_steps,
             "trajectory_steps": trajectory,
-            "train_loss": float(plain_loss(theta, train_batch)),
+            "train_loss": float(plain.train_loss(theta, train_batch)),
             "weighted_train_loss": float(train_loss(theta, train_batch)),
             "meta_loss": float(meta_loss(theta, meta_batch)),
         }
 
-    # the two references, computed once
-    problem = dict(params=theta, meta_params=meta_params, train_loss=train_loss, meta_loss=meta_loss,
-                   train_batch=train_batch, meta_batch=meta_batch, lr=args.lr)  # fmt: skip
+    # the two references, computed once; the problem holds the weighting net's input at `theta` for the estimators
+    # that perturb the weights, as MetaTrainer's meta step does
+    problem = objective.problem(train_batch, meta_batch, args.lr, params=theta)
     reference_options = {"horizon": args.reference_horizon}
     reference_at = specs.index(("reverse", reference_options))
     measured = [FromState(estimator, options) for estimator, (_, options) in zip(estimators, specs)]
     references = {
-        "reverse": Precomputed(measured[reference_at].estimate(**problem), "reverse", reference_options),
-        "t1t2": Precomputed(create_estimator("t1t2").estimate(**problem), "t1t2", {}),
+        "reverse": Precomputed(measured[reference_at].estimate(problem), "reverse", reference_options),
+        "t1t2": Precomputed(create_estimator("t1t2").estimate(problem), "t1t2", {}),
     }
 
-    vectors = {key: flatten(reference.estimate().grads) for key, reference in references.items()}
+    vectors = {key: flatten(reference.result.grads) for key, reference in references.items()}
     results = []
     for (name, options), estimator in zip(specs, measured):
         # the same seed against both references: a stochastic estimator is compared on the same draws with each
@@ -367,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
             estimator.draws.clear()
             repeats = args.stochastic_repeats if name in STOCHASTIC else args.repeats if key == "reverse" else 1
             (reports[key],) = compare_estimators(
-                **problem, estimators=[estimator], reference=reference, repeats=repeats, warmup=1
+                problem, estimators=[estimator], reference=reference, repeats=repeats, warmup=1
             )
             if key == "reverse":
                 draws = list(estimator.draws)  # warm-up, timed and memory calls: repeats + 2 draws

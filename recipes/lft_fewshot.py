@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers import set_seed
 
-from metatrain import MetaTrainer, MetaTrainingArguments, PerSampleLossTrainer
+from metatrain import MetaTrainingArguments, PerSampleLossTrainer
 from metatrain.cli import parse_config
 from metatrain.data import (
     DIGIT_DOMAINS,
@@ -47,7 +47,7 @@ from metatrain.experiments import (
     check_resume,
     episode_accuracy,
     evaluate_episodes,
-    method_estimator,
+    method_trainer,
     paired_differences,
     parse_method_options,
     resumes,
@@ -216,21 +216,16 @@ def build_trainer(args: LFTArguments, training_args: MetaTrainingArguments, back
     (or `None`)."""
     seen, _, pretrained = data
     model, transforms = build_model(args, backbone, method, seed, pretrained)
-    hypergradient = METHODS[method]
-    run_args = dataclasses.replace(
-        training_args,
-        output_dir=os.path.join(training_args.output_dir, backbone, method, f"seed{seed}"),
-        seed=seed,
-        **method_estimator(method, METHODS, args.method_options, training_args),
-    )
-    common = dict(
-        model=model, args=run_args, compute_metrics=episode_accuracy, model_input_names=MODEL_INPUTS,
-        train_dataset=make_episodes(args, seen, args.n_shot, args.n_query, args.train_episodes, seed, seen),
+    train = make_episodes(args, seen, args.n_shot, args.n_query, args.train_episodes, seed, seen)
+    meta = None
+    if METHODS[method] is not None:  # pseudo-unseen episodes, for the LFT methods
+        meta = make_episodes(args, seen, args.n_shot, args.n_query, args.train_episodes, seed + 1_000_003, seen)
+    trainer = method_trainer(
+        method, METHODS, args.method_options, training_args, seed, run_dir=(backbone,), model=model,
+        compute_metrics=episode_accuracy, model_input_names=MODEL_INPUTS, train_dataset=train, meta_dataset=meta,
+        meta_module=lambda: transforms,
     )  # fmt: skip
-    if hypergradient is None:
-        return PerSampleLossTrainer(**common), transforms
-    pseudo_unseen = make_episodes(args, seen, args.n_shot, args.n_query, args.train_episodes, seed + 1_000_003, seen)
-    return MetaTrainer(**common, meta_dataset=pseudo_unseen, meta_module=transforms), transforms
+    return trainer, transforms
 
 
 def run(args: LFTArguments, training_args: MetaTrainingArguments, backbone: str, method: str, seed: int, data):

@@ -35,7 +35,7 @@ from transformers import (
     set_seed,
 )
 
-from metatrain import MetaTrainer, MetaTrainingArguments, PerSampleLossTrainer
+from metatrain import MetaTrainingArguments
 from metatrain.cli import parse_config
 from metatrain.data.crosslingual import (
     ENTITY_TYPES,
@@ -51,7 +51,7 @@ from metatrain.experiments import (
     accuracy,
     check_methods,
     check_resume,
-    method_estimator,
+    method_trainer,
     parse_method_options,
     per_method,
     run_grid,
@@ -208,28 +208,18 @@ def build_model(args: MetaXLArguments, data: dict, seed: int) -> torch.nn.Module
 def run(args: MetaXLArguments, training_args: MetaTrainingArguments, method: str, seed: int, data: dict):
     set_seed(seed)
     model = build_model(args, data, seed)
-    hypergradient = METHODS[method]
-    run_args = dataclasses.replace(
-        training_args,
-        output_dir=os.path.join(training_args.output_dir, method, f"seed{seed}"),
-        seed=seed,
-        **method_estimator(method, METHODS, args.method_options, training_args),
-    )
     tokenizer = data["tokenizer"]
     if args.task == "ner":
         collator, metrics, metric_name = (DataCollatorForTokenClassification(tokenizer),
                                           token_classification_metrics(WIKIANN_LABELS), "f1")  # fmt: skip
     else:
         collator, metrics, metric_name = DataCollatorWithPadding(tokenizer), accuracy, "accuracy"
-    common = dict(
-        model=model, args=run_args, train_dataset=data["source"] if method == "source_only" else data["mix"],
-        eval_dataset=data["target_test"], data_collator=collator, compute_metrics=metrics,
+    trainer = method_trainer(
+        method, METHODS, args.method_options, training_args, seed, model=model,
+        train_dataset=data["source"] if method == "source_only" else data["mix"], eval_dataset=data["target_test"],
+        data_collator=collator, compute_metrics=metrics, meta_dataset=data["target_train"],
+        meta_module=lambda: attach_representation_transform(model, layer=args.rtn_layer, bottleneck=args.bottleneck),
     )  # fmt: skip
-    if hypergradient is None:
-        trainer = PerSampleLossTrainer(**common)
-    else:
-        rtn = attach_representation_transform(model, layer=args.rtn_layer, bottleneck=args.bottleneck)
-        trainer = MetaTrainer(**common, meta_dataset=data["target_train"], meta_module=rtn)
     costs = train_and_measure(trainer)
     final = trainer.evaluate()
     history = trainer.state.log_history

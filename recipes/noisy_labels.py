@@ -20,14 +20,14 @@ from typing import Any
 import torch
 from transformers import set_seed
 
-from metatrain import MetaTrainer, MetaTrainingArguments, PerSampleLossTrainer
+from metatrain import MetaTrainingArguments
 from metatrain.cli import parse_config
 from metatrain.data import load_digits_dataset, load_image_classification_dataset, make_noisy_label_splits
 from metatrain.experiments import (
     accuracy,
     check_methods,
     check_resume,
-    method_estimator,
+    method_trainer,
     parse_method_options,
     per_method,
     run_grid,
@@ -95,19 +95,10 @@ def run(args: NoisyLabelsArguments, training_args: MetaTrainingArguments, method
     set_seed(seed)
     in_chans = splits["train"][0]["pixel_values"].shape[0]
     model = build_model(args.model, num_classes=classes, in_chans=in_chans, width=args.width)
-    hypergradient = METHODS[method]
-    run_args = dataclasses.replace(
-        training_args,
-        output_dir=os.path.join(training_args.output_dir, method, f"seed{seed}"),
-        seed=seed,
-        **method_estimator(method, METHODS, args.method_options, training_args),
-    )
-    common = dict(model=model, args=run_args, train_dataset=splits["train"], eval_dataset=splits["test"],
-                  compute_metrics=accuracy)  # fmt: skip
-    if hypergradient is None:
-        trainer = PerSampleLossTrainer(**common)
-    else:
-        trainer = MetaTrainer(**common, meta_dataset=splits["meta"], meta_module=MetaWeightNet())
+    trainer = method_trainer(
+        method, METHODS, args.method_options, training_args, seed, model=model, train_dataset=splits["train"],
+        eval_dataset=splits["test"], compute_metrics=accuracy, meta_dataset=splits["meta"], meta_module=MetaWeightNet,
+    )  # fmt: skip
     costs = train_and_measure(trainer)
     final = trainer.evaluate()
     history = trainer.state.log_history
@@ -119,7 +110,7 @@ def run(args: NoisyLabelsArguments, training_args: MetaTrainingArguments, method
         or [final["eval_accuracy"]],
         **costs,
     }
-    if hypergradient is not None:
+    if METHODS[method] is not None:
         device = trainer.meta_module.net[0].weight.device
         losses = torch.linspace(0, 8, 81, device=device)
         with torch.no_grad():

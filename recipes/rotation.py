@@ -27,7 +27,7 @@ import numpy as np
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from metatrain import MetaTrainer, MetaTrainingArguments, PerSampleLossTrainer
+from metatrain import MetaTrainingArguments
 from metatrain.cli import parse_config
 from metatrain.data import class_balanced_meta_split, load_digits_dataset
 from metatrain.estimators import ESTIMATORS
@@ -35,7 +35,7 @@ from metatrain.experiments import (
     accuracy,
     check_methods,
     check_resume,
-    method_estimator,
+    method_trainer,
     parse_method_options,
     per_method,
     run_grid,
@@ -140,23 +140,15 @@ class AngleRecorder(TrainerCallback):
 def run(args: RotationArguments, training_args: MetaTrainingArguments, method: str, seed: int, splits) -> dict:
     set_seed(seed)
     model = build_model(args.model, num_classes=10, in_chans=1)
-    estimator = METHODS[method]
-    run_args = dataclasses.replace(
-        training_args,
-        output_dir=os.path.join(training_args.output_dir, method, f"seed{seed}"),
-        seed=seed,
-        **method_estimator(method, METHODS, args.method_options, training_args),
-    )
     test = splits["test_unrotated"] if method == "matched" else splits["test"]
-    common = dict(model=model, args=run_args, train_dataset=splits["train"], eval_dataset=test,
-                  compute_metrics=accuracy)  # fmt: skip
-    if estimator is None:
-        trainer = PerSampleLossTrainer(**common)
-        recorder = None
-    else:
-        rotation = LearnableRotation(degrees=0.0, padding_mode="border")
-        recorder = AngleRecorder(rotation)
-        trainer = MetaTrainer(**common, meta_dataset=splits["meta"], meta_module=rotation, callbacks=[recorder])
+    trainer = method_trainer(
+        method, METHODS, args.method_options, training_args, seed, model=model, train_dataset=splits["train"],
+        eval_dataset=test, compute_metrics=accuracy, meta_dataset=splits["meta"],
+        meta_module=lambda: LearnableRotation(degrees=0.0, padding_mode="border"),
+    )  # fmt: skip
+    recorder = AngleRecorder(trainer.meta_module) if METHODS[method] is not None else None
+    if recorder is not None:
+        trainer.add_callback(recorder)
     costs = train_and_measure(trainer)
     result = {"method": method, "seed": seed, "test_accuracy": trainer.evaluate()["eval_accuracy"], **costs}
     if recorder is not None:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from metatrain.cli import parse_config
-from metatrain.estimators import HypergradientEstimator, create_estimator
+from metatrain.estimators import HypergradientEstimator, HypergradientProblem, create_estimator
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -96,12 +96,13 @@ def closed_form_hypergradient(lam):
 def evograd_hypergradient(estimator: HypergradientEstimator, x: float, lam: float) -> float:
     """EvoGrad's estimate of `d f_V / d lambda` from the point `x`."""
     lam = torch.tensor(float(lam), dtype=torch.float64, requires_grad=True)
-    (grad,) = estimator.estimate(
+    problem = HypergradientProblem(
         params={"x": torch.tensor(float(x), dtype=torch.float64)},
         meta_params=[lam],
         train_loss=lambda params, _: train_loss(params["x"], lam),
         meta_loss=lambda params, _: val_loss(params["x"]),
-    ).grads
+    )
+    (grad,) = estimator.estimate(problem).grads
     return grad.item()
 
 

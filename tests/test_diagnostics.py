@@ -1,20 +1,30 @@
-"""`compare_estimators`, its reports and table, and the standalone loss closures of `model_losses`."""
+"""`compare_estimators`, its reports and table, the problems `MetaObjective` builds for it (a loss weighter's input
+held at the current weights), and the memory meters."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from metatrain.diagnostics import EstimatorReport, compare_estimators, format_table, model_losses
-from metatrain.estimators import ESTIMATORS, HypergradientEstimator, HypergradientResult, create_estimator
+import metatrain.diagnostics
+import metatrain.utils
+from metatrain.diagnostics import EstimatorReport, compare_estimators, format_table
+from metatrain.estimators import (
+    ESTIMATORS,
+    HypergradientEstimator,
+    HypergradientProblem,
+    HypergradientResult,
+    create_estimator,
+)
 from metatrain.modules import MetaWeightNet
+from metatrain.objective import MetaObjective
 
 LR = 0.3
 
@@ -24,34 +34,49 @@ def per_sample_ce64(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels, reduction="none")
 
 
-def tiny_problem(model: nn.Module | None = None, per_sample_loss=per_sample_ce64) -> dict[str, Any]:
-    """A float64 MLP classifier with a Meta-Weight-Net, batches of 16 whose per-sample losses spread out."""
+def tiny_objective(model: nn.Module | None = None, per_sample_loss=per_sample_ce64) -> tuple[MetaObjective, tuple]:
+    """A float64 MLP classifier with a Meta-Weight-Net, and a training and a meta batch of 16 whose per-sample losses
+    spread out."""
     torch.manual_seed(0)
     model = model or nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double()
     weighter = MetaWeightNet(hidden_size=16).double()
-    params, train_loss, meta_loss = model_losses(model, weighter, per_sample_loss)
-    return {
-        "params": params,
-        "meta_params": list(weighter.parameters()),
-        "train_loss": train_loss,
-        "meta_loss": meta_loss,
-        "train_batch": (3 * torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))),
-        "meta_batch": (3 * torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))),
-        "lr": LR,
-    }
+    objective = MetaObjective(model, weighter, per_sample_loss=per_sample_loss)
+    train_batch = (3 * torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,)))
+    meta_batch = (3 * torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,)))
+    return objective, (train_batch, meta_batch)
+
+
+def tiny_problem(model: nn.Module | None = None, per_sample_loss=per_sample_ce64) -> HypergradientProblem:
+    """The problem of [`tiny_objective`] at the model's weights, as MetaTrainer's meta step builds it."""
+    objective, (train_batch, meta_batch) = tiny_objective(model, per_sample_loss)
+    return objective.problem(train_batch, meta_batch, LR)
 
 
 def flat(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in grads])
 
 
+def shifted(params, by: float = 0.05) -> dict[str, torch.Tensor]:
+    """The weights moved off `params`, by a fixed pattern (no random draws)."""
+    return {
+        name: p + by * torch.linspace(-1, 1, p.numel(), dtype=p.dtype).reshape(p.shape) for name, p in params.items()
+    }
+
+
+def held_loss_by_hand(objective: MetaObjective, weights, at, batch) -> torch.Tensor:
+    """The weighted training loss at `weights`, the weighter fed the per-sample losses at `at`."""
+    losses, weighter_input = objective.per_sample(weights, batch), objective.per_sample(at, batch)
+    w = objective.meta_module(weighter_input)
+    return (w * losses).sum() / w.sum()
+
+
 def test_t1t2_against_itself_and_first_order_has_no_direction():
     problem = tiny_problem()
-    t1t2, first = compare_estimators(**problem, estimators=["t1t2", "first_order"], repeats=2)
+    t1t2, first = compare_estimators(problem, ["t1t2", "first_order"], repeats=2)
     assert isinstance(t1t2, EstimatorReport) and (t1t2.name, first.name) == ("t1t2", "first_order")
     for value in (t1t2.cosine, t1t2.cosine_of_mean, t1t2.norm_ratio, t1t2.norm_ratio_of_mean):
         assert abs(value - 1) < 1e-10
-    expected = flat(create_estimator("t1t2").estimate(**problem).grads)
+    expected = flat(create_estimator("t1t2").estimate(problem).grads)
     torch.testing.assert_close(t1t2.hypergradient, expected, rtol=1e-12, atol=0)
     assert t1t2.norm > 0 and t1t2.reference_norm == pytest.approx(t1t2.norm, rel=1e-12)
     assert t1t2.reference == first.reference == "t1t2"
@@ -76,7 +101,7 @@ def test_evograd_mean_tracks_t1t2_when_its_step_is_the_learning_rate():
     seeds, each with the old and the new sign noise; 64 repeats, new noise: 0.89-0.98 and 0.23-0.59)."""
     problem = tiny_problem()
     large, small = compare_estimators(
-        **problem,
+        problem,
         estimators=[("evograd", {"population": 32, "sigma": "auto"}), ("evograd", {"population": 4, "sigma": "auto"})],
         repeats=64,
     )
@@ -88,47 +113,134 @@ def test_evograd_mean_tracks_t1t2_when_its_step_is_the_learning_rate():
 
 def test_t1t2_fd_matches_t1t2_on_the_held_objective_only():
     """MetaTrainer holds the weighting net's input at the current weights for estimators that perturb the weights;
-    `compare_estimators` does the same by default, where `t1t2_fd` is T1-T2's finite-difference version. Without
-    holding, its finite difference also moves the weighting net's input: a different objective, twice the norm."""
+    `compare_estimators` keeps the problem's `held_train_loss` by default, where `t1t2_fd` is T1-T2's
+    finite-difference version. Without holding, its finite difference also moves the weighting net's input: a
+    different objective, twice the norm."""
     problem = tiny_problem()
-    (held,) = compare_estimators(**problem, estimators=["t1t2_fd"])
-    (unheld,) = compare_estimators(**problem, estimators=["t1t2_fd"], hold_weighter_inputs=False)
+    (held,) = compare_estimators(problem, ["t1t2_fd"])
+    (unheld,) = compare_estimators(problem, ["t1t2_fd"], hold_weighter_inputs=False)
     assert held.cosine > 0.999 and held.norm_ratio == pytest.approx(1, rel=0.02)
     assert unheld.norm_ratio > 1.5 and unheld.cosine < held.cosine - 1e-3
     # the autograd estimators see the same objective either way
-    (t1t2,) = compare_estimators(**problem, estimators=["t1t2"], hold_weighter_inputs=False)
+    (t1t2,) = compare_estimators(problem, ["t1t2"], hold_weighter_inputs=False)
     assert t1t2.cosine == pytest.approx(1, abs=1e-10) and t1t2.norm_ratio == pytest.approx(1, abs=1e-10)
 
 
-def test_held_train_loss_follows_the_trainers_rule():
-    problem = tiny_problem()
-    params, train_loss, train_batch = problem["params"], problem["train_loss"], problem["train_batch"]
-    weighter = train_loss.loss_weighter
-    assert train_loss.holding(params, train_batch, perturbs_weights=False) is train_loss
-    held = train_loss.holding(params, train_batch)
-    moved = {name: p + 0.05 * torch.randn_like(p) for name, p in params.items()}
-    losses_at = {key: train_loss.per_sample(w, train_batch) for key, w in (("params", params), ("moved", moved))}
-    # the current batch object: weights from the losses at `params`, whatever weights are evaluated
-    expected = (weighter(losses_at["params"]) * losses_at["moved"]).sum() / weighter(losses_at["params"]).sum()
-    torch.testing.assert_close(held(moved, train_batch), expected)
-    torch.testing.assert_close(held(params, train_batch), train_loss(params, train_batch))
-    # an equal copy is another batch (reverse mode's remembered ones, HyperDistill's): the losses as evaluated
-    copy = (train_batch[0].clone(), train_batch[1].clone())
-    torch.testing.assert_close(held(moved, copy), train_loss(moved, train_batch))
-    assert not torch.allclose(held(moved, copy), held(moved, train_batch))
-    # the held losses are computed once, without a graph
-    calls = []
-    counting = type(train_loss)(
-        lambda w, b: calls.append((w, torch.is_grad_enabled())) or train_loss.per_sample(w, b), weighter
+def test_held_train_loss_feeds_the_weighter_the_losses_at_params():
+    objective, (train_batch, meta_batch) = tiny_objective()
+    problem = objective.problem(train_batch, meta_batch, LR)
+    params, held = problem.params, problem.held_train_loss
+    moved = shifted(params)
+    # the weighting net's input: the losses at `params`, whatever weights are evaluated
+    torch.testing.assert_close(held(moved), held_loss_by_hand(objective, moved, params, train_batch))
+    # at `params` the held input is the input itself: the training loss
+    torch.testing.assert_close(held(params), objective.train_loss(params, train_batch))
+    # elsewhere it is another objective than the training loss, which feeds the losses at the weights evaluated
+    torch.testing.assert_close(
+        objective.train_loss(moved, train_batch), held_loss_by_hand(objective, moved, moved, train_batch)
     )
-    loss_fn = counting.holding(params, train_batch)
-    weights = {name: p.clone().requires_grad_(True) for name, p in moved.items()}
+    assert not torch.allclose(held(moved), objective.train_loss(moved, train_batch))
+    # the held input belongs to the problem's weights: a problem at `moved` holds the losses there
+    at_moved = objective.problem(train_batch, meta_batch, LR, params=moved)
+    torch.testing.assert_close(at_moved.held_train_loss(moved), objective.train_loss(moved, train_batch))
+    torch.testing.assert_close(
+        at_moved.held_train_loss(params), held_loss_by_hand(objective, params, moved, train_batch)
+    )
+
+
+def test_held_losses_are_computed_once_without_a_graph(monkeypatch):
+    objective, (train_batch, meta_batch) = tiny_objective()
+    calls = []
+    per_sample = objective.per_sample
+
+    def counting(weights, batch, training=True):
+        calls.append((weights, torch.is_grad_enabled()))
+        return per_sample(weights, batch, training)
+
+    monkeypatch.setattr(objective, "per_sample", counting)
+    problem = objective.problem(train_batch, meta_batch, LR)
+    assert calls == []  # nothing computed before an estimator asks
+    weights = {name: p.clone().requires_grad_(True) for name, p in shifted(problem.params).items()}
     for _ in range(3):
-        torch.autograd.grad(loss_fn(weights, train_batch), list(weights.values()))
-    assert len(calls) == 4 and [grad for w, grad in calls if w is params] == [False]
-    # no loss weighter: nothing to hold
-    _, plain, _ = model_losses(nn.Linear(4, 3).double(), None, per_sample_ce64)
-    assert plain.holding(params, train_batch) is plain
+        torch.autograd.grad(problem.held_train_loss(weights), list(weights.values()))
+    assert len(calls) == 4 and [grad for w, grad in calls if w is problem.params] == [False]
+
+    # losses known already (the base step's) are held as given: no forward at `params`
+    given = per_sample(problem.params, train_batch).detach()
+    calls.clear()
+    known = objective.problem(train_batch, meta_batch, LR, held_losses=given)
+    torch.testing.assert_close(known.held_train_loss(weights), problem.held_train_loss(weights))
+    assert len(calls) == 2 and not any(w is known.params for w, _ in calls)
+    # given other losses, the weighter sees those
+    other = objective.problem(train_batch, meta_batch, LR, held_losses=given + 1)
+    assert not torch.allclose(other.held_train_loss(weights), problem.held_train_loss(weights))
+
+
+def test_without_a_loss_weighter_nothing_is_held(monkeypatch):
+    objective, (train_batch, meta_batch) = tiny_objective()
+    plain = MetaObjective(objective.model, per_sample_loss=per_sample_ce64)
+    calls = []
+    per_sample = plain.per_sample
+    monkeypatch.setattr(plain, "per_sample", lambda w, b, training=True: calls.append(w) or per_sample(w, b, training))
+    problem = plain.problem(train_batch, meta_batch, LR)
+    moved = shifted(problem.params)
+    # the training loss at the weights evaluated, one forward there and none at `params`
+    expected = F.cross_entropy(torch.func.functional_call(plain.model, moved, (train_batch[0],)), train_batch[1])
+    torch.testing.assert_close(problem.held_train_loss(moved), expected)
+    assert len(calls) == 1 and calls[0] is moved
+
+
+class HeldInputProbe(HypergradientEstimator):
+    """An estimator that perturbs the weights: records the problem's `held_train_loss` and `train_loss` at weights
+    off `params`, and returns ones."""
+
+    name = "probe"
+
+    def __init__(self):
+        self._seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def estimate(self, problem):
+        moved = shifted(problem.params)
+        with torch.no_grad():
+            self._seen.append((problem.held_train_loss(moved), problem.train_loss(moved, problem.train_batch)))
+        return HypergradientResult(tuple(torch.ones_like(p) for p in problem.meta_params), torch.tensor(0.0))
+
+
+def test_compare_estimators_gives_a_perturbing_estimator_the_held_input_or_not():
+    objective, (train_batch, meta_batch) = tiny_objective()
+    problem = objective.problem(train_batch, meta_batch, LR)
+    moved = shifted(problem.params)
+    with torch.no_grad():
+        expected_held = held_loss_by_hand(objective, moved, problem.params, train_batch)
+        expected_plain = objective.train_loss(moved, train_batch)
+    assert not torch.allclose(expected_held, expected_plain)
+
+    held, unheld = HeldInputProbe(), HeldInputProbe()
+    compare_estimators(problem, [held], repeats=2)
+    compare_estimators(problem, [unheld], repeats=2, hold_weighter_inputs=False)
+    assert len(held._seen) == len(unheld._seen) == 4  # warm-up, 2 timed calls, the memory call
+    for (held_loss, plain_loss), (unheld_loss, same_plain) in zip(held._seen, unheld._seen):
+        torch.testing.assert_close(held_loss, expected_held)
+        torch.testing.assert_close(plain_loss, expected_plain)
+        torch.testing.assert_close(unheld_loss, expected_plain)
+        torch.testing.assert_close(same_plain, expected_plain)
+
+
+def test_compare_estimators_computes_the_held_losses_once_per_problem(monkeypatch):
+    """EvoGrad evaluates the held training loss at every copy of every call; the losses at `params` it holds are
+    computed once, in the first call that needs them, and reused by every later call on the problem."""
+    objective, (train_batch, meta_batch) = tiny_objective()
+    at_params = []
+    per_sample = objective.per_sample
+
+    def counting(weights, batch, training=True):
+        at_params.append(weights is problem.params and batch is train_batch and not torch.is_grad_enabled())
+        return per_sample(weights, batch, training)
+
+    monkeypatch.setattr(objective, "per_sample", counting)
+    problem = objective.problem(train_batch, meta_batch, LR)
+    compare_estimators(problem, [("evograd", {"population": 4}), "t1t2_fd"], repeats=2)
+    assert sum(at_params) == 1 and len(at_params) > 20
 
 
 def test_batch_norm_statistics_and_weights_are_untouched():
@@ -137,7 +249,7 @@ def test_batch_norm_statistics_and_weights_are_untouched():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     problem = tiny_problem(model, per_sample_loss=None)  # MetaTrainer's default loss
     reports = compare_estimators(
-        **problem,
+        problem,
         estimators=["t1t2", "first_order", ("evograd", {"population": 8, "sigma": "auto"}), "t1t2_fd"],
         repeats=2,
     )  # EvoGrad and t1t2_fd on the held objective: the held losses go through the model too
@@ -145,42 +257,61 @@ def test_batch_norm_statistics_and_weights_are_untouched():
     assert reports[3].cosine > 0.99
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "compare_estimators changed the model's state"
-    assert all(p.grad is None for p in [*model.parameters(), *problem["meta_params"]])
+    assert all(p.grad is None for p in [*model.parameters(), *problem.meta_params])
     # the check means something: an ordinary training-mode call does move the running statistics
-    model(problem["train_batch"][0])
+    model(problem.train_batch[0])
     assert not torch.equal(before["1.running_mean"], model.state_dict()["1.running_mean"])
 
 
-def test_model_losses_are_the_weighted_and_plain_means():
+def test_meta_objective_losses_are_the_weighted_and_plain_means():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
     weighter = MetaWeightNet(hidden_size=8).double()
     x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
-    params, train_loss, meta_loss = model_losses(model, weighter, per_sample_ce64)
+    objective = MetaObjective(model, weighter, per_sample_loss=per_sample_ce64)
+    problem = objective.problem((x, y), (x, y), LR)
+    params = problem.params
     assert set(params) == {n for n, _ in model.named_parameters()} and not any(
         p.requires_grad for p in params.values()
     )
+    assert problem.meta_params == list(weighter.parameters()) and problem.lr == LR
     losses = per_sample_ce64(model(x), y)
     w = weighter(losses)
-    torch.testing.assert_close(train_loss(params, (x, y)), (w * losses).sum() / w.sum())
-    torch.testing.assert_close(meta_loss(params, (x, y)), losses.mean())
-    shifted = {name: p + 0.1 for name, p in params.items()}
+    torch.testing.assert_close(objective.train_loss(params, (x, y)), (w * losses).sum() / w.sum())
+    torch.testing.assert_close(objective.meta_loss(params, (x, y)), losses.mean())
+    moved = {name: p + 0.1 for name, p in params.items()}
     torch.testing.assert_close(
-        meta_loss(shifted, [(x,), y]), F.cross_entropy(torch.func.functional_call(model, shifted, (x,)), y)
+        objective.meta_loss(moved, [(x,), y]), F.cross_entropy(torch.func.functional_call(model, moved, (x,)), y)
     )
 
-    _, plain_train_loss, _ = model_losses(model)
-    torch.testing.assert_close(plain_train_loss(params, (x, y)), F.cross_entropy(model(x).float(), y))
-    with pytest.raises(ValueError, match=r"\(inputs, labels\)"):
-        meta_loss(params, {"pixel_values": x, "labels": y})
-    with pytest.raises(ValueError, match="LossWeighter"):
-        model_losses(model, nn.Linear(1, 1))
+    plain = MetaObjective(model)
+    torch.testing.assert_close(plain.train_loss(params, (x, y)), F.cross_entropy(model(x).float(), y))
+    # batches are `(inputs, labels)` pairs: anything else fails, in every loss, the held one too
+    mapping = {"pixel_values": x, "labels": y}
+    held = objective.problem(mapping, (x, y), LR).held_train_loss
+    for call in (lambda: objective.meta_loss(params, mapping), lambda: objective.train_loss(params, mapping),
+                 lambda: held(params)):  # fmt: skip
+        with pytest.raises(ValueError, match=r"\(inputs, labels\)` pairs, got dict"):
+            call()
+    with pytest.raises(ValueError, match="meta_params has 1 tensors"):
+        MetaObjective(model, weighter, meta_params=[torch.zeros(1, requires_grad=True)])
+
+
+def test_removed_loss_closures_name_their_replacement():
+    for name in ("model_losses", "TrainLoss"):
+        with pytest.raises(AttributeError, match=rf"diagnostics\.{name} .*metatrain\.objective\.MetaObjective"):
+            getattr(metatrain.diagnostics, name)
+    with pytest.raises(AttributeError, match="has no attribute 'nothing_here'"):
+        metatrain.diagnostics.nothing_here  # noqa: B018
+    # the vector helpers moved to metatrain.utils and are still importable from here
+    for name in ("cosine", "flatten", "ratio"):
+        assert getattr(metatrain.diagnostics, name) is getattr(metatrain.utils, name)
 
 
 def test_format_table_and_to_dict():
     problem = tiny_problem()
     estimators = ["t1t2", "first_order", ("evograd", {"population": 4}), ("evograd", {"population": 8})]
-    reports = compare_estimators(**problem, estimators=estimators, repeats=2)
+    reports = compare_estimators(problem, estimators=estimators, repeats=2)
     table = format_table(reports)
     lines = table.splitlines()
     assert len(lines) == 2 + len(estimators) and all(line.startswith("| ") or line.startswith("|-") for line in lines)
@@ -205,9 +336,11 @@ class CountingEstimator(HypergradientEstimator):
         self.scale = scale
         self._calls = 0
 
-    def estimate(self, params, meta_params, train_loss, meta_loss, train_batch=None, meta_batch=None, lr=None):
+    def estimate(self, problem):
         self._calls += 1
-        return HypergradientResult(tuple(torch.ones_like(p) * self.scale for p in meta_params), torch.tensor(0.0))
+        return HypergradientResult(
+            tuple(torch.ones_like(p) * self.scale for p in problem.meta_params), torch.tensor(0.0)
+        )
 
     def state_dict(self):
         return {"calls": self._calls}
@@ -222,12 +355,12 @@ def test_estimator_instances_are_reported_and_their_state_restored(monkeypatch):
     seen = []
     real_estimate = CountingEstimator.estimate
 
-    def recording(self, *args, **kwargs):
+    def recording(self, problem):
         seen.append(self._calls)
-        return real_estimate(self, *args, **kwargs)
+        return real_estimate(self, problem)
 
     monkeypatch.setattr(CountingEstimator, "estimate", recording)
-    (report,) = compare_estimators(**problem, estimators=[counting], reference=CountingEstimator(), repeats=3)
+    (report,) = compare_estimators(problem, estimators=[counting], reference=CountingEstimator(), repeats=3)
     assert seen == [0, 0, 1, 2, 3, 4]  # the reference once, then warm-up, 3 timed calls and the memory call
     assert counting._calls == 0
     assert report.name == "counting" and report.options == {"scale": 2.0}
@@ -238,36 +371,41 @@ def test_estimator_instances_are_reported_and_their_state_restored(monkeypatch):
 def test_invalid_input_fails_before_any_work():
     problem = tiny_problem()
 
-    def never(weights, batch):
+    def never(weights, batch=None):
         raise AssertionError("computed something before validating the input")
 
-    problem_never = {**problem, "train_loss": never, "meta_loss": never}
+    # every loss, the held one too, fails if called
+    problem_never = dataclasses.replace(problem, train_loss=never, meta_loss=never, held_train_loss=never)
+    with pytest.raises(AssertionError, match="before validating"):
+        compare_estimators(problem_never, ["t1t2_fd"])  # the check below means something
     with pytest.raises(ValueError) as from_registry:
         create_estimator("t1t3")
     with pytest.raises(ValueError) as from_diagnostics:
-        compare_estimators(**problem_never, estimators=["t1t2", "t1t3"])
+        compare_estimators(problem_never, estimators=["t1t2", "t1t3"])
     assert str(from_diagnostics.value) == str(from_registry.value)
     with pytest.raises(ValueError, match=r"popsize.*population"):
-        compare_estimators(**problem_never, estimators=[("evograd", {"popsize": 3})])
+        compare_estimators(problem_never, estimators=[("evograd", {"popsize": 3})])
     with pytest.raises(ValueError, match="Unknown hypergradient estimator 'nope'"):
-        compare_estimators(**problem_never, estimators=["t1t2"], reference="nope")
+        compare_estimators(problem_never, estimators=["t1t2"], reference="nope")
     for empty in ([], (), "t1t2"):
         with pytest.raises(ValueError, match="non-empty list"):
-            compare_estimators(**problem_never, estimators=empty)
+            compare_estimators(problem_never, estimators=empty)
     with pytest.raises(ValueError, match="Cannot build"):
-        compare_estimators(**problem_never, estimators=[3])
+        compare_estimators(problem_never, estimators=[3])
     with pytest.raises(ValueError, match="repeats"):
-        compare_estimators(**problem_never, estimators=["t1t2"], repeats=0)
+        compare_estimators(problem_never, estimators=["t1t2"], repeats=0)
     with pytest.raises(ValueError, match="warmup"):
-        compare_estimators(**problem_never, estimators=["t1t2"], warmup=-1)
-    frozen = [p.detach() for p in problem["meta_params"]]
+        compare_estimators(problem_never, estimators=["t1t2"], warmup=-1)
+    frozen = [p.detach() for p in problem.meta_params]
     with pytest.raises(ValueError, match="require grad"):
-        compare_estimators(**{**problem_never, "meta_params": frozen}, estimators=["t1t2"])
+        compare_estimators(dataclasses.replace(problem_never, meta_params=frozen), estimators=["t1t2"])
+    with pytest.raises(ValueError, match="meta_params` is empty"):
+        compare_estimators(dataclasses.replace(problem_never, meta_params=[]), estimators=["t1t2"])
 
 
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
 def test_every_registered_estimator_runs_with_its_defaults(name):
-    (report,) = compare_estimators(**tiny_problem(), estimators=[name])
+    (report,) = compare_estimators(tiny_problem(), estimators=[name])
     assert report.name == name and report.options == {} and report.repeats == 1
     assert math.isfinite(report.norm) and report.seconds > 0 and report.memory_bytes >= 0
     assert report.norm > 0 or name == "first_order"  # a loss weighter's first-order hypergradient is zero
@@ -392,12 +530,13 @@ def test_cpu_memory_meter_frees_the_graphs_it_watches():
         return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
 
     torch.manual_seed(1)
-    expected = T1T2().estimate(params, meta, loss, loss, lr=0.01).grads
+    problem = HypergradientProblem(params, meta, loss, loss, lr=0.01)
+    expected = T1T2().estimate(problem).grads
     counts = []
     for _ in range(3):
         torch.manual_seed(1)  # the FT layers' noise
         with MemoryMeter("cpu") as meter:
-            grads = T1T2().estimate(params, meta, loss, loss, lr=0.01).grads
+            grads = T1T2().estimate(problem).grads
         counts.append(live_tensors())
     assert meter.peak_bytes > 0
     for g, e in zip(grads, expected):

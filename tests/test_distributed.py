@@ -17,10 +17,10 @@ from test_trainer import make_args, make_trainer, snapshot
 from torch import nn
 
 from metatrain import MetaTrainer, MetaTrainingArguments
-from metatrain.diagnostics import cosine, flatten
 from metatrain.modules import LearnableRotation, MetaWeightNet
 from metatrain.trainer import MetaTrainerCallback
 from metatrain.training_args import SUPPORTED_SETUPS
+from metatrain.utils import cosine, flatten
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,6 +97,11 @@ class Capture(MetaTrainerCallback):
         self.grads.append(flatten(result.grads))
 
 
+def first_batch(trainer: MetaTrainer) -> dict:
+    """The first training batch, on the trainer's device (`meta_step` takes a prepared batch)."""
+    return {k: v.to(trainer.args.device) for k, v in next(iter(trainer.get_train_dataloader())).items()}
+
+
 def meta_step_grads(trainer: MetaTrainer, train_batch: dict) -> torch.Tensor:
     """The hypergradient of one meta step on `train_batch` and the first meta batch, flattened."""
     capture = Capture()
@@ -123,7 +128,7 @@ def test_bf16_autocasts_every_meta_forward_and_agrees_with_fp32(tmp_path):
                         (type(m).__name__, torch.is_autocast_enabled("cpu"), o.dtype)
                     )
                 )
-        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        batch = first_batch(trainer)
         hypergradients[bf16] = meta_step_grads(trainer, batch)
         assert {"Conv2d", "Linear", "Sigmoid"} <= {name for name, _, _ in forwards}
         if bf16:  # the model (patched by Accelerate) and the external weighting net (not prepared) alike
@@ -147,7 +152,7 @@ def test_evograd_forward_mode_under_bf16_agrees_with_its_backward_pass(tmp_path)
         options = {"population": 3, "sigma": 0.05, "memory_lean": not forward_mode, "forward_mode": forward_mode}
         trainer = make_trainer(tmp_path, hypergradient="evograd", hypergradient_kwargs=options, bf16=True)
         trainer.create_optimizer()
-        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        batch = first_batch(trainer)
         torch.manual_seed(0)
         hypergradients[forward_mode] = meta_step_grads(trainer, batch)
     assert hypergradients[False].norm() > 0
@@ -163,7 +168,7 @@ def test_meta_step_ignores_loss_scaled_base_gradients_and_stays_out_of_the_grad_
     unscales or steps."""
     trainer = make_trainer(tmp_path, hypergradient="t1t2")
     trainer.create_optimizer()
-    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    batch = first_batch(trainer)
     initial = snapshot(trainer.meta_module)
     clean = meta_step_grads(trainer, batch)
     for p in trainer.model.parameters():
@@ -180,7 +185,7 @@ def test_fp16_meta_forwards_give_the_fp32_hypergradient_and_an_overflow_is_skipp
     fp32 within half precision, and a meta batch that overflows fp16 is skipped, counted and changes nothing."""
     trainer = make_trainer(tmp_path, hypergradient="t1t2")
     trainer.create_optimizer()
-    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    batch = first_batch(trainer)
     fp32 = meta_step_grads(trainer, batch)
     monkeypatch.setattr(trainer.accelerator, "autocast", lambda: torch.autocast("cpu", dtype=torch.float16))
     fp16 = meta_step_grads(trainer, batch)

@@ -8,8 +8,16 @@ from problems import WeightedMLP, closed_form_hypergradient, one_dim_problem
 from torch import nn
 from torch.func import functional_call
 
-from metatrain.estimators import ESTIMATORS, EvoGrad, create_estimator
-from metatrain.estimators import evograd as evograd_module
+from metatrain.estimators import (
+    ESTIMATORS,
+    EvoGrad,
+    HypergradientEstimator,
+    HypergradientProblem,
+    HypergradientResult,
+    create_estimator,
+    evograd_noise,
+)
+from metatrain.estimators.evograd_noise import NoiseDraw
 from metatrain.profiling import LiveTensorMeter
 
 
@@ -41,8 +49,37 @@ def test_register_estimator_adds_a_name_and_the_listing_is_read_only(tmp_path):
 
 
 def test_the_removed_hypergradient_alias_names_estimate():
-    with pytest.raises(AttributeError, match=r"call `estimate\(...\)`.*\.grads"):
+    with pytest.raises(AttributeError, match=r"call `estimate\(HypergradientProblem\(\.\.\.\)\)`.*\.grads"):
         create_estimator("t1t2").hypergradient({}, [], None, None)
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_estimate_called_with_the_old_seven_arguments_names_the_problem(name):
+    lam = torch.tensor(0.5, requires_grad=True)
+    train_loss, meta_loss = one_dim_problem(lam)
+    est = create_estimator(name)
+    with pytest.raises(TypeError, match=rf"{type(est).__name__}\.estimate takes one `HypergradientProblem`"):
+        est.estimate({"x": torch.tensor(0.1)}, [lam], train_loss, meta_loss, None, None, 0.1)
+    with pytest.raises(TypeError, match="HypergradientProblem"):
+        est.estimate(params={"x": torch.tensor(0.1)}, meta_params=[lam], train_loss=train_loss, meta_loss=meta_loss)
+    assert est.state_dict() == create_estimator(name).state_dict()  # refused before anything was remembered
+
+
+def test_an_estimator_written_with_the_old_signature_is_refused_at_class_definition():
+    with pytest.raises(TypeError, match=r"Old\.estimate must take one argument.*HypergradientProblem"):
+
+        class Old(HypergradientEstimator):
+            def estimate(self, params, meta_params, train_loss, meta_loss, train_batch=None, meta_batch=None, lr=None):
+                raise NotImplementedError
+
+    class New(HypergradientEstimator):
+        def estimate(self, problem: HypergradientProblem) -> HypergradientResult:
+            loss = problem.meta_loss(problem.params, problem.meta_batch)
+            return HypergradientResult(tuple(torch.zeros_like(m) for m in problem.meta_params), loss.detach())
+
+    lam = torch.tensor(0.5, requires_grad=True)
+    result = New().estimate(HypergradientProblem({"x": torch.tensor(0.1)}, [lam], *one_dim_problem(lam)))
+    assert result.grads[0].item() == 0.0 and abs(result.meta_loss.item() - 0.16) < 1e-6
 
 
 def test_create_estimator_names_and_options():
@@ -71,13 +108,15 @@ def test_issue_call_shape():
     lam = torch.tensor(0.5, requires_grad=True)
     est = create_estimator("evograd", population=10, sigma=1.0, temperature=0.5, noise="gaussian")
     grads = est.estimate(
-        params={"x": x},
-        meta_params=[lam],
-        train_loss=lambda p, batch: (p["x"] - 1) ** 2 + lam * p["x"] ** 2,
-        meta_loss=lambda p, batch: (p["x"] - 0.5) ** 2,
-        train_batch=None,
-        meta_batch=None,
-        lr=0.1,
+        HypergradientProblem(
+            params={"x": x},
+            meta_params=[lam],
+            train_loss=lambda p, batch: (p["x"] - 1) ** 2 + lam * p["x"] ** 2,
+            meta_loss=lambda p, batch: (p["x"] - 0.5) ** 2,
+            train_batch=None,
+            meta_batch=None,
+            lr=0.1,
+        )
     ).grads
     assert isinstance(grads, tuple) and len(grads) == 1 and grads[0].shape == lam.shape
     assert torch.isfinite(grads[0]) and lam.grad is None
@@ -91,7 +130,7 @@ def test_t1t2_matches_closed_form_one_step(lam_value, x_value):
     x = torch.tensor(x_value, dtype=torch.float64)
     lam = torch.tensor(lam_value, dtype=torch.float64, requires_grad=True)
     train_loss, meta_loss = one_dim_problem(lam)
-    (g,) = create_estimator("t1t2").estimate({"x": x}, [lam], train_loss, meta_loss, lr=lr).grads
+    (g,) = create_estimator("t1t2").estimate(HypergradientProblem({"x": x}, [lam], train_loss, meta_loss, lr=lr)).grads
     x_next = x_value - lr * (2 * (x_value - 1) + 2 * lam_value * x_value)
     expected = 2 * (x_next - 0.5) * (-2 * lr * x_value)
     assert abs(g.item() - expected) < 1e-6
@@ -99,10 +138,11 @@ def test_t1t2_matches_closed_form_one_step(lam_value, x_value):
 
 def test_t1t2_needs_lr():
     lam = torch.tensor(0.5, requires_grad=True)
+    x = {"x": torch.tensor(0.1)}
     with pytest.raises(ValueError, match="lr"):
-        create_estimator("t1t2").estimate({"x": torch.tensor(0.1)}, [lam], *one_dim_problem(lam))
+        create_estimator("t1t2").estimate(HypergradientProblem(x, [lam], *one_dim_problem(lam)))
     with pytest.raises(ValueError, match="lr` >= 0, got lr=-0.1"):
-        create_estimator("t1t2").estimate({"x": torch.tensor(0.1)}, [lam], *one_dim_problem(lam), lr=-0.1)
+        create_estimator("t1t2").estimate(HypergradientProblem(x, [lam], *one_dim_problem(lam), lr=-0.1))
 
 
 def test_zero_step_lookahead_is_the_direct_term():
@@ -111,10 +151,11 @@ def test_zero_step_lookahead_is_the_direct_term():
     train_loss, _ = one_dim_problem(lam)
     direct = lambda p, batch: (p["x"] - 0.5) ** 2 + lam**2  # noqa: E731
     x = {"x": torch.tensor(0.2)}
-    (t1t2,) = create_estimator("t1t2").estimate(x, [lam], train_loss, direct, lr=0.0).grads
-    (first,) = create_estimator("first_order").estimate(x, [lam], train_loss, direct).grads
+    problem = HypergradientProblem(x, [lam], train_loss, direct, lr=0.0)
+    (t1t2,) = create_estimator("t1t2").estimate(problem).grads
+    (first,) = create_estimator("first_order").estimate(problem).grads
     assert t1t2.item() == first.item() == 1.0
-    (evo,) = create_estimator("evograd", sigma="auto").estimate(x, [lam], train_loss, direct, lr=0.0).grads
+    (evo,) = create_estimator("evograd", sigma="auto").estimate(problem).grads
     assert evo.item() == 1.0
 
 
@@ -136,9 +177,8 @@ def test_t1t2_equals_autograd_through_unrolled_sgd_step():
         return nn.functional.cross_entropy(functional_call(model, p, (batch[0],)), batch[1])
 
     params = dict(model.named_parameters())
-    grads = (
-        create_estimator("t1t2").estimate(params, [logits, decay], train_loss, meta_loss, (xb, yb), (xm, ym), lr).grads
-    )
+    problem = HypergradientProblem(params, [logits, decay], train_loss, meta_loss, (xb, yb), (xm, ym), lr)
+    grads = create_estimator("t1t2").estimate(problem).grads
 
     # reference: write the forward by hand, unroll one SGD step and differentiate through it
     w1, b1, w2, b2 = (p.detach().clone().requires_grad_() for p in params.values())
@@ -169,10 +209,11 @@ def test_evograd_tracks_closed_form_hypergradient():
     for lam_value in grid:
         lam = torch.tensor(lam_value, dtype=torch.float64, requires_grad=True)
         train_loss, meta_loss = one_dim_problem(lam)
-        estimates = [
-            est.estimate({"x": torch.rand((), dtype=torch.float64)}, [lam], train_loss, meta_loss).grads[0].item()
+        problems = (
+            HypergradientProblem({"x": torch.rand((), dtype=torch.float64)}, [lam], train_loss, meta_loss)
             for _ in range(100)
-        ]
+        )
+        estimates = [est.estimate(problem).grads[0].item() for problem in problems]
         means.append(sum(estimates) / len(estimates))
     truth = [closed_form_hypergradient(v) for v in grid]
     for lam_value, m, t in zip(grid, means, truth):
@@ -203,11 +244,8 @@ def test_evograd_builds_no_second_order_graph(monkeypatch):
     def meta_loss(p, batch):
         return nn.functional.cross_entropy(functional_call(model, p, (xb,)), yb)
 
-    (g,) = (
-        create_estimator("evograd", population=4, sigma=0.01)
-        .estimate(dict(model.named_parameters()), [logits], train_loss, meta_loss)
-        .grads
-    )
+    problem = HypergradientProblem(dict(model.named_parameters()), [logits], train_loss, meta_loss)
+    (g,) = create_estimator("evograd", population=4, sigma=0.01).estimate(problem).grads
     assert calls == [False, False]  # the meta loss to lambda and the softmax weights, then the weights to lambda
     assert g.shape == logits.shape and torch.isfinite(g).all() and g.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())
@@ -216,10 +254,11 @@ def test_evograd_builds_no_second_order_graph(monkeypatch):
 def test_first_order_is_direct_term_only():
     lam = torch.tensor(0.7, requires_grad=True)
     train_loss, meta_loss = one_dim_problem(lam)
-    (g,) = create_estimator("first_order").estimate({"x": torch.tensor(0.2)}, [lam], train_loss, meta_loss).grads
+    x = {"x": torch.tensor(0.2)}
+    (g,) = create_estimator("first_order").estimate(HypergradientProblem(x, [lam], train_loss, meta_loss)).grads
     assert g.item() == 0.0
     direct = lambda p, batch: (p["x"] - 0.5) ** 2 + lam**2  # noqa: E731
-    (g,) = create_estimator("first_order").estimate({"x": torch.tensor(0.2)}, [lam], train_loss, direct).grads
+    (g,) = create_estimator("first_order").estimate(HypergradientProblem(x, [lam], train_loss, direct)).grads
     assert abs(g.item() - 1.4) < 1e-6
 
 
@@ -243,10 +282,10 @@ def test_evograd_mean_equals_t1t2_at_its_effective_step(population, sigma, antit
 
     params = dict(model.named_parameters())
     est = create_estimator("evograd", population=population, sigma=sigma, temperature=0.05, antithetic=antithetic)
-    (ref,) = (
-        create_estimator("t1t2").estimate(params, [logits], train_loss, meta_loss, lr=est.effective_lr(sigma)).grads
-    )
-    mean = torch.stack([est.estimate(params, [logits], train_loss, meta_loss).grads[0] for _ in range(1000)]).mean(0)
+    lookahead = HypergradientProblem(params, [logits], train_loss, meta_loss, lr=est.effective_lr(sigma))
+    (ref,) = create_estimator("t1t2").estimate(lookahead).grads
+    problem = HypergradientProblem(params, [logits], train_loss, meta_loss)
+    mean = torch.stack([est.estimate(problem).grads[0] for _ in range(1000)]).mean(0)
     assert nn.functional.cosine_similarity(mean, ref, dim=0) > 0.98
     assert 0.85 < mean.norm() / ref.norm() < 1.15
 
@@ -255,10 +294,11 @@ def test_evograd_rescaled_mean_is_t1t2_at_the_learning_rate():
     """`rescale=True` multiplies by lr / effective step: the mean is the (linearised) lookahead hypergradient at lr,
     which is T1-T2's at a step small enough for T1-T2 to be linear in it."""
     params, lam, train_loss, meta_loss = weighted_mlp_problem()
-    (ref,) = create_estimator("t1t2").estimate(params, [lam], train_loss, meta_loss, lr=0.01).grads
+    problem = HypergradientProblem(params, [lam], train_loss, meta_loss, lr=0.01)
+    (ref,) = create_estimator("t1t2").estimate(problem).grads
     est = create_estimator("evograd", population=4, sigma=0.003, rescale=True)
     torch.manual_seed(0)
-    draws = torch.stack([est.estimate(params, [lam], train_loss, meta_loss, lr=0.01).grads[0] for _ in range(400)])
+    draws = torch.stack([est.estimate(problem).grads[0] for _ in range(400)])
     mean = draws.mean(0)
     assert nn.functional.cosine_similarity(mean, ref, dim=0) > 0.99
     # the mean's distance to T1-T2 within 2.5 of its standard errors (which are about 7% of T1-T2's norm here; for
@@ -268,7 +308,7 @@ def test_evograd_rescaled_mean_is_t1t2_at_the_learning_rate():
     assert standard_error < 0.1 * ref.norm()
     assert (mean - ref).norm() < 2.5 * standard_error
     with pytest.raises(ValueError, match="lr"):
-        est.estimate(params, [lam], train_loss, meta_loss)
+        est.estimate(HypergradientProblem(params, [lam], train_loss, meta_loss))
 
 
 EVOGRAD_PATHS = {"default": {}, "lean": {"memory_lean": True}, "forward": {"forward_mode": True}}
@@ -288,7 +328,8 @@ def test_evograd_rescale_scales_only_the_indirect_term(path):
     for rescale in (False, True):
         torch.manual_seed(3)
         est = create_estimator("evograd", population=3, sigma=0.01, rescale=rescale, **EVOGRAD_PATHS[path])
-        estimates[rescale] = est.estimate(params, [lam], train_loss, meta_loss_direct, lr=0.05).grads[0]
+        problem = HypergradientProblem(params, [lam], train_loss, meta_loss_direct, lr=0.05)
+        estimates[rescale] = est.estimate(problem).grads[0]
     factor = 0.05 / est.effective_lr(0.01)
     assert (estimates[False] - a).norm() > 1e-6 and factor > 10  # an indirect term, scaled by far more than 1
     torch.testing.assert_close(estimates[True], a + factor * (estimates[False] - a), rtol=1e-9, atol=1e-12)
@@ -302,7 +343,8 @@ def test_evograd_rescaled_at_a_zero_learning_rate_is_the_direct_term(sigma, path
     params, lam, train_loss, meta_loss = weighted_mlp_problem()
     a = torch.linspace(-1.0, 1.0, len(lam), dtype=lam.dtype)
     est = create_estimator("evograd", sigma=sigma, rescale=True, **EVOGRAD_PATHS[path])
-    (grad,) = est.estimate(params, [lam], train_loss, lambda p, b: meta_loss(p, b) + (a * lam).sum(), lr=0.0).grads
+    meta_loss_direct = lambda p, b: meta_loss(p, b) + (a * lam).sum()  # noqa: E731
+    (grad,) = est.estimate(HypergradientProblem(params, [lam], train_loss, meta_loss_direct, lr=0.0)).grads
     torch.testing.assert_close(grad, a, rtol=0, atol=1e-12)
 
 
@@ -312,7 +354,7 @@ def test_evograd_auto_sigma_matches_the_learning_rate():
     assert abs(est.effective_lr(est.resolve_sigma(0.03)) - 0.03) < 1e-12
     lam = torch.tensor(0.5, requires_grad=True)
     with pytest.raises(ValueError, match="lr"):
-        est.estimate({"x": torch.tensor(0.1)}, [lam], *one_dim_problem(lam))
+        est.estimate(HypergradientProblem({"x": torch.tensor(0.1)}, [lam], *one_dim_problem(lam)))
     with pytest.raises(ValueError, match='sigma.*"auto" or "lr"'):
         create_estimator("evograd", sigma="big")
 
@@ -323,19 +365,20 @@ def test_evograd_sigma_tied_to_the_learning_rate():
     assert est.resolve_sigma(1e-3) == 1e-3 and est.resolve_sigma(0.05) == 0.05
     x, lam = {"x": torch.tensor(0.3)}, torch.tensor(0.5, requires_grad=True)
     with pytest.raises(ValueError, match="lr"):
-        est.estimate(x, [lam], *one_dim_problem(lam))
+        est.estimate(HypergradientProblem(x, [lam], *one_dim_problem(lam)))
     torch.manual_seed(0)
-    tied = est.estimate(x, [lam], *one_dim_problem(lam), lr=0.2).grads
+    tied = est.estimate(HypergradientProblem(x, [lam], *one_dim_problem(lam), lr=0.2)).grads
     torch.manual_seed(0)
     fixed_sigma = create_estimator("evograd", sigma=0.2, noise="gaussian")
-    fixed = fixed_sigma.estimate(x, [lam], *one_dim_problem(lam), lr=0.2).grads
+    fixed = fixed_sigma.estimate(HypergradientProblem(x, [lam], *one_dim_problem(lam), lr=0.2)).grads
     assert tied[0].item() != 0 and torch.equal(tied[0], fixed[0])
 
 
 def test_evograd_antithetic_pairs():
     est = create_estimator("evograd", population=4, sigma=0.5, antithetic=True)
     theta = {"w": torch.zeros(3, 5)}
-    eps = torch.stack([est._noise(theta, ["w"], 0.5, seed=7, k=k)["w"] for k in range(4)])
+    draw = est._noise_draw(theta, ["w"], 0.5, seed=7)
+    eps = torch.stack([draw.perturbation(k)["w"] for k in range(4)])
     assert torch.equal(eps[:2], -eps[2:]) and torch.all(eps.abs() == 0.5) and not torch.equal(eps[0], eps[1])
     assert abs(est.effective_lr(0.5) - 0.25 / 0.05) < 1e-12
     assert (
@@ -368,15 +411,15 @@ def test_evograd_perturbing_a_subset_is_the_lookahead_over_that_subset():
 
     est = create_estimator("evograd", population=2, sigma=0.01, temperature=0.05, perturb=r"^net\.2\.")
     ref_params = {name: params[name] for name in head}
-    (ref,) = (
-        create_estimator("t1t2").estimate(ref_params, [logits], train_loss, meta_loss, lr=est.effective_lr(0.01)).grads
-    )
-    mean = torch.stack([est.estimate(params, [logits], train_loss, meta_loss).grads[0] for _ in range(1000)]).mean(0)
+    lookahead = HypergradientProblem(ref_params, [logits], train_loss, meta_loss, lr=est.effective_lr(0.01))
+    (ref,) = create_estimator("t1t2").estimate(lookahead).grads
+    problem = HypergradientProblem(params, [logits], train_loss, meta_loss)
+    mean = torch.stack([est.estimate(problem).grads[0] for _ in range(1000)]).mean(0)
     assert nn.functional.cosine_similarity(mean, ref, dim=0) > 0.98
     assert 0.85 < mean.norm() / ref.norm() < 1.15
 
     with pytest.raises(ValueError, match="perturb='nope' matches no parameter name"):
-        create_estimator("evograd", perturb="nope").estimate(params, [logits], train_loss, meta_loss)
+        create_estimator("evograd", perturb="nope").estimate(problem)
     with pytest.raises(ValueError, match="perturb"):
         create_estimator("evograd", perturb="(")
 
@@ -413,9 +456,40 @@ def test_every_estimator_adds_the_meta_losss_direct_term_exactly(name):
     for direct in (False, True):
         torch.manual_seed(4)
         loss = (lambda p, b: meta_loss(p, b) + (a * lam).sum()) if direct else meta_loss
-        grads.append(create_estimator(name).estimate(params, [lam], train_loss, loss, lr=0.05).grads[0])
+        grads.append(
+            create_estimator(name).estimate(HypergradientProblem(params, [lam], train_loss, loss, lr=0.05)).grads[0]
+        )
     assert grads[0].norm() > 0 or name == "first_order"  # an indirect part that must stay as it was
     torch.testing.assert_close(grads[1] - grads[0], a, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_only_the_estimators_that_perturb_the_weights_use_the_held_training_loss(name):
+    """EvoGrad and t1t2_fd evaluate the training batch at weights near theta, so they call `held_train_loss` (where a
+    loss weighter's input is held at theta) and never `train_loss`; the autograd estimators differentiate `train_loss`
+    and never call `held_train_loss`. The default `held_train_loss` is `train_loss` on the training batch: the same
+    estimate to the bit as an explicit one."""
+    params, lam, train_loss, meta_loss = weighted_mlp_problem()
+    calls = {"train_loss": 0, "held_train_loss": 0}
+
+    def counted_train_loss(p, batch):
+        calls["train_loss"] += 1
+        return train_loss(p, batch)
+
+    def held_train_loss(p):
+        calls["held_train_loss"] += 1
+        return train_loss(p, None)
+
+    estimates = []
+    for held in (None, held_train_loss):
+        torch.manual_seed(4)
+        calls.update(train_loss=0, held_train_loss=0)
+        problem = HypergradientProblem(params, [lam], counted_train_loss, meta_loss, lr=0.05, held_train_loss=held)
+        estimates.append(create_estimator(name).estimate(problem).grads[0])
+    perturbs = name in ("evograd", "t1t2_fd")
+    assert calls["held_train_loss"] > 0 if perturbs else calls["held_train_loss"] == 0
+    assert calls["train_loss"] == 0 if perturbs or name == "first_order" else calls["train_loss"] > 0
+    assert torch.equal(estimates[0], estimates[1])
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -426,19 +500,22 @@ def test_t1t2_fd_is_exact_when_the_training_loss_is_quadratic():
     for lam_value, x_value in [(0.5, 0.3), (2.0, -1.0), (0.0, 0.7)]:
         lam = torch.tensor(lam_value, dtype=torch.float64, requires_grad=True)
         x = {"x": torch.tensor(x_value, dtype=torch.float64)}
-        (fd,) = create_estimator("t1t2_fd").estimate(x, [lam], *one_dim_problem(lam), lr=0.1).grads
-        (exact,) = create_estimator("t1t2").estimate(x, [lam], *one_dim_problem(lam), lr=0.1).grads
+        (fd,) = (
+            create_estimator("t1t2_fd").estimate(HypergradientProblem(x, [lam], *one_dim_problem(lam), lr=0.1)).grads
+        )
+        (exact,) = (
+            create_estimator("t1t2").estimate(HypergradientProblem(x, [lam], *one_dim_problem(lam), lr=0.1)).grads
+        )
         assert abs(fd.item() - exact.item()) < 1e-10
 
 
 def test_t1t2_fd_matches_t1t2_within_finite_difference_error():
     params, lam, train_loss, meta_loss = weighted_mlp_problem()
-    (exact,) = create_estimator("t1t2").estimate(params, [lam], train_loss, meta_loss, lr=0.5).grads
+    problem = HypergradientProblem(params, [lam], train_loss, meta_loss, lr=0.5)
+    (exact,) = create_estimator("t1t2").estimate(problem).grads
     errors = []
     for epsilon in (0.1, 0.01):
-        (fd,) = (
-            create_estimator("t1t2_fd", epsilon=epsilon).estimate(params, [lam], train_loss, meta_loss, lr=0.5).grads
-        )
+        (fd,) = create_estimator("t1t2_fd", epsilon=epsilon).estimate(problem).grads
         errors.append(relative_error(fd, exact))
     assert errors[1] < 3e-5
     assert errors[1] < errors[0] / 50  # central differences: the error falls with epsilon^2
@@ -478,12 +555,13 @@ def test_neumann_converges_to_the_implicit_hypergradient():
     errors = []
     for terms in (0, 5, 20, 200):
         est = create_estimator("neumann", terms=terms, alpha=1.0 / lipschitz)
-        (g,) = est.estimate(params, [lam], train_loss, meta_loss).grads
+        (g,) = est.estimate(HypergradientProblem(params, [lam], train_loss, meta_loss)).grads
         errors.append(relative_error(g, exact))
     assert errors[-1] < 1e-10
     assert errors == sorted(errors, reverse=True) and errors[0] > 0.1
     # alpha defaults to the inner step size
-    default = create_estimator("neumann", terms=200).estimate(params, [lam], train_loss, meta_loss, lr=0.2).grads[0]
+    problem = HypergradientProblem(params, [lam], train_loss, meta_loss, lr=0.2)
+    default = create_estimator("neumann", terms=200).estimate(problem).grads[0]
     assert relative_error(default, exact) < 1e-8
     for bad in ({"terms": -1}, {"alpha": 0.0}, {"terms": 2.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):
@@ -493,8 +571,9 @@ def test_neumann_converges_to_the_implicit_hypergradient():
 def test_neumann_with_no_terms_is_the_lookahead_to_first_order():
     """J = 0: p = alpha v, which is T1-T2's second-order term at step alpha (T1-T2 evaluates v at theta')."""
     params, lam, train_loss, meta_loss = weighted_mlp_problem()
-    (neu,) = create_estimator("neumann", terms=0).estimate(params, [lam], train_loss, meta_loss, lr=1e-4).grads
-    (t1t2,) = create_estimator("t1t2").estimate(params, [lam], train_loss, meta_loss, lr=1e-4).grads
+    problem = HypergradientProblem(params, [lam], train_loss, meta_loss, lr=1e-4)
+    (neu,) = create_estimator("neumann", terms=0).estimate(problem).grads
+    (t1t2,) = create_estimator("t1t2").estimate(problem).grads
     assert relative_error(neu, t1t2) < 1e-3
 
 
@@ -518,9 +597,8 @@ def test_reverse_equals_autograd_through_the_unrolled_steps():
     lr = 0.3
     trajectory = sgd_trajectory(params, train_loss, batches, lr)
     est = create_estimator("reverse", horizon=3)
-    estimates = [
-        est.estimate(trajectory[t], [lam], train_loss, meta_loss, batches[t], lr=lr).grads[0] for t in range(4)
-    ]
+    problems = [HypergradientProblem(trajectory[t], [lam], train_loss, meta_loss, batches[t], lr=lr) for t in range(4)]
+    estimates = [est.estimate(problem).grads[0] for problem in problems]
 
     # reference: autograd through the last three steps, written out from theta_1
     theta = {k: v.detach().requires_grad_() for k, v in trajectory[1].items()}
@@ -530,12 +608,11 @@ def test_reverse_equals_autograd_through_the_unrolled_steps():
     (reference,) = torch.autograd.grad(meta_loss(theta, None), [lam])
     assert relative_error(estimates[3], reference) < 1e-12
     # the first call has no history: one step, which is T1-T2
-    (t1t2,) = create_estimator("t1t2").estimate(trajectory[0], [lam], train_loss, meta_loss, batches[0], lr=lr).grads
+    (t1t2,) = create_estimator("t1t2").estimate(problems[0]).grads
     assert relative_error(estimates[0], t1t2) < 1e-12
     # horizon 1 is T1-T2 at every call
-    (one,) = create_estimator("reverse", horizon=1).estimate(trajectory[2], [lam], train_loss, meta_loss,
-                                                                  batches[2], lr=lr).grads  # fmt: skip
-    (t1t2,) = create_estimator("t1t2").estimate(trajectory[2], [lam], train_loss, meta_loss, batches[2], lr=lr).grads
+    (one,) = create_estimator("reverse", horizon=1).estimate(problems[2]).grads
+    (t1t2,) = create_estimator("t1t2").estimate(problems[2]).grads
     assert relative_error(one, t1t2) < 1e-12
 
 
@@ -545,11 +622,11 @@ def test_reverse_state_round_trip():
     trajectory = sgd_trajectory(params, train_loss, batches, 0.3)
     est = create_estimator("reverse", horizon=3)
     for t in range(2):
-        est.estimate(trajectory[t], [lam], train_loss, meta_loss, batches[t], lr=0.3)
+        est.estimate(HypergradientProblem(trajectory[t], [lam], train_loss, meta_loss, batches[t], lr=0.3))
     restored = create_estimator("reverse", horizon=3)
     restored.load_state_dict(est.state_dict())
-    (a,) = est.estimate(trajectory[2], [lam], train_loss, meta_loss, lr=0.3).grads
-    (b,) = restored.estimate(trajectory[2], [lam], train_loss, meta_loss, lr=0.3).grads
+    problem = HypergradientProblem(trajectory[2], [lam], train_loss, meta_loss, lr=0.3)
+    (a,), (b,) = est.estimate(problem).grads, restored.estimate(problem).grads
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="longer horizon"):
         create_estimator("reverse", horizon=2).load_state_dict(est.state_dict())
@@ -567,7 +644,7 @@ def test_evograd_memory_lean_and_forward_mode_give_the_same_estimate(options, po
     for path, extra in EVOGRAD_PATHS.items():
         torch.manual_seed(5)
         est = create_estimator("evograd", population=population, sigma=0.05, **extra, **options)
-        estimates[path] = est.estimate(params, [lam], train_loss, meta_loss).grads[0]
+        estimates[path] = est.estimate(HypergradientProblem(params, [lam], train_loss, meta_loss)).grads[0]
     assert estimates["default"].norm() > 0
     for path in ("lean", "forward"):
         torch.testing.assert_close(estimates[path], estimates["default"], rtol=1e-9, atol=1e-12)
@@ -597,7 +674,7 @@ def test_evograd_forward_mode_stores_no_activations_for_the_meta_loss():
         torch.manual_seed(2)
         est = create_estimator("evograd", population=2, sigma=0.01, **EVOGRAD_PATHS[path])
         with LiveTensorMeter(layer // 2) as meter:
-            estimates[path] = est.estimate(params, [lam], train_loss, meta_loss).grads[0]
+            estimates[path] = est.estimate(HypergradientProblem(params, [lam], train_loss, meta_loss)).grads[0]
         peaks[path] = meter.peak_bytes / layer
     torch.testing.assert_close(estimates["forward"], estimates["lean"], rtol=1e-9, atol=1e-12)
     assert estimates["lean"].norm() > 0
@@ -621,7 +698,7 @@ def test_evograd_forward_mode_with_dropout_and_attention_in_the_meta_loss(popula
     for path in ("lean", "forward"):
         torch.manual_seed(5)
         est = create_estimator("evograd", population=population, sigma=0.05, **EVOGRAD_PATHS[path])
-        estimates[path] = est.estimate(params, [lam], train_loss, random_meta_loss).grads[0]
+        estimates[path] = est.estimate(HypergradientProblem(params, [lam], train_loss, random_meta_loss)).grads[0]
         after[path] = torch.rand(3)
     assert estimates["lean"].norm() > 0
     torch.testing.assert_close(estimates["forward"], estimates["lean"], rtol=1e-9, atol=1e-12)
@@ -635,7 +712,8 @@ def test_evograd_paths_return_the_meta_loss_as_the_meta_loss_function_does():
     for path, options in EVOGRAD_PATHS.items():
         torch.manual_seed(6)
         est = create_estimator("evograd", sigma=0.05, **options)
-        results[path] = est.estimate(params, [lam], train_loss, lambda p, b: meta_loss(p, b).reshape(1))
+        shaped = HypergradientProblem(params, [lam], train_loss, lambda p, b: meta_loss(p, b).reshape(1))
+        results[path] = est.estimate(shaped)
     for path, result in results.items():
         assert result.meta_loss.shape == (1,), path
         torch.testing.assert_close(result.meta_loss, results["default"].meta_loss, rtol=1e-12, atol=0)
@@ -654,7 +732,7 @@ def test_evograd_forward_mode_names_an_operator_without_a_forward_derivative():
     params, lam, train_loss, meta_loss = weighted_mlp_problem()
     est = create_estimator("evograd", forward_mode=True)
     with pytest.raises(NotImplementedError, match="forward_mode=True.*Set forward_mode=False"):
-        est.estimate(params, [lam], train_loss, lambda p, b: NoJvp.apply(meta_loss(p, b)))
+        est.estimate(HypergradientProblem(params, [lam], train_loss, lambda p, b: NoJvp.apply(meta_loss(p, b))))
     with pytest.raises(ValueError, match="forward_mode"):
         create_estimator("evograd", forward_mode="yes")
 
@@ -665,18 +743,18 @@ def test_evograd_sign_noise_is_packed_bits_unpacked_in_chunks(monkeypatch, antit
     With chunks of 16 signs, the weights (3, 8, 24 and 32 elements) end in partial bytes and span up to two chunks,
     and the lean path still gives the default path's estimate; every draw is exactly +/- sigma (as float32 rounds it),
     the two signs about equally often, and an antithetic copy is its partner negated."""
-    monkeypatch.setattr(evograd_module, "SIGN_CHUNK", 2)
+    monkeypatch.setattr(evograd_noise, "SIGN_CHUNK", 2)
     params, lam, train_loss, meta_loss = weighted_mlp_problem()
     estimates = []
     for lean in (False, True):
         torch.manual_seed(4)
         est = create_estimator("evograd", population=4, sigma=0.05, antithetic=antithetic, memory_lean=lean)
-        estimates.append(est.estimate(params, [lam], train_loss, meta_loss).grads[0])
+        estimates.append(est.estimate(HypergradientProblem(params, [lam], train_loss, meta_loss)).grads[0])
     assert estimates[0].norm() > 0
     torch.testing.assert_close(estimates[1], estimates[0], rtol=1e-9, atol=1e-12)
     assert sorted(p.numel() for p in params.values()) == [3, 8, 24, 32]
-    draws = [torch.cat([e.flatten() for e in est._noise(params, list(params), 0.05, seed=9, k=k).values()]) for k in
-             range(4)]  # fmt: skip
+    draw = est._noise_draw(params, list(params), 0.05, seed=9)
+    draws = [torch.cat([e.flatten() for e in draw.perturbation(k).values()]) for k in range(4)]
     sigma = float(torch.tensor(0.05, dtype=torch.float32))
     for eps in draws:
         assert eps.dtype == torch.float64 and torch.all(eps.abs() == sigma)
@@ -722,7 +800,7 @@ def test_evograd_memory_lean_holds_about_one_weight_copy(noise):
         torch.manual_seed(2)
         est = create_estimator("evograd", population=4, sigma=0.01, noise=noise, memory_lean=lean)
         with LiveTensorMeter(square // 8) as meter:
-            estimates[lean] = est.estimate(params, [lam], train_loss, meta_loss).grads[0]
+            estimates[lean] = est.estimate(HypergradientProblem(params, [lam], train_loss, meta_loss)).grads[0]
         peaks[lean] = meter.peak_bytes / (8 * square)
     torch.testing.assert_close(estimates[True], estimates[False], rtol=1e-9, atol=0)
     assert estimates[True].norm() > 0
@@ -736,7 +814,7 @@ def test_evograd_meta_backward_leaves_the_callers_grads():
     params, lam, train_loss, meta_loss, _ = deep_mlp_problem(layers=2, width=16)
     lam.grad = torch.full_like(lam, 7.0)
     est = create_estimator("evograd", population=2, sigma=0.01, memory_lean=True)
-    (grad,) = est.estimate(params, [lam], train_loss, meta_loss).grads
+    (grad,) = est.estimate(HypergradientProblem(params, [lam], train_loss, meta_loss)).grads
     assert torch.equal(lam.grad, torch.full_like(lam, 7.0)) and grad.norm() > 0
 
 
@@ -744,19 +822,19 @@ def test_evograd_noise_is_replayed_from_the_global_rng_and_differs_per_rank(monk
     params, lam, train_loss, meta_loss = weighted_mlp_problem()
     est = create_estimator("evograd", population=2, sigma=0.05)
     torch.manual_seed(1)
-    a = est.estimate(params, [lam], train_loss, meta_loss).grads[0]
+    a = est.estimate(HypergradientProblem(params, [lam], train_loss, meta_loss)).grads[0]
     torch.manual_seed(1)
-    b = est.estimate(params, [lam], train_loss, meta_loss).grads[0]
+    b = est.estimate(HypergradientProblem(params, [lam], train_loss, meta_loss)).grads[0]
     assert torch.equal(a, b)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
     monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda objects, src: None)  # as if on rank 0
     torch.manual_seed(1)
-    other_rank = est.estimate(params, [lam], train_loss, meta_loss).grads[0]
+    other_rank = est.estimate(HypergradientProblem(params, [lam], train_loss, meta_loss)).grads[0]
     assert not torch.equal(a, other_rank)
     torch.manual_seed(1)
     shared = create_estimator("evograd", population=2, sigma=0.05, per_rank_noise=False)
-    assert torch.equal(shared.estimate(params, [lam], train_loss, meta_loss).grads[0], a)
+    assert torch.equal(shared.estimate(HypergradientProblem(params, [lam], train_loss, meta_loss)).grads[0], a)
     with pytest.raises(ValueError, match="memory_lean"):
         create_estimator("evograd", memory_lean=1)
 
@@ -766,18 +844,17 @@ def test_evograd_memory_lean_draws_sign_noise_once_per_copy(monkeypatch):
     being drawn three times: one draw per copy, and still the default path's estimate."""
     params, lam, train_loss, meta_loss = weighted_mlp_problem()
     calls = []
-    real = EvoGrad._draw_stream
-    monkeypatch.setattr(EvoGrad, "_draw_stream", lambda self, *a, **k: calls.append(a[-1]) or real(self, *a, **k))
+    real = NoiseDraw.with_bits
+    monkeypatch.setattr(NoiseDraw, "with_bits", lambda self, k: calls.append(k) or real(self, k))
     estimates = []
     for lean in (False, True):
         calls.clear()
         torch.manual_seed(3)
         est = create_estimator("evograd", population=4, sigma=0.05, memory_lean=lean)
-        estimates.append(est.estimate(params, [lam], train_loss, meta_loss).grads[0])
+        estimates.append(est.estimate(HypergradientProblem(params, [lam], train_loss, meta_loss)).grads[0])
         assert calls == [0, 1, 2, 3]
     torch.testing.assert_close(estimates[1], estimates[0], rtol=1e-9, atol=1e-12)
     calls.clear()
-    create_estimator("evograd", population=4, sigma=0.05, noise="gaussian", memory_lean=True).estimate(
-        params, [lam], train_loss, meta_loss
-    )
+    problem = HypergradientProblem(params, [lam], train_loss, meta_loss)
+    create_estimator("evograd", population=4, sigma=0.05, noise="gaussian", memory_lean=True).estimate(problem)
     assert calls == [0, 1, 2, 3] * 3  # Gaussian noise is regenerated from its seed

@@ -13,6 +13,7 @@ from problems import WeightedMLP, one_dim_problem
 from torch import nn
 from torch.func import functional_call
 
+from metatrain.estimators import HypergradientProblem
 from metatrain.estimators.functional import sgd_unroll
 from metatrain.estimators.hyperdistill import HyperDistill
 from metatrain.estimators.t1t2 import T1T2
@@ -63,8 +64,8 @@ def test_gamma_zero_is_t1t2_on_one_dim_problem(batch_mixing):
     for lam_value, x_value, lr in [(0.5, 0.3, 0.1), (2.0, -0.5, 0.2), (0.0, 1.2, 0.05), (1.0, 0.7, 0.0)]:
         lam = torch.tensor(lam_value, dtype=torch.float64, requires_grad=True)
         x = {"x": torch.tensor(x_value, dtype=torch.float64)}
-        got = est.estimate(x, [lam], *one_dim_problem(lam), lr=lr)
-        ref = reference.estimate(x, [lam], *one_dim_problem(lam), lr=lr)
+        problem = HypergradientProblem(x, [lam], *one_dim_problem(lam), lr=lr)
+        got, ref = est.estimate(problem), reference.estimate(problem)
         torch.testing.assert_close(got.grads, ref.grads, rtol=0, atol=1e-10)
         assert got.meta_loss.item() == ref.meta_loss.item()
 
@@ -74,8 +75,8 @@ def test_gamma_zero_is_t1t2_on_mlp(batch_mixing):
     model, meta_params, train_loss, meta_loss = mlp_problem()
     est, reference = HyperDistill(gamma=0.0, batch_mixing=batch_mixing), T1T2()
     for params, batch, meta, lr in mlp_calls(model, steps=4):
-        got = est.estimate(params, meta_params, train_loss, meta_loss, batch, meta, lr).grads
-        ref = reference.estimate(params, meta_params, train_loss, meta_loss, batch, meta, lr).grads
+        problem = HypergradientProblem(params, meta_params, train_loss, meta_loss, batch, meta, lr)
+        got, ref = est.estimate(problem).grads, reference.estimate(problem).grads
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
         assert all(g.abs().sum() > 0 for g in got)
     assert all(p.grad is None for p in model.parameters()) and all(m.grad is None for m in meta_params)
@@ -85,8 +86,8 @@ def test_first_call_is_t1t2_for_any_gamma():
     """At t = 1, w*_1 = w_0 and D*_1 = D_1 (Eq. 13-14), so a fixed pi = 1 gives the one-step lookahead."""
     model, meta_params, train_loss, meta_loss = mlp_problem()
     params, batch, meta, lr = mlp_calls(model, steps=1)[0]
-    got = HyperDistill(gamma=0.9).estimate(params, meta_params, train_loss, meta_loss, batch, meta, lr).grads
-    ref = T1T2().estimate(params, meta_params, train_loss, meta_loss, batch, meta, lr).grads
+    problem = HypergradientProblem(params, meta_params, train_loss, meta_loss, batch, meta, lr)
+    got, ref = HyperDistill(gamma=0.9).estimate(problem).grads, T1T2().estimate(problem).grads
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
 
 
@@ -106,7 +107,7 @@ def test_running_average_matches_closed_form():
     ]
     est = HyperDistill(gamma=gamma)
     for t, params in enumerate(history, start=1):
-        est.estimate(params, [lam], train_loss, meta_loss, lr=0.1)
+        est.estimate(HypergradientProblem(params, [lam], train_loss, meta_loss, lr=0.1))
         weights = [gamma ** (t - i) for i in range(1, t + 1)]
         for name in ("a", "b"):
             expected = sum(w * p[name] for w, p in zip(weights, history)) / sum(weights)
@@ -124,6 +125,7 @@ def test_distilled_batch_subsamples_rows_jointly():
     lam = torch.tensor(0.3, requires_grad=True)
     train_loss = lambda p, batch: ((p["x"] - batch["x"].mean()) ** 2) + lam * p["x"] ** 2  # noqa: E731
     meta_loss = lambda p, batch: p["x"] ** 2  # noqa: E731
+    x = {"x": torch.tensor(0.2)}
 
     def batch(t):
         idx = torch.arange(n) + 100 * t
@@ -132,7 +134,7 @@ def test_distilled_batch_subsamples_rows_jointly():
     est = HyperDistill(gamma=gamma, seed=0)
     seen = []
     for t in range(1, 5):
-        est.estimate({"x": torch.tensor(0.2)}, [lam], train_loss, meta_loss, batch(t), None, lr=0.1)
+        est.estimate(HypergradientProblem(x, [lam], train_loss, meta_loss, batch(t), lr=0.1))
         d_star = est.state_dict()["d_star"]
         assert set(d_star) == {"x", "idx"} and d_star["idx"].shape == (n,) and d_star["x"].shape == (n, 3)
         assert torch.equal(d_star["x"], d_star["idx"].double()[:, None].expand(n, 3) * 2.0)
@@ -148,16 +150,17 @@ def test_replace_mode_keeps_whole_batches_and_subsample_rejects_opaque_batches()
     lam = torch.tensor(0.3, requires_grad=True)
     train_loss = lambda p, batch: (p["x"] - 1) ** 2 + lam * p["x"] ** 2  # noqa: E731
     meta_loss = lambda p, batch: p["x"] ** 2  # noqa: E731
+    x = {"x": torch.tensor(0.2)}
     est = HyperDistill(gamma=0.9, batch_mixing="replace", seed=0)
     batches = [("example", torch.full((4,), float(t))) for t in range(6)]
     for b in batches:
-        est.estimate({"x": torch.tensor(0.2)}, [lam], train_loss, meta_loss, b, None, lr=0.1)
+        est.estimate(HypergradientProblem(x, [lam], train_loss, meta_loss, b, lr=0.1))
         d_star = est.state_dict()["d_star"]
         assert any(d_star[0] == o[0] and torch.equal(d_star[1], o[1]) for o in batches)
     est = HyperDistill(gamma=0.9)
-    est.estimate({"x": torch.tensor(0.2)}, [lam], train_loss, meta_loss, batches[0], None, lr=0.1)
+    est.estimate(HypergradientProblem(x, [lam], train_loss, meta_loss, batches[0], lr=0.1))
     with pytest.raises(ValueError, match="batch_mixing='replace'"):
-        est.estimate({"x": torch.tensor(0.2)}, [lam], train_loss, meta_loss, batches[1], None, lr=0.1)
+        est.estimate(HypergradientProblem(x, [lam], train_loss, meta_loss, batches[1], lr=0.1))
 
 
 def test_linear_estimator_matches_algorithm_4_by_hand():
@@ -169,9 +172,10 @@ def test_linear_estimator_matches_algorithm_4_by_hand():
     est = HyperDistill(gamma=gamma, pi=None, horizon=horizon, estimation_period=horizon)
     grads = []
     for x, lr in zip(xs, lrs):
-        grads.append(
-            est.estimate({"x": torch.tensor(x, dtype=torch.float64)}, [lam], *one_dim_problem(lam), lr=lr).grads
+        problem = HypergradientProblem(
+            {"x": torch.tensor(x, dtype=torch.float64)}, [lam], *one_dim_problem(lam), lr=lr
         )
+        grads.append(est.estimate(problem).grads)
 
     def phi(x, lr):
         return x - lr * (2 * (x - 1) + 2 * lam_value * x)
@@ -218,7 +222,7 @@ def test_state_dict_round_trip_gives_identical_estimates():
     with torch.random.fork_rng():
         torch.manual_seed(0)
         for params, batch, meta, lr in calls[:4]:
-            est.estimate(params, meta_params, train_loss, meta_loss, batch, meta, lr)
+            est.estimate(HypergradientProblem(params, meta_params, train_loss, meta_loss, batch, meta, lr))
     assert est.theta != 1.0 and len(est.state_dict()["window_batches"]) == 1  # fitted once, mid-window now
     buffer = io.BytesIO()
     torch.save(copy.deepcopy(est.state_dict()), buffer)
@@ -227,8 +231,8 @@ def test_state_dict_round_trip_gives_identical_estimates():
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     theta_before = est.theta
     for params, batch, meta, lr in calls[4:]:
-        expected = est.estimate(params, meta_params, train_loss, meta_loss, batch, meta, lr).grads
-        got = resumed.estimate(params, meta_params, train_loss, meta_loss, batch, meta, lr).grads
+        problem = HypergradientProblem(params, meta_params, train_loss, meta_loss, batch, meta, lr)
+        expected, got = est.estimate(problem).grads, resumed.estimate(problem).grads
         for a, b in zip(got, expected):
             assert torch.equal(a, b)
     assert est.theta == resumed.theta != theta_before
@@ -267,7 +271,7 @@ def test_bad_options_raise_value_error_naming_the_option(options, option):
 def test_needs_lr():
     lam = torch.tensor(0.5, requires_grad=True)
     with pytest.raises(ValueError, match="lr"):
-        HyperDistill().estimate({"x": torch.tensor(0.1)}, [lam], *one_dim_problem(lam))
+        HyperDistill().estimate(HypergradientProblem({"x": torch.tensor(0.1)}, [lam], *one_dim_problem(lam)))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -296,8 +300,8 @@ def test_closer_to_the_exact_multi_step_hypergradient_than_t1t2(seed):
     est = HyperDistill(gamma=0.9, pi=None, horizon=10, estimation_period=10, seed=seed)
     weights, errors_hd, errors_t1t2 = start, [], []
     for t in range(steps):
-        (g_hd,) = est.estimate(weights, [lam], train_loss, meta_loss, batches[t], None, lr).grads
-        (g_t1t2,) = T1T2().estimate(weights, [lam], train_loss, meta_loss, batches[t], None, lr).grads
+        problem = HypergradientProblem(weights, [lam], train_loss, meta_loss, batches[t], None, lr)
+        (g_hd,), (g_t1t2,) = est.estimate(problem).grads, T1T2().estimate(problem).grads
         end = sgd_unroll(start, train_loss, batches[: t + 1], [lr] * (t + 1), create_graph=True)
         (exact,) = torch.autograd.grad(meta_loss(end, None), [lam])
         errors_hd.append(((g_hd - exact).norm() / exact.norm()).item())
@@ -323,8 +327,9 @@ def test_a_non_finite_step_in_the_refit_window_keeps_the_last_theta():
     for seed in range(4):
         est = HyperDistill(gamma=0.9, pi=None, horizon=2, estimation_period=50, batch_mixing="replace", seed=seed)
         before = est.theta
-        est.estimate({"w": w}, [lam], train, meta, torch.tensor([float("inf"), 1.0]), None, lr=0.1)
-        est.estimate({"w": w}, [lam], train, meta, torch.ones(2), None, lr=0.1)  # the refit, over the inf batch
+        est.estimate(HypergradientProblem({"w": w}, [lam], train, meta, torch.tensor([float("inf"), 1.0]), lr=0.1))
+        # the refit, over the inf batch
+        est.estimate(HypergradientProblem({"w": w}, [lam], train, meta, torch.ones(2), lr=0.1))
         assert math.isfinite(est.theta)
         unfit.append(est.theta == before)
     assert any(unfit)  # at least one refit was not finite and was dropped
@@ -338,7 +343,7 @@ def test_a_fixed_pi_scales_the_distilled_term():
     for pi in (1.0, 2.5):
         est = HyperDistill(gamma=0.9, pi=pi, seed=0)
         runs[pi] = [
-            est.estimate(params, meta_params, train_loss, meta_loss, batch, meta, lr).grads
+            est.estimate(HypergradientProblem(params, meta_params, train_loss, meta_loss, batch, meta, lr)).grads
             for params, batch, meta, lr in mlp_calls(model, steps=3)
         ]
     for one, scaled in zip(runs[1.0], runs[2.5]):

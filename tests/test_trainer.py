@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -21,6 +22,7 @@ from metatrain.estimators.functional import grads_or_zeros, sgd_lookahead
 from metatrain.losses import weighted_mean
 from metatrain.modules import MetaWeightNet
 from metatrain.trainer import MetaTrainerCallback
+from metatrain.utils import step_seed
 
 
 def image_dataset(n: int, seed: int, nan: bool = False) -> datasets.Dataset:
@@ -57,13 +59,15 @@ def make_args(tmp_path, **overrides) -> MetaTrainingArguments:
 
 
 def make_trainer(
-    tmp_path, model=None, meta_module=None, meta_nan=False, estimator=None, callbacks=None, **overrides
+    tmp_path, model=None, meta_module=None, meta_nan=False, estimator=None, callbacks=None, eval_dataset=None,
+    **overrides,
 ) -> MetaTrainer:
     torch.manual_seed(1)
     return MetaTrainer(
         model=model if model is not None else bn_model(),
         args=make_args(tmp_path, **overrides),
         train_dataset=image_dataset(64, seed=1),
+        eval_dataset=eval_dataset,
         meta_dataset=image_dataset(20, seed=2, nan=meta_nan),
         meta_module=meta_module if meta_module is not None else MetaWeightNet(),
         estimator=estimator,
@@ -275,9 +279,9 @@ def test_a_skipped_meta_step_leaves_the_estimator_state_as_it_was(tmp_path):
     calls, before = [], []
 
     class FailingSecondCall(HyperDistill):
-        def estimate(self, *args, **kwargs):
+        def estimate(self, problem):
             before.append(copy.deepcopy(self.state_dict()))
-            result = super().estimate(*args, **kwargs)
+            result = super().estimate(problem)
             calls.append(self.state_dict()["step"])
             if len(calls) == 2:
                 return type(result)(tuple(torch.full_like(g, math.nan) for g in result.grads), result.meta_loss)
@@ -340,18 +344,40 @@ def test_resume_continues_the_same_run(tmp_path, estimator, options):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
+class LastMetaModule(TrainerCallback):
+    """Keeps the meta-module's state after every step: at the end, its last state before the best one is loaded."""
+
+    def __init__(self, meta_module):
+        self.meta_module, self.last = meta_module, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.last = {k: v.detach().clone() for k, v in self.meta_module.state_dict().items()}
+
+
 def test_best_model_at_end_comes_with_its_meta_module(tmp_path):
     """`load_best_model_at_end` restores the best checkpoint's weights; an external meta-module must come back from the
     same checkpoint, or the pair saved after training would not belong together."""
     from safetensors.torch import load_file
 
-    trainer = make_trainer(tmp_path, max_steps=3, save_strategy="steps", save_steps=1, hypergradient="t1t2")
+    evaluations = []
+
+    def first_is_best(eval_pred):
+        evaluations.append(1)
+        return {"order": -len(evaluations)}
+
+    trainer = make_trainer(
+        tmp_path, max_steps=3, save_strategy="steps", save_steps=1, eval_strategy="steps", eval_steps=1,
+        hypergradient="t1t2", load_best_model_at_end=True, metric_for_best_model="order", greater_is_better=True,
+        eval_dataset=image_dataset(8, seed=3),
+    )  # fmt: skip
+    trainer.compute_metrics = first_is_best
+    last = LastMetaModule(trainer.meta_module)
+    trainer.add_callback(last)
     trainer.train()
     best = tmp_path / "out" / "checkpoint-1"
+    assert trainer.state.best_model_checkpoint == str(best)
     saved = load_file(best / "meta_module.safetensors")
-    assert any(not torch.equal(v, saved[k]) for k, v in trainer.meta_module.state_dict().items())
-    trainer.state.best_model_checkpoint = str(best)  # what Trainer's metric tracking sets
-    trainer._load_best_model()
+    assert any(not torch.equal(v, saved[k]) for k, v in last.last.items())  # the last state was another
     for k, v in trainer.meta_module.state_dict().items():
         assert torch.equal(v, saved[k]), k
     for k, v in load_file(best / "model.safetensors").items():
@@ -475,7 +501,6 @@ def test_input_transform_rotates_training_inputs_only_and_meta_step_matches_refe
         tmp_path, meta_module=rotation, hypergradient="t1t2", meta_optimizer="sgd", meta_learning_rate=1.0,
         meta_optimizer_kwargs={"momentum": 0.0, "weight_decay": 0.0},
     )  # fmt: skip
-    assert trainer.input_transform is rotation and trainer.loss_weighter is None
     trainer.create_optimizer()
     model = trainer.model
     train_batch = next(iter(trainer.get_train_dataloader()))
@@ -591,23 +616,15 @@ def lft_trainer(tmp_path, float64: bool = False, **overrides):
     return trainer, model, transforms
 
 
-def test_attached_transform_is_off_in_the_meta_loss_and_meta_step_matches_reference(tmp_path, monkeypatch):
+def test_attached_transform_is_off_in_the_meta_loss_and_meta_step_matches_reference(tmp_path):
     """LFT's bilevel step: the lookahead uses the training loss with the FT layers on, the meta loss runs with them
     off. Checked against autograd through a hand-unrolled SGD step with the same FT noise."""
-    import contextlib
-
     trainer, model, transforms = lft_trainer(
         tmp_path, hypergradient="t1t2", meta_optimizer="sgd", meta_learning_rate=1.0,
         meta_optimizer_kwargs={"momentum": 0.0, "weight_decay": 0.0},
     )  # fmt: skip
 
-    @contextlib.contextmanager
-    def seeded(stream):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(100 + stream)
-            yield
-
-    monkeypatch.setattr(trainer, "_same_noise", seeded)
+    seed = lambda stream: step_seed(trainer.args.seed, 0, stream)  # noqa: E731  the meta step's draws at step 0
     trainer.create_optimizer()
     train_batch = next(iter(trainer.get_train_dataloader()))
     meta_batch = next(iter(trainer.get_meta_dataloader()))
@@ -617,7 +634,7 @@ def test_attached_transform_is_off_in_the_meta_loss_and_meta_step_matches_refere
     theta = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters() if "ft_" not in n}
     lam = {n: before[n].clone().requires_grad_() for n in ft_names}
     bufs = lambda: {n: b.clone() for n, b in model.named_buffers()}  # noqa: E731
-    torch.manual_seed(101)
+    torch.manual_seed(seed(1))
     logits = functional_call(model, {**theta, **lam, **bufs()}, (train_batch["pixel_values"],))
     inner = nn.functional.cross_entropy(logits, train_batch["labels"])
     g = torch.autograd.grad(inner, list(theta.values()), create_graph=True)
@@ -629,7 +646,7 @@ def test_attached_transform_is_off_in_the_meta_loss_and_meta_step_matches_refere
     expected = torch.autograd.grad(outer, list(lam.values()), retain_graph=True)
     assert all(e.abs().sum() > 0 for e in expected)
     # the meta loss with the FT layers on is another objective: its hypergradient differs
-    torch.manual_seed(100)
+    torch.manual_seed(seed(0))
     outer_on = nn.functional.cross_entropy(
         functional_call(model, {**stepped, **lam, **bufs()}, (meta_batch["pixel_values"],)), meta_batch["labels"]
     )
@@ -644,12 +661,21 @@ def test_attached_transform_is_off_in_the_meta_loss_and_meta_step_matches_refere
     assert transforms.enabled
 
 
+class WithoutCommonNoise(MetaTrainerCallback):
+    """`t1t2_fd` and T1-T2 on the meta step's problem with fresh random draws at every loss call."""
+
+    def on_meta_step(self, args, state, control, *, objective, problem, **kwargs):
+        fresh = copy.copy(objective)
+        fresh.noise = lambda stream: contextlib.nullcontext()
+        redrawn = fresh.problem(problem.train_batch, problem.meta_batch, problem.lr, params=problem.params)
+        fd = create_estimator("t1t2_fd", epsilon=1e-5).estimate(redrawn)
+        self.cosine = cosine(flatten(fd.grads), flatten(create_estimator("t1t2").estimate(redrawn).grads))
+
+
 def test_random_layers_draw_the_same_noise_at_every_weight_of_one_meta_step(tmp_path):
     """Finite differences of a training loss with LFT's noise only make sense when both evaluations see the same
     noise: the trainer fixes the draws within a meta step, so `t1t2_fd` agrees with T1-T2. (In float64: in float32 the
     finite difference's rounding moves the cosine of one step with the thread count.)"""
-    import contextlib
-
     options = dict(hypergradient="t1t2_fd", hypergradient_kwargs={"epsilon": 1e-5}, meta_diagnostics_steps=1)
     trainer, _, _ = lft_trainer(tmp_path, float64=True, logging_steps=1, **options)
     batch = next(iter(trainer.get_train_dataloader()))
@@ -663,12 +689,10 @@ def test_random_layers_draw_the_same_noise_at_every_weight_of_one_meta_step(tmp_
         assert entry["hypergradient_cosine_to_t1t2"] > 0.999
 
     # without common draws the finite difference measures the noise, not the weights
-    recorder = Recorder()
-    trainer, _, _ = lft_trainer(tmp_path / "fresh", float64=True, callbacks=[recorder], **options)
-    trainer._same_noise = lambda stream: contextlib.nullcontext()
+    without = WithoutCommonNoise()
+    trainer, _, _ = lft_trainer(tmp_path / "fresh", float64=True, callbacks=[without], **options)
     trainer.meta_step(batch)
-    _, again, result, _, _, _ = recorder.events[0]
-    assert cosine(flatten(result.grads), flatten(again.grads)) < 0.5
+    assert without.cosine < 0.5
 
 
 def domain_dataset(domains: list[int], seed: int) -> datasets.Dataset:
@@ -1034,9 +1058,10 @@ class OneStepLookahead(HypergradientEstimator):
     name = "one_step_lookahead"
     second_order = True
 
-    def estimate(self, params, meta_params, train_loss, meta_loss, train_batch=None, meta_batch=None, lr=None):
-        loss = meta_loss(sgd_lookahead(params, train_loss, train_batch, lr, create_graph=True), meta_batch)
-        return HypergradientResult(grads_or_zeros(loss, meta_params), loss.detach())
+    def estimate(self, problem):
+        stepped = sgd_lookahead(problem.params, problem.train_loss, problem.train_batch, problem.lr, create_graph=True)
+        loss = problem.meta_loss(stepped, problem.meta_batch)
+        return HypergradientResult(grads_or_zeros(loss, problem.meta_params), loss.detach())
 
 
 class Recorder(MetaTrainerCallback):
@@ -1046,7 +1071,7 @@ class Recorder(MetaTrainerCallback):
         self.events = []
 
     def on_meta_step(self, args, state, control, *, trainer, problem, result, hypergradient_norm, skipped, **kwargs):
-        again = problem.estimate(create_estimator("t1t2")) if not skipped else None
+        again = create_estimator("t1t2").estimate(problem) if not skipped else None
         self.events.append((state.global_step, again, result, hypergradient_norm, skipped, problem))
 
 

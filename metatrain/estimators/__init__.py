@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from ._base import HypergradientEstimator, HypergradientResult
+from ._base import HypergradientEstimator, HypergradientProblem, HypergradientResult
 from .evograd import EvoGrad
 from .first_order import FirstOrder
 from .hyperdistill import HyperDistill
@@ -91,6 +91,7 @@ __all__ = [
     "FirstOrder",
     "HypergradientEstimator",
     "HyperDistill",
+    "HypergradientProblem",
     "HypergradientResult",
     "Neumann",
     "ReverseMode",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +12,49 @@ import torch
 
 ParamDict = Mapping[str, torch.Tensor]
 LossFn = Callable[[ParamDict, Any], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class HypergradientProblem:
+    """What an estimator differentiates: the one argument of [`~HypergradientEstimator.estimate`].
+
+    Args:
+        params (`Mapping[str, torch.Tensor]`): the base weights `theta`, treated as constants.
+        meta_params (`Sequence[torch.Tensor]`): the meta-parameters `lambda`, leaves with `requires_grad=True`.
+        train_loss (`Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]`):
+            The scalar training loss of a weight dict and a batch; depends on `meta_params`.
+        meta_loss (`Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]`):
+            The scalar meta (validation) loss of a weight dict and a batch.
+        train_batch (`Any`, *optional*): the current training batch.
+        meta_batch (`Any`, *optional*): the meta batch.
+        lr (`float`, *optional*): the inner step size, required by lookahead estimators.
+        held_train_loss (`Callable[[Mapping[str, torch.Tensor]], torch.Tensor]`, *optional*):
+            The training loss of `train_batch` at weights near `params`, with the inputs that stand for the current
+            weights (a loss weighter's per-example losses) held at their values at `params`. Estimators that evaluate
+            `train_batch` at perturbed weights (EvoGrad, `t1t2_fd`) call it instead of `train_loss`, so that they
+            target the objective the autograd estimators differentiate. [`~metatrain.objective.MetaObjective.problem`]
+            builds it; defaults to `train_loss(weights, train_batch)`.
+    """
+
+    params: ParamDict
+    meta_params: Sequence[torch.Tensor]
+    train_loss: LossFn
+    meta_loss: LossFn
+    train_batch: Any = None
+    meta_batch: Any = None
+    lr: float | None = None
+    held_train_loss: Callable[[ParamDict], torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        held = self.held_train_loss
+        # the default, built again for the fields of a copy (`dataclasses.replace`)
+        if held is None or (isinstance(held, functools.partial) and held.func is _on_batch):
+            held = functools.partial(_on_batch, self.train_loss, self.train_batch)
+            object.__setattr__(self, "held_train_loss", held)
+
+
+def _on_batch(loss: LossFn, batch: Any, weights: ParamDict) -> torch.Tensor:
+    return loss(weights, batch)
 
 
 @dataclass
@@ -28,19 +73,15 @@ class HypergradientResult:
 class HypergradientEstimator:
     """Base class of hypergradient estimators.
 
-    An estimator sees the base weights `theta` as a dict of tensors (constants: it never changes them), the
-    meta-parameters `lambda` as a list of leaf tensors with `requires_grad=True`, and two losses written as
-    functions of a weight dict and a batch. It returns `d meta_loss / d lambda` without touching any `.grad`.
+    An estimator gets one [`HypergradientProblem`]: the base weights `theta` as a dict of tensors (constants: it
+    never changes them), the meta-parameters `lambda` as leaf tensors with `requires_grad=True`, two losses written
+    as functions of a weight dict and a batch, the batches and the step size. It returns `d meta_loss / d lambda`.
 
-    Subclasses implement [`~HypergradientEstimator.estimate`] and validate their options in `__init__`,
-    raising `ValueError` that names the option.
+    Subclasses implement `estimate(self, problem)` and validate their options in `__init__`, raising `ValueError`
+    that names the option; a call with anything but one problem raises a `TypeError` that shows the call.
     """
 
     name: str = ""
-    # True for estimators that evaluate the training loss at perturbed copies of the weights (EvoGrad, finite
-    # differences): inputs that autograd estimators treat as detached constants (a loss weighter's per-sample losses)
-    # must then be held at their value at the unperturbed weights, which the caller provides
-    perturbs_weights: bool = False
     # True for estimators that differentiate through a gradient (a second-order graph): fused attention kernels have
     # no double backward, so `MetaTrainer` runs their meta step on the math backend of scaled_dot_product_attention
     second_order: bool = False
@@ -48,30 +89,37 @@ class HypergradientEstimator:
     def __init__(self) -> None:
         """Estimators without options take none; subclasses declare theirs as keyword arguments."""
 
-    def estimate(
-        self,
-        params: ParamDict,
-        meta_params: Sequence[torch.Tensor],
-        train_loss: LossFn,
-        meta_loss: LossFn,
-        train_batch: Any = None,
-        meta_batch: Any = None,
-        lr: float | None = None,
-    ) -> HypergradientResult:
-        """Estimates `d meta_loss / d meta_params`.
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        estimate = cls.__dict__.get("estimate")
+        if estimate is None:
+            return
+        if len(inspect.signature(estimate).parameters) != 2:
+            raise TypeError(
+                f"{cls.__name__}.estimate must take one argument besides `self`, the problem: "
+                "`def estimate(self, problem: HypergradientProblem) -> HypergradientResult`, reading "
+                "`problem.params`, `problem.meta_params`, `problem.train_loss`, `problem.meta_loss`, the batches and "
+                "`problem.lr`."
+            )
+
+        @functools.wraps(estimate)
+        def checked(self: HypergradientEstimator, *args: Any, **kwargs: Any) -> HypergradientResult:
+            given = [*args, *kwargs.values()]
+            if len(given) != 1 or not isinstance(given[0], HypergradientProblem):
+                raise TypeError(
+                    f"{type(self).__name__}.estimate takes one `HypergradientProblem`: call "
+                    "`estimate(HypergradientProblem(params, meta_params, train_loss, meta_loss, train_batch, "
+                    "meta_batch, lr))` (from `metatrain.estimators`)."
+                )
+            return estimate(self, *args, **kwargs)
+
+        cls.estimate = checked
+
+    def estimate(self, problem: HypergradientProblem) -> HypergradientResult:
+        """Estimates the hypergradient `d meta_loss / d meta_params` of `problem`, without touching any `.grad`.
 
         Args:
-            params (`Mapping[str, torch.Tensor]`):
-                Base weights `theta`, treated as constants.
-            meta_params (`Sequence[torch.Tensor]`):
-                Meta-parameters `lambda`, leaf tensors with `requires_grad=True`.
-            train_loss (`Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]`):
-                Scalar training loss of a weight dict and `train_batch`; depends on `meta_params`.
-            meta_loss (`Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]`):
-                Scalar meta (validation) loss of a weight dict and `meta_batch`.
-            train_batch (`Any`, *optional*): passed to `train_loss`.
-            meta_batch (`Any`, *optional*): passed to `meta_loss`.
-            lr (`float`, *optional*): inner step size, required by lookahead estimators.
+            problem ([`HypergradientProblem`]): the weights, meta-parameters, losses, batches and step size.
 
         Returns:
             [`HypergradientResult`]: one gradient per meta-parameter (shaped like it) and the detached meta loss.
@@ -79,9 +127,10 @@ class HypergradientEstimator:
         raise NotImplementedError
 
     def hypergradient(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
-        """Removed: one spelling of the call is kept, `estimate(...)`, whose result holds the gradients (`.grads`)."""
+        """Removed: one spelling of the call is kept, `estimate(problem)`, whose result holds the gradients
+        (`.grads`)."""
         raise AttributeError(
-            f"{type(self).__name__}.hypergradient(...) was removed: call `estimate(...)` with the same arguments and "
+            f"{type(self).__name__}.hypergradient(...) was removed: call `estimate(HypergradientProblem(...))` and "
             "take `.grads` of its result."
         )
 

@@ -3,71 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import re
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch.autograd import forward_ad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ._base import HypergradientEstimator, HypergradientResult, LossFn, ParamDict, grads_or_zeros
+from ._base import HypergradientEstimator, HypergradientProblem, HypergradientResult, ParamDict, grads_or_zeros
+from .evograd_noise import NoiseDraw, _replaying_rng, _rng_state, _sign_chunks
 
 NOISE_TYPES = ("sign", "gaussian")
 SIGMA_RULES = ("auto", "lr")  # sigma derived from the inner learning rate of each call
-
-
-SIGN_CHUNK = 1 << 17  # packed bytes unpacked at once: 2^20 signs, a 4 MB float32 temporary
-
-
-@functools.lru_cache(maxsize=16)
-def _sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`[256, 8]`: row `b` holds the signs packed in byte `b`, `+1` where bit `i` (least significant first) is set,
-    else `-1`."""
-    bits = (torch.arange(256, device=device).unsqueeze(-1) >> torch.arange(8, device=device)) & 1
-    return (2 * bits - 1).to(dtype)
-
-
-@functools.lru_cache(maxsize=16)
-def _sigma_table(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[`_sign_table`] times `sigma`: `+/- sigma` as float32 rounds it, then in `dtype` on `device` (read only)."""
-    return (_sign_table(torch.float32, device) * sigma).to(dtype)
-
-
-def _unpack(table: torch.Tensor, bits: torch.Tensor, numel: int) -> torch.Tensor:
-    """The first `numel` values that the bytes `bits` pack, looked up in `table` (a [`_sign_table`], possibly
-    scaled), flattened."""
-    return table.index_select(0, bits.int()).view(-1)[:numel]
-
-
-def _sign_chunks(bits: torch.Tensor, numel: int, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
-    """`(start, signs)`: the `numel` signs packed in `bits` as `+/-1` of `dtype`, `8 * SIGN_CHUNK` at a time."""
-    table = _sign_table(dtype, bits.device)
-    for i in range(0, bits.numel(), SIGN_CHUNK):
-        yield 8 * i, _unpack(table, bits[i : i + SIGN_CHUNK], min(numel - 8 * i, 8 * SIGN_CHUNK))
-
-
-def _rng_state(device: torch.device) -> list[torch.Tensor]:
-    """The global CPU RNG state, and that of `device` if it is an accelerator."""
-    states = [torch.get_rng_state()]
-    if device.type != "cpu":
-        states.append(torch.get_device_module(device.type).get_rng_state(device))
-    return states
-
-
-@contextlib.contextmanager
-def _replaying_rng(device: torch.device, state: list[torch.Tensor]) -> Iterator[None]:
-    """Runs the block from the RNG state `state` (see [`_rng_state`]) and puts back the state from before it."""
-    accelerator = device.type != "cpu"
-    with torch.random.fork_rng(
-        devices=[device] if accelerator else [], device_type=device.type if accelerator else "cuda"
-    ):
-        torch.set_rng_state(state[0])
-        if accelerator:
-            torch.get_device_module(device.type).set_rng_state(state[1], device)
-        yield
+Grads = tuple[torch.Tensor, ...]
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -151,7 +100,6 @@ class EvoGrad(HypergradientEstimator):
     """
 
     name = "evograd"
-    perturbs_weights = True
 
     def __init__(
         self,
@@ -257,73 +205,31 @@ class EvoGrad(HypergradientEstimator):
         torch.distributed.broadcast_object_list(shared, src=0)
         return shared[0]
 
-    def _draw_stream(
-        self, theta: ParamDict, names: Sequence[str], sigma: float, seed: int, k: int
-    ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
-        """The perturbation of copy `k`, regenerated from `seed`, one weight at a time, as `(name, eps, bits)` in the
-        order of `names` (a caller never needs more than one weight's noise at once). Sign noise is drawn as random
-        bytes, 8 signs each (bit set: `+sigma`), and `bits` holds them (`uint8`, an eighth of the weight's elements,
-        in the weight's row-major order; see [`_sign_table`]); Gaussian noise has `bits=None`. Antithetic copy
-        `k >= K / 2` is minus copy `k - K / 2` (its bits inverted)."""
-        half = self.population // 2
-        mirrored = self.antithetic and k >= half
-        device = theta[names[0]].device  # drawn where the weights live: no host-to-device copy per step
-        generator = torch.Generator(device=device).manual_seed(seed + (k % half if self.antithetic else k))
-        for name in names:
-            p = theta[name]
-            if self.noise == "sign":
-                bits = torch.randint(0, 256, (-(-p.numel() // 8),), generator=generator, device=device,
-                                     dtype=torch.uint8).to(p.device)  # fmt: skip
-                if mirrored:
-                    bits.bitwise_not_()
-                yield name, _unpack(_sigma_table(sigma, p.dtype, p.device), bits, p.numel()).view(p.shape), bits
-                continue
-            eps = torch.randn(p.shape, generator=generator, device=device, dtype=torch.float32)
-            yield name, eps.mul_(-sigma if mirrored else sigma).to(device=p.device, dtype=p.dtype), None
+    def _noise_draw(self, theta: ParamDict, names: list[str], sigma: float, seed: int) -> NoiseDraw:
+        """The perturbations of one call's population with this estimator's `population`, `antithetic` and `noise`."""
+        return NoiseDraw(theta, names, sigma, seed, self.population, self.antithetic, self.noise)
 
-    def _noise_stream(
-        self, theta: ParamDict, names: Sequence[str], sigma: float, seed: int, k: int
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """The perturbation of copy `k` as `(name, eps)`, one weight at a time (see [`~EvoGrad._draw_stream`])."""
-        return ((name, eps) for name, eps, _ in self._draw_stream(theta, names, sigma, seed, k))
-
-    def _noise(
-        self, theta: ParamDict, names: Sequence[str], sigma: float, seed: int, k: int
-    ) -> dict[str, torch.Tensor]:
-        """The whole perturbation of copy `k` (see [`~EvoGrad._noise_stream`])."""
-        return dict(self._noise_stream(theta, names, sigma, seed, k))
-
-    def estimate(
-        self,
-        params: ParamDict,
-        meta_params: Sequence[torch.Tensor],
-        train_loss: LossFn,
-        meta_loss: LossFn,
-        train_batch: Any = None,
-        meta_batch: Any = None,
-        lr: float | None = None,
-    ) -> HypergradientResult:
-        sigma = self.resolve_sigma(lr)
-        theta = {name: p.detach() for name, p in params.items()}
+    def estimate(self, problem: HypergradientProblem) -> HypergradientResult:
+        sigma = self.resolve_sigma(problem.lr)
+        theta = {name: p.detach() for name, p in problem.params.items()}
         names, seed = self._perturbed_names(theta), self._base_seed()
-
-        inputs = (theta, names, sigma, seed, meta_params, train_loss, meta_loss, train_batch, meta_batch)
-        direct, indirect, loss = (
-            self._estimate_lean(*inputs) if self.memory_lean or self.forward_mode else self._estimate(*inputs)
-        )
+        draw = self._noise_draw(theta, names, sigma, seed)
+        lean = self.memory_lean or self.forward_mode
+        direct, indirect, loss = self._estimate_lean(problem, draw) if lean else self._estimate(problem, draw)
         factor = 1.0
         if self.rescale:
             effective = self.effective_lr(sigma)
             # sigma = 0 (a warmup from lr = 0 under "auto" or "lr"): theta* = theta, the indirect term is zero
-            factor = self._check_lr(lr) / effective if effective > 0 else 1.0
+            factor = self._check_lr(problem.lr) / effective if effective > 0 else 1.0
         return HypergradientResult(tuple(d + factor * i for d, i in zip(direct, indirect)), loss)
 
-    def _estimate(self, theta, names, sigma, seed, meta_params, train_loss, meta_loss, train_batch, meta_batch):
+    def _estimate(self, problem: HypergradientProblem, draw: NoiseDraw) -> tuple[Grads, Grads, torch.Tensor]:
         """All copies at once: the meta loss at `theta*`, differentiated directly (where it depends on the
         meta-parameters itself) and through the softmax weights. Returns `(direct, indirect, meta loss)`."""
-        eps = [self._noise(theta, names, sigma, seed, k) for k in range(self.population)]
+        theta, names = draw.theta, draw.names
+        eps = [draw.perturbation(k) for k in range(self.population)]
         losses = torch.stack(
-            [train_loss({**theta, **{n: theta[n] + e[n] for n in names}}, train_batch).reshape(()) for e in eps]
+            [problem.held_train_loss({**theta, **{n: theta[n] + e[n] for n in names}}).reshape(()) for e in eps]
         )
         weights = self._softmax_weights(losses)
         held = weights.detach().requires_grad_()  # the two paths apart: `rescale` scales only the indirect one
@@ -331,12 +237,12 @@ class EvoGrad(HypergradientEstimator):
         for name in names:
             stacked = torch.stack([e[name] for e in eps])
             theta_star[name] = theta[name] + torch.tensordot(held.to(stacked.dtype), stacked, dims=1)
-        loss = meta_loss(theta_star, meta_batch)
-        *direct, d_weights = grads_or_zeros(loss, [*meta_params, held])
-        indirect = grads_or_zeros(weights, meta_params, grad_outputs=d_weights)
+        loss = problem.meta_loss(theta_star, problem.meta_batch)
+        *direct, d_weights = grads_or_zeros(loss, [*problem.meta_params, held])
+        indirect = grads_or_zeros(weights, problem.meta_params, grad_outputs=d_weights)
         return tuple(direct), indirect, loss.detach()
 
-    def _estimate_lean(self, theta, names, sigma, seed, meta_params, train_loss, meta_loss, train_batch, meta_batch):
+    def _estimate_lean(self, problem: HypergradientProblem, draw: NoiseDraw) -> tuple[Grads, Grads, torch.Tensor]:
         """One copy at a time: `d L_meta / d lambda = direct - (1 / tau) sum_k w_k (c_k - c_bar) d l_k / d lambda`,
         with `c_k = grad L_meta(theta*) . eps_k` and `c_bar = sum_k w_k c_k` (the chain rule through the softmax).
         Returns `(direct, indirect, meta loss)`, the sum over copies being the indirect term.
@@ -347,18 +253,18 @@ class EvoGrad(HypergradientEstimator):
         `c_k` is accumulated weight by weight as the meta backward produces `grad L_meta(theta*)`, each gradient freed
         at once, so no full gradient w.r.t. `theta*` is ever held. (Gaussian noise is regenerated from its seed, in
         order, so that gradient is held for it.)"""
-        signed = self.noise == "sign"
-        scale = float(torch.tensor(sigma, dtype=torch.float32))  # sigma as `_draw_stream` rounds it
+        theta, names, meta_params = draw.theta, draw.names, problem.meta_params
+        signed, scale = self.noise == "sign", draw.scale
         losses, loss_grads, signs = [], [], []
         for k in range(self.population):
             perturbed, kept = dict(theta), {}
-            for name, eps, bits in self._draw_stream(theta, names, sigma, seed, k):
+            for name, eps, bits in draw.with_bits(k):
                 perturbed[name] = eps.add_(theta[name])  # theta + eps, in the noise's own memory
                 if signed:  # one bit per weight, not drawn again
                     kept[name] = bits
                 del eps  # before the next weight's noise is drawn
             signs.append(kept)
-            loss_k = train_loss(perturbed, train_batch).reshape(())
+            loss_k = problem.held_train_loss(perturbed).reshape(())
             losses.append(loss_k.detach())
             loss_grads.append(grads_or_zeros(loss_k, meta_params))
             del perturbed, loss_k
@@ -373,20 +279,22 @@ class EvoGrad(HypergradientEstimator):
                     for start, chunk in _sign_chunks(bits, flat.numel(), flat.dtype):
                         flat[start : start + chunk.numel()].add_(chunk, alpha=w_k * scale)
                 continue
-            for name, eps in self._noise_stream(theta, names, sigma, seed, k):
+            for name, eps in draw.stream(k):
                 moved[name].add_(eps, alpha=w_k)
         if self.forward_mode:
-            direct, c, loss = self._meta_jvps(theta, moved, sigma, seed, signs, meta_params, meta_loss, meta_batch)
+            direct, c, loss = self._meta_jvps(problem, draw, moved, signs)
         else:
-            loss = meta_loss({**theta, **{name: p.requires_grad_() for name, p in moved.items()}}, meta_batch)
-            c = torch.zeros(self.population, dtype=torch.float64, device=loss.device)
+            loss = problem.meta_loss(
+                {**theta, **{name: p.requires_grad_() for name, p in moved.items()}}, problem.meta_batch
+            )
             if signed:
-                direct = self._meta_backward(loss, moved, meta_params, signs, scale, c)
+                direct, c = self._meta_backward(loss, moved, meta_params, signs, scale)
             else:
+                c = torch.zeros(self.population, dtype=torch.float64, device=loss.device)
                 grads = grads_or_zeros(loss, [*moved.values(), *meta_params])
                 g_star, direct = dict(zip(names, grads[: len(names)])), grads[len(names) :]
                 for k in range(self.population):
-                    for name, eps in self._noise_stream(theta, names, sigma, seed, k):
+                    for name, eps in draw.stream(k):
                         c[k] += (g_star[name] * eps).sum(dtype=torch.float64)
         coefficient = -(weights.double() * (c - (weights.double() * c).sum())) / self.temperature
         indirect = tuple(
@@ -395,33 +303,19 @@ class EvoGrad(HypergradientEstimator):
         )
         return tuple(direct), indirect, loss.detach()
 
-    def _tangent(self, theta, names, sigma, seed, signs, k) -> dict[str, torch.Tensor]:
-        """`eps_k - eps_K` for every perturbed weight (`K` the last copy), shaped as the weights and row-major: from
-        the kept signs (sign noise) or regenerated from `seed` (Gaussian noise)."""
-        last = self.population - 1
-        if self.noise == "sign":
-            tangent = {}
-            for name, bits in signs[k].items():
-                p = theta[name]
-                table = _sigma_table(sigma, p.dtype, p.device)
-                step = _unpack(table, bits, p.numel()) - _unpack(table, signs[last][name], p.numel())
-                tangent[name] = step.view(p.shape)
-            return tangent
-        pairs = zip(
-            self._noise_stream(theta, names, sigma, seed, k), self._noise_stream(theta, names, sigma, seed, last)
-        )
-        return {name: eps - eps_last for (name, eps), (_, eps_last) in pairs}
-
-    def _meta_jvps(self, theta, moved, sigma, seed, signs, meta_params, meta_loss, meta_batch):
-        """`(direct, c, meta loss)` by forward-mode AD (`forward_mode`): `c_k = grad L_meta(theta*) . (eps_k - eps_K)`
-        (so `c_K = 0`, which the softmax's chain rule does not see: only differences of `c` matter), one
-        Jacobian-vector product per copy but the last, each a forward pass of the meta loss with dual weights. The
-        primal of the first carries the graph of a direct dependence on the meta-parameters, if any."""
+    def _meta_jvps(
+        self, problem: HypergradientProblem, draw: NoiseDraw, moved: dict[str, torch.Tensor], signs: list[dict]
+    ) -> tuple[Grads, torch.Tensor, torch.Tensor]:
+        """`(direct, c, meta loss)` by forward-mode AD (`forward_mode`) at `theta* = moved`:
+        `c_k = grad L_meta(theta*) . (eps_k - eps_K)` (so `c_K = 0`, which the softmax's chain rule does not see: only
+        differences of `c` matter), one Jacobian-vector product per copy but the last, each a forward pass of the meta
+        loss with dual weights. The primal of the first carries the graph of a direct dependence on the
+        meta-parameters, if any."""
         device = next(iter(moved.values())).device
         c = torch.zeros(self.population, dtype=torch.float64, device=device)
         loss, start = None, _rng_state(device)
         for k in range(self.population - 1):
-            tangent = self._tangent(theta, list(moved), sigma, seed, signs, k)
+            tangent = draw.tangent(signs, k)
             # every product on the first one's random draws (dropout), and the RNG moved on by one meta loss call, as
             # the backward paths leave it; scaled_dot_product_attention's fused kernels have no forward derivative
             replay = contextlib.nullcontext() if k == 0 else _replaying_rng(device, start)
@@ -429,7 +323,7 @@ class EvoGrad(HypergradientEstimator):
                 duals = {name: forward_ad.make_dual(p, tangent[name]) for name, p in moved.items()}
                 del tangent
                 try:
-                    output = meta_loss({**theta, **duals}, meta_batch)
+                    output = problem.meta_loss({**draw.theta, **duals}, problem.meta_batch)
                 except (NotImplementedError, RuntimeError) as err:
                     if not re.search(r"forward[ -](mode )?AD", str(err)):
                         raise
@@ -443,18 +337,25 @@ class EvoGrad(HypergradientEstimator):
             c[k] = 0.0 if derivative is None else derivative.reshape(()).double()
             if loss is None:
                 loss = primal
-                direct = grads_or_zeros(primal, meta_params)
+                direct = grads_or_zeros(primal, problem.meta_params)
         return direct, c, loss
 
     @staticmethod
-    def _meta_backward(loss, moved, meta_params, signs, scale, c) -> tuple[torch.Tensor, ...]:
+    def _meta_backward(
+        loss: torch.Tensor,
+        moved: dict[str, torch.Tensor],
+        meta_params: Sequence[torch.Tensor],
+        signs: list[dict],
+        scale: float,
+    ) -> tuple[Grads, torch.Tensor]:
         """Backward of the meta loss that takes `grad_n . signs[k][n]` for every copy `k` as each weight's gradient
         `grad_n` is accumulated and then drops it, and sets `c[k]` to `scale` times their sum over the weights. The
         signs are unpacked a chunk at a time (see [`_sign_chunks`]), so the backward, whose activations are alive,
-        gains no weight-sized temporary. Returns the gradients w.r.t. `meta_params` (zeros where the loss does not
-        depend on them); the `.grad` the caller's meta-parameters had is put back."""
+        gains no weight-sized temporary. Returns `(direct, c)`: the gradients w.r.t. `meta_params` (zeros where the
+        loss does not depend on them) and `c` (float64); the `.grad` the caller's meta-parameters had is put back."""
+        c = torch.zeros(len(signs), dtype=torch.float64, device=loss.device)
         if not loss.requires_grad:
-            return tuple(torch.zeros_like(p) for p in meta_params)
+            return tuple(torch.zeros_like(p) for p in meta_params), c
         parts: list[dict[str, torch.Tensor]] = [{} for _ in signs]
 
         def consume(name: str):
@@ -484,4 +385,4 @@ class EvoGrad(HypergradientEstimator):
         for k, kept in enumerate(signs):
             zero = torch.zeros((), dtype=torch.float64, device=c.device)  # a weight the meta loss does not reach
             c[k] = scale * sum(parts[k].get(name, zero) for name in kept)
-        return direct
+        return direct, c

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
-import torch
-
-from ._base import HypergradientEstimator, HypergradientResult, LossFn, ParamDict, grads_or_zeros
+from ._base import HypergradientEstimator, HypergradientProblem, HypergradientResult, grads_or_zeros
 
 
 class FirstOrder(HypergradientEstimator):
@@ -20,15 +15,6 @@ class FirstOrder(HypergradientEstimator):
 
     name = "first_order"
 
-    def estimate(
-        self,
-        params: ParamDict,
-        meta_params: Sequence[torch.Tensor],
-        train_loss: LossFn,
-        meta_loss: LossFn,
-        train_batch: Any = None,
-        meta_batch: Any = None,
-        lr: float | None = None,
-    ) -> HypergradientResult:
-        loss = meta_loss({name: p.detach() for name, p in params.items()}, meta_batch)
-        return HypergradientResult(grads_or_zeros(loss, meta_params), loss.detach())
+    def estimate(self, problem: HypergradientProblem) -> HypergradientResult:
+        loss = problem.meta_loss({name: p.detach() for name, p in problem.params.items()}, problem.meta_batch)
+        return HypergradientResult(grads_or_zeros(loss, problem.meta_params), loss.detach())

@@ -5,11 +5,12 @@ and [`~metatrain.estimators.register_estimator`] it, or pass an instance to `Met
 
 from __future__ import annotations
 
-from ._base import LossFn, ParamDict, detached_copy, grads_or_zeros, leaves
+from ._base import HypergradientProblem, LossFn, ParamDict, detached_copy, grads_or_zeros, leaves
 from ._hvp import gradient_vector_product
 from ._lookahead import sgd_lookahead, sgd_unroll
 
 __all__ = [
+    "HypergradientProblem",
     "LossFn",
     "ParamDict",
     "detached_copy",

@@ -10,8 +10,8 @@ import torch
 
 from ._base import (
     HypergradientEstimator,
+    HypergradientProblem,
     HypergradientResult,
-    LossFn,
     ParamDict,
     detached_copy,
     grads_or_zeros,
@@ -240,35 +240,26 @@ class HyperDistill(HypergradientEstimator):
         return _concat_rows(kept, new, rows_kept, rows_new)
 
     def _meta_gradients(
-        self, weights: ParamDict, meta_params: Sequence[torch.Tensor], meta_loss: LossFn, meta_batch: Any
+        self, problem: HypergradientProblem, weights: ParamDict
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """`alpha = d L_meta / d w` and the direct term `d L_meta / d lambda` at `weights`, and the loss."""
         w = leaves(weights)
-        loss = meta_loss(w, meta_batch)
-        grads = grads_or_zeros(loss, [*w.values(), *meta_params])
+        loss = problem.meta_loss(w, problem.meta_batch)
+        grads = grads_or_zeros(loss, [*w.values(), *problem.meta_params])
         return list(grads[: len(w)]), list(grads[len(w) :]), loss.detach()
 
     def _distilled_jvp(
-        self,
-        weights: ParamDict,
-        batch: Any,
-        alpha: Sequence[torch.Tensor],
-        meta_params: Sequence[torch.Tensor],
-        train_loss: LossFn,
-        lr: float,
+        self, problem: HypergradientProblem, weights: ParamDict, batch: Any, alpha: Sequence[torch.Tensor], lr: float
     ) -> tuple[torch.Tensor, ...]:
         """`alpha . d Phi(weights, lambda; batch) / d lambda` through the shared one-step lookahead."""
-        stepped = sgd_lookahead(weights, train_loss, batch, lr, create_graph=True)
-        return grads_or_zeros(_dot(list(stepped.values()), alpha), meta_params)
+        stepped = sgd_lookahead(weights, problem.train_loss, batch, lr, create_graph=True)
+        return grads_or_zeros(_dot(list(stepped.values()), alpha), problem.meta_params)
 
     def _fit_theta(
-        self,
-        w_end: ParamDict,
-        alpha_end: Sequence[torch.Tensor],
-        meta_params: Sequence[torch.Tensor],
-        train_loss: LossFn,
+        self, problem: HypergradientProblem, w_end: ParamDict, alpha_end: Sequence[torch.Tensor]
     ) -> float | None:
         """Algorithm 4 over the window: DrMAD backward pass from `w_end`, one `(x_s, y_s)` per horizon `s`."""
+        meta_params = problem.meta_params
         names = list(w_end)
         w_0 = {k: self._window_start[k].to(device=w_end[k].device, dtype=w_end[k].dtype) for k in names}
         lr_end = self._window[-1][1]
@@ -285,7 +276,7 @@ class HyperDistill(HypergradientEstimator):
             w_hat = {k: (1 - frac) * w_0[k] + frac * w_end[k] for k in names}
             # Eq. 16: g^SO += alpha B^_t, alpha <- alpha A^_t, with A^_t = I - lr H and B^_t = -lr d^2 L / dw dlambda
             w_leaf = leaves(w_hat)
-            grads = grads_or_zeros(train_loss(w_leaf, batch), list(w_leaf.values()), create_graph=True)
+            grads = grads_or_zeros(problem.train_loss(w_leaf, batch), list(w_leaf.values()), create_graph=True)
             products = gradient_vector_product(grads, [*w_leaf.values(), *meta_params], alpha)
             alpha = [a - lr_t * hv for a, hv in zip(alpha, products[: len(names)])]
             g_so = [g - lr_t * mv for g, mv in zip(g_so, products[len(names) :])]
@@ -296,7 +287,7 @@ class HyperDistill(HypergradientEstimator):
                 p_s = (1.0 - self.gamma ** (s - 1)) / (1.0 - self.gamma**s)
                 w_star = {k: p_s * w_star[k] + (1 - p_s) * w_hat[k] for k in names}
                 d_star = self._mix(d_star, batch, p_s)
-            v = self._distilled_jvp(w_star, d_star, alpha_end, meta_params, train_loss, lr_end)
+            v = self._distilled_jvp(problem, w_star, d_star, alpha_end, lr_end)
             norm = math.sqrt(sum(float((x.double() ** 2).sum()) for x in v))
             x_s = norm * self.decay_sum(s)
             y_s = float(_dot([x.double() for x in v], [g.double() for g in g_so])) / norm if norm > 0 else 0.0
@@ -304,17 +295,8 @@ class HyperDistill(HypergradientEstimator):
             xy += x_s * y_s
         return xy / xx if xx > 0 else None
 
-    def estimate(
-        self,
-        params: ParamDict,
-        meta_params: Sequence[torch.Tensor],
-        train_loss: LossFn,
-        meta_loss: LossFn,
-        train_batch: Any = None,
-        meta_batch: Any = None,
-        lr: float | None = None,
-    ) -> HypergradientResult:
-        lr = self._check_lr(lr)
+    def estimate(self, problem: HypergradientProblem) -> HypergradientResult:
+        lr, params, train_batch = self._check_lr(problem.lr), problem.params, problem.train_batch
         if self._w_star is not None and list(self._w_star) != list(params):
             raise ValueError(
                 f"HyperDistill got weights named {list(params)[:4]}... but its running average holds "
@@ -335,16 +317,16 @@ class HyperDistill(HypergradientEstimator):
 
         if p_t == 0.0:
             # the distilled point is the current one: one second-order lookahead serves both terms, as in T1T2
-            stepped = sgd_lookahead(params, train_loss, train_batch, lr, create_graph=True)
+            stepped = sgd_lookahead(params, problem.train_loss, train_batch, lr, create_graph=True)
             w_next = {k: w.detach() for k, w in stepped.items()}
-            alpha, direct, loss = self._meta_gradients(w_next, meta_params, meta_loss, meta_batch)
-            jvp = grads_or_zeros(_dot(list(stepped.values()), alpha), meta_params)
+            alpha, direct, loss = self._meta_gradients(problem, w_next)
+            jvp = grads_or_zeros(_dot(list(stepped.values()), alpha), problem.meta_params)
         else:
-            w_next = sgd_lookahead(params, train_loss, train_batch, lr, create_graph=False)
+            w_next = sgd_lookahead(params, problem.train_loss, train_batch, lr, create_graph=False)
             w_next = {k: w.detach() for k, w in w_next.items()}
-            alpha, direct, loss = self._meta_gradients(w_next, meta_params, meta_loss, meta_batch)
+            alpha, direct, loss = self._meta_gradients(problem, w_next)
             w_used = {k: w_star[k].to(dtype=p.dtype) for k, p in params.items()}
-            jvp = self._distilled_jvp(w_used, d_star, alpha, meta_params, train_loss, lr)
+            jvp = self._distilled_jvp(problem, w_used, d_star, alpha, lr)
 
         if self.pi is None:
             phase = (t - 1) % self.estimation_period
@@ -353,7 +335,7 @@ class HyperDistill(HypergradientEstimator):
             if phase < self.horizon:
                 self._window.append((batch, lr))
             if phase == self.horizon - 1:
-                theta = self._fit_theta(w_next, alpha, meta_params, train_loss)
+                theta = self._fit_theta(problem, w_next, alpha)
                 # a refit that is not finite (a non-finite batch in its window) keeps the last theta; MetaTrainer
                 # also puts the whole state back after a skipped meta step, so there this is a second guard
                 self._theta = theta if theta is not None and math.isfinite(theta) else self._theta

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
-import torch
-
-from ._base import HypergradientEstimator, HypergradientResult, LossFn, ParamDict, grads_or_zeros, leaves
+from ._base import HypergradientEstimator, HypergradientProblem, HypergradientResult, grads_or_zeros, leaves
 from ._hvp import gradient_vector_product
 
 
@@ -44,23 +39,15 @@ class Neumann(HypergradientEstimator):
         self.terms = terms
         self.alpha = None if alpha is None else float(alpha)
 
-    def estimate(
-        self,
-        params: ParamDict,
-        meta_params: Sequence[torch.Tensor],
-        train_loss: LossFn,
-        meta_loss: LossFn,
-        train_batch: Any = None,
-        meta_batch: Any = None,
-        lr: float | None = None,
-    ) -> HypergradientResult:
-        alpha = self.alpha if self.alpha is not None else self._check_lr(lr)
-        theta = leaves(params)
+    def estimate(self, problem: HypergradientProblem) -> HypergradientResult:
+        alpha = self.alpha if self.alpha is not None else self._check_lr(problem.lr)
+        meta_params = problem.meta_params
+        theta = leaves(problem.params)
         weights = list(theta.values())
-        loss = meta_loss(theta, meta_batch)
+        loss = problem.meta_loss(theta, problem.meta_batch)
         grads = grads_or_zeros(loss, [*weights, *meta_params])
         v, direct = grads[: len(weights)], grads[len(weights) :]
-        train_grads = grads_or_zeros(train_loss(theta, train_batch), weights, create_graph=True)
+        train_grads = grads_or_zeros(problem.train_loss(theta, problem.train_batch), weights, create_graph=True)
         term, series = list(v), list(v)
         for _ in range(self.terms):
             hessian_term = gradient_vector_product(train_grads, weights, term)

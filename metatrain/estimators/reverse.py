@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ._base import HypergradientEstimator, HypergradientResult, LossFn, ParamDict, detached_copy, grads_or_zeros
+from ._base import HypergradientEstimator, HypergradientProblem, HypergradientResult, detached_copy, grads_or_zeros
 from ._lookahead import sgd_unroll
 
 
@@ -41,23 +40,14 @@ class ReverseMode(HypergradientEstimator):
         self.horizon = horizon
         self._history: list[tuple[dict[str, torch.Tensor], Any, float]] = []
 
-    def estimate(
-        self,
-        params: ParamDict,
-        meta_params: Sequence[torch.Tensor],
-        train_loss: LossFn,
-        meta_loss: LossFn,
-        train_batch: Any = None,
-        meta_batch: Any = None,
-        lr: float | None = None,
-    ) -> HypergradientResult:
-        lr = self._check_lr(lr)
-        current = (detached_copy(dict(params)), detached_copy(train_batch), lr)
+    def estimate(self, problem: HypergradientProblem) -> HypergradientResult:
+        lr = self._check_lr(problem.lr)
+        current = (detached_copy(dict(problem.params)), detached_copy(problem.train_batch), lr)
         steps = [*self._history, current]
         start = steps[0][0]
-        final = sgd_unroll(start, train_loss, [s[1] for s in steps], [s[2] for s in steps], create_graph=True)
-        loss = meta_loss(final, meta_batch)
-        grads = grads_or_zeros(loss, meta_params)
+        final = sgd_unroll(start, problem.train_loss, [s[1] for s in steps], [s[2] for s in steps], create_graph=True)
+        loss = problem.meta_loss(final, problem.meta_batch)
+        grads = grads_or_zeros(loss, problem.meta_params)
         self._history = steps[1:] if len(steps) == self.horizon else steps
         return HypergradientResult(grads, loss.detach())
 

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
-import torch
-
-from ._base import HypergradientEstimator, HypergradientResult, LossFn, ParamDict, grads_or_zeros
+from ._base import HypergradientEstimator, HypergradientProblem, HypergradientResult, grads_or_zeros
 from ._lookahead import sgd_lookahead
 
 
@@ -23,17 +18,8 @@ class T1T2(HypergradientEstimator):
     name = "t1t2"
     second_order = True
 
-    def estimate(
-        self,
-        params: ParamDict,
-        meta_params: Sequence[torch.Tensor],
-        train_loss: LossFn,
-        meta_loss: LossFn,
-        train_batch: Any = None,
-        meta_batch: Any = None,
-        lr: float | None = None,
-    ) -> HypergradientResult:
-        lr = self._check_lr(lr)
-        theta_next = sgd_lookahead(params, train_loss, train_batch, lr, create_graph=True)
-        loss = meta_loss(theta_next, meta_batch)
-        return HypergradientResult(grads_or_zeros(loss, meta_params), loss.detach())
+    def estimate(self, problem: HypergradientProblem) -> HypergradientResult:
+        lr = self._check_lr(problem.lr)
+        theta_next = sgd_lookahead(problem.params, problem.train_loss, problem.train_batch, lr, create_graph=True)
+        loss = problem.meta_loss(theta_next, problem.meta_batch)
+        return HypergradientResult(grads_or_zeros(loss, problem.meta_params), loss.detach())

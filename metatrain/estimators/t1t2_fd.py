@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ._base import HypergradientEstimator, HypergradientResult, LossFn, ParamDict, grads_or_zeros, leaves
+from ._base import HypergradientEstimator, HypergradientProblem, HypergradientResult, ParamDict, grads_or_zeros, leaves
 from ._lookahead import sgd_lookahead
 
 
@@ -30,37 +29,33 @@ class T1T2FiniteDifference(HypergradientEstimator):
     """
 
     name = "t1t2_fd"
-    perturbs_weights = True
 
     def __init__(self, epsilon: float = 0.01):
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
             raise ValueError(f"t1t2_fd option `epsilon` must be a number > 0, got epsilon={epsilon!r}.")
         self.epsilon = float(epsilon)
 
-    def estimate(
-        self,
-        params: ParamDict,
-        meta_params: Sequence[torch.Tensor],
-        train_loss: LossFn,
-        meta_loss: LossFn,
-        train_batch: Any = None,
-        meta_batch: Any = None,
-        lr: float | None = None,
-    ) -> HypergradientResult:
-        lr = self._check_lr(lr)
-        theta_next = leaves(sgd_lookahead(params, train_loss, train_batch, lr, create_graph=False))
-        loss = meta_loss(theta_next, meta_batch)
+    def estimate(self, problem: HypergradientProblem) -> HypergradientResult:
+        lr, meta_params = self._check_lr(problem.lr), problem.meta_params
+
+        def held_train_loss(weights: ParamDict, _batch: Any) -> torch.Tensor:
+            # the lookahead from theta, like the shifted evaluations below, holds a loss weighter's input at theta
+            return problem.held_train_loss(weights)
+
+        stepped = sgd_lookahead(problem.params, held_train_loss, problem.train_batch, lr, create_graph=False)
+        theta_next = leaves(stepped)
+        loss = problem.meta_loss(theta_next, problem.meta_batch)
         grads = grads_or_zeros(loss, [*theta_next.values(), *meta_params])
         v, direct = grads[: len(theta_next)], grads[len(theta_next) :]
         v_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in v]))
         if lr == 0 or v_norm == 0:
             return HypergradientResult(direct, loss.detach())
         r = self.epsilon / v_norm.item()
-        theta = {name: p.detach() for name, p in params.items()}
+        theta = {name: p.detach() for name, p in problem.params.items()}
 
         def train_grad(sign: float) -> tuple[torch.Tensor, ...]:
             shifted = {name: p + sign * r * g for (name, p), g in zip(theta.items(), v)}
-            return grads_or_zeros(train_loss(shifted, train_batch), meta_params)
+            return grads_or_zeros(problem.held_train_loss(shifted), meta_params)
 
         plus, minus = train_grad(1.0), train_grad(-1.0)
         hyper = tuple(d - lr * (gp - gm) / (2 * r) for d, gp, gm in zip(direct, plus, minus))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._base import AttachedTransform, InputTransform, LossWeighter
+from ._base import AttachedTransform, InputTransform, LossWeighter, MetaModule
 from .feature_wise import (
     FeatureWiseTransform,
     FeatureWiseTransforms,
@@ -25,6 +25,7 @@ __all__ = [
     "InputTransform",
     "LearnableRotation",
     "LossWeighter",
+    "MetaModule",
     "MetaWeightNet",
     "RepresentationTransform",
     "RepresentationTransformNetwork",
