@@ -19,7 +19,7 @@ COPY --chown=1001:1001 . .
 # torch comes with the base image: requiring exactly the installed distribution's version (its metadata version,
 # which pip compares; `torch.__version__` may carry a local tag such as +cu128 that the metadata lacks) makes pip
 # keep it, or fail loudly, instead of downloading another build. tests/test_docker.py runs this same command.
-RUN pip install --no-cache-dir . "torch==$(python -c 'from importlib.metadata import version; print(version("torch"))')"
+RUN pip install --no-cache-dir "./[recipes]" "torch==$(python -c 'from importlib.metadata import version; print(version("torch"))')"
 
 USER 1001:1001
 ENTRYPOINT ["accelerate", "launch"]

@@ -1,5 +1,4 @@
-"""Metrics computed locally (`evaluate.load` needs the network): entity-level F1 of BIO tags, as seqeval computes it
-in its default mode (the conlleval rules), and the matching `compute_metrics` for token classification."""
+"""`compute_metrics` for token classification: entity-level scores of BIO tags by `seqeval`, computed locally."""
 
 from __future__ import annotations
 
@@ -7,49 +6,33 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-
-def _split_tag(tag: str) -> tuple[str, str]:
-    if tag == "O" or "-" not in tag:
-        return "O", ""
-    prefix, kind = tag.split("-", 1)
-    return prefix, kind
+from .utils import require
 
 
 def extract_entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:
-    """The entities of one BIO-tagged sequence as `(type, start, end)` with `end` exclusive, by the conlleval rules
-    (seqeval's default mode): an entity starts at a `B-` tag, or at an `I-` tag after `O` or after another type; it
-    ends before `O`, a `B-` tag or a tag of another type."""
-    entities, start, kind = set(), None, ""
-    for i, tag in enumerate([*tags, "O"]):
-        prefix, tag_kind = _split_tag(tag)
-        ends = start is not None and (prefix in ("O", "B") or tag_kind != kind)
-        if ends:
-            entities.add((kind, start, i))
-            start = None
-        if prefix in ("B", "I") and start is None:
-            start, kind = i, tag_kind
-    return entities
+    """The entities of one BIO-tagged sequence as `(type, start, end)` with `end` exclusive, by `seqeval`'s
+    conlleval rules: an entity starts at a `B-` tag, or at an `I-` tag after `O` or after another type."""
+    get_entities = require("seqeval.metrics.sequence_labeling", "recipes", "Entity extraction").get_entities
+    return {(kind, start, end + 1) for kind, start, end in get_entities(list(tags))}
 
 
 def entity_scores(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence[str]]) -> dict[str, float]:
-    """Micro-averaged entity-level precision, recall and F1 over sequences of BIO tags (an entity counts as found
-    when its type, start and end all match); 0 where undefined."""
+    """Micro-averaged entity-level precision, recall and F1 over sequences of BIO tags, by `seqeval` in its default
+    mode (the conlleval rules: an entity counts as found when its type, start and end all match); 0 where
+    undefined."""
     if len(true_tags) != len(pred_tags):
         raise ValueError(
             f"{len(true_tags)} true and {len(pred_tags)} predicted sequences: pass one of each per example."
         )
-    found = correct = expected = 0
     for true, pred in zip(true_tags, pred_tags):
         if len(true) != len(pred):
             raise ValueError(f"A true sequence of {len(true)} tags has {len(pred)} predicted tags: align them first.")
-        true_entities, pred_entities = extract_entities(true), extract_entities(pred)
-        expected += len(true_entities)
-        found += len(pred_entities)
-        correct += len(true_entities & pred_entities)
-    precision = correct / found if found else 0.0
-    recall = correct / expected if expected else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1}
+    metrics = require("seqeval.metrics", "recipes", "Entity-level F1")
+    true, pred = [list(t) for t in true_tags], [list(p) for p in pred_tags]
+    return {
+        name: float(getattr(metrics, f"{name}_score")(true, pred, zero_division=0))
+        for name in ("precision", "recall", "f1")
+    }
 
 
 def token_classification_metrics(

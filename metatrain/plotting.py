@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from .utils import require
+
+require("matplotlib", "recipes", "Plots").use("Agg")
+plt = require("matplotlib.pyplot", "recipes", "Plots")
 
 
 def plot_weighting_functions(

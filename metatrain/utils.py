@@ -4,12 +4,28 @@ comparisons."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import random
 from collections.abc import Iterator, Sequence
+from types import ModuleType
 
 import torch
 from torch import nn
+
+DISTRIBUTION = "metatrain-hf"
+
+
+def require(module: str, extra: str, what: str) -> ModuleType:
+    """`module` imported, or an `ImportError` naming the extra of this package that installs it, e.g.
+    `pip install 'metatrain-hf[recipes]'`; `what` says what needs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(
+            f"{what} needs `{module.split('.')[0]}`, which metatrain installs with its `{extra}` extra: "
+            f"pip install '{DISTRIBUTION}[{extra}]'."
+        ) from err
 
 
 @contextlib.contextmanager

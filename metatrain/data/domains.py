@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..utils import require
 from .images import ImageClassificationTransform
 
 
@@ -78,8 +79,8 @@ def load_digit_domains(
         `dict`: `{"seen": {name: Dataset}, "unseen": {name: Dataset}}`, each dataset with `pixel_values` (float32
         `[3, image_size, image_size]`) and `labels` (a `ClassLabel` of the ten digits), formatted as torch tensors.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    load_digits = require("sklearn.datasets", "recipes", "The embedded digits").load_digits
+    train_test_split = require("sklearn.model_selection", "recipes", "The embedded digits").train_test_split
 
     unknown = sorted(set(seen) - set(DIGIT_DOMAINS)) + sorted(set(unseen) - set(DIGIT_DOMAINS))
     if unknown:

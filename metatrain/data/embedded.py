@@ -5,6 +5,8 @@ from __future__ import annotations
 import datasets
 import numpy as np
 
+from ..utils import require
+
 
 def load_digits_dataset(test_size: float = 0.3, seed: int = 0) -> datasets.DatasetDict:
     """The 8x8 handwritten digits of scikit-learn (1,797 images, 10 classes) as an image-classification dataset.
@@ -23,8 +25,8 @@ def load_digits_dataset(test_size: float = 0.3, seed: int = 0) -> datasets.Datas
         `datasets.DatasetDict`: splits `train` and `test` with columns `pixel_values` (float32, `[1, 8, 8]`) and
         `labels` (int64, a `ClassLabel` with 10 classes, so `dataset["train"].features["labels"].num_classes` is 10).
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    load_digits = require("sklearn.datasets", "recipes", "The embedded digits").load_digits
+    train_test_split = require("sklearn.model_selection", "recipes", "The embedded digits").train_test_split
 
     digits = load_digits()
     images = (digits.images.astype(np.float32) / 16.0)[:, None]

@@ -7,6 +7,8 @@ from typing import Any
 
 import datasets
 
+from ..utils import require
+
 # (Hub repository, image column, label column)
 HUB_IMAGE_DATASETS = {
     "cifar10": ("uoft-cs/cifar10", "img", "label"),
@@ -31,10 +33,7 @@ class ImageClassificationTransform:
     """
 
     def __init__(self, image_size: int = 32, train: bool = False, resize: bool = True):
-        try:
-            from torchvision import transforms
-        except ImportError as err:  # pragma: no cover - torchvision is optional for the rest of metatrain
-            raise ImportError("Image datasets need torchvision: `pip install torchvision`.") from err
+        transforms = require("torchvision.transforms", "vision", "Image datasets")
         self.image_size, self.train, self.resize = image_size, train, resize
         steps = [transforms.Resize((image_size, image_size))] if resize else []
         if train:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 
-import timm
 from torch import nn
 
+from ..utils import require
 from .cifar_resnet import BasicBlock, CifarResNet, ShortcutA
 from .fewshot import (
     FEWSHOT_HEADS,
@@ -51,6 +51,7 @@ def build_model(name: str, num_classes: int, in_chans: int = 3, width: int = 1, 
         return CifarResNet(int(match.group(1)), num_classes=num_classes, width=width, in_chans=in_chans, **kwargs)
     if name == "small_cnn":
         return SmallCNN(num_classes=num_classes, in_chans=in_chans, width=_SMALL_CNN_BASE_WIDTH * width, **kwargs)
+    timm = require("timm", "vision", "timm models")
     if not timm.is_model(name):
         raise ValueError(
             f"Unknown model name {name!r}: choose one of the built-in models {list(BUILTIN_MODELS)} or a timm model "

@@ -3,10 +3,11 @@ head."""
 
 from __future__ import annotations
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..utils import require
 
 
 def class_means(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -189,6 +190,7 @@ def build_fewshot_model(backbone: str, head: str = "protonet", in_chans: int = 3
     """
     if head not in FEWSHOT_HEADS:
         raise ValueError(f"Unknown few-shot head {head!r}: choose one of {FEWSHOT_HEADS}.")
+    timm = require("timm", "vision", "few-shot backbones (timm models)")
     if not timm.is_model(backbone):
         raise ValueError(f"Unknown backbone {backbone!r}: pass a timm model name such as 'resnet10t' or 'resnet34'.")
     if backbone in timm.list_models(module="resnet"):

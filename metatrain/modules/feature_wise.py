@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..utils import require
 from ._base import AttachedTransform
 
 logger = logging.getLogger(__name__)
@@ -18,8 +19,14 @@ logger = logging.getLogger(__name__)
 FT_AFTER_BN2 = "ft_bn2"
 FT_AFTER_BN3 = "ft_bn3"  # Bottleneck blocks: their residual branch ends with bn3
 FT_AFTER_SHORTCUT = "ft_shortcut"
-# the blocks whose structure is known: (last conv, last norm) of their residual branch and the FT layer's attribute
-SUPPORTED_BLOCKS = {BasicBlock: ("conv2", "bn2", FT_AFTER_BN2), Bottleneck: ("conv3", "bn3", FT_AFTER_BN3)}
+
+
+@functools.cache
+def supported_blocks() -> dict[type, tuple[str, str, str]]:
+    """The timm blocks whose structure is known: (last conv, last norm) of their residual branch and the FT layer's
+    attribute."""
+    resnet = require("timm.models.resnet", "vision", "LFT's feature-wise layers (timm ResNets)")
+    return {resnet.BasicBlock: ("conv2", "bn2", FT_AFTER_BN2), resnet.Bottleneck: ("conv3", "bn3", FT_AFTER_BN3)}
 
 
 class FeatureWiseTransform(nn.Module):
@@ -132,9 +139,10 @@ def attach_feature_wise_transforms(
             f"{type(model).__name__} already has feature-wise transforms: detach them first with "
             "`detach_feature_wise_transforms(model)`."
         )
-    blocks = [(name, block) for name, block in model.named_modules() if type(block) in SUPPORTED_BLOCKS]
+    blocks = [(name, block) for name, block in model.named_modules() if type(block) in supported_blocks()]
     if not blocks:
-        supported = ", ".join(f"timm.models.resnet.{cls.__name__}" for cls in SUPPORTED_BLOCKS)
+        supported = ", ".join(f"timm.models.resnet.{cls.__name__}" for cls in supported_blocks())
+        ResNet = require("timm.models.resnet", "vision", "LFT").ResNet  # noqa: N806
         stages = [getattr(m, f"layer{i}") for m in model.modules() if isinstance(m, ResNet) for i in range(1, 5)]
         other = sorted({type(block).__name__ for stage in stages for block in stage})
         found = f" (a timm ResNet of {', '.join(other)} blocks)" if other else ""
@@ -146,7 +154,7 @@ def attach_feature_wise_transforms(
         )
     zeroed, layers = [], {}
     for block_name, block in blocks:
-        conv_name, norm_name, attribute = SUPPORTED_BLOCKS[type(block)]
+        conv_name, norm_name, attribute = supported_blocks()[type(block)]
         norm, conv = getattr(block, norm_name), getattr(block, conv_name)
         prefix = f"{block_name}." if block_name else ""
         weight = getattr(norm, "weight", None)
