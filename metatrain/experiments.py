@@ -1,5 +1,5 @@
-"""Pieces the recipes share: the trainer of one run of a method, the seeds x methods grid and its resumption, the
-accuracy metric, per-method summaries and the results."""
+"""Pieces the recipes share: their grid arguments, the trainer of one run of a method, the seeds x methods grid and
+its resumption, the accuracy metric, per-method summaries and the results."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -21,10 +22,15 @@ from .data.episodes import stack_images
 from .per_sample import PerSampleLossTrainer
 from .profiling import MemoryMeter
 from .trainer import MetaTrainer
-from .utils import evaluation_mode
+from .utils import evaluation_mode, require
 
 logger = logging.getLogger(__name__)
 RUNS_DONE_NAME = "runs_done.json"
+METHOD_OPTIONS_HELP = (
+    "Per method that runs an estimator, that estimator's options (a YAML mapping or JSON), updated with "
+    "`hypergradient_kwargs` where `hypergradient` names the same estimator (see "
+    "`metatrain.experiments.method_estimator`)."
+)
 
 
 def accuracy(eval_pred) -> dict[str, float]:
@@ -323,6 +329,41 @@ def check_methods(methods: Iterable[str], allowed: Iterable[str]) -> None:
         raise ValueError(f"Unknown methods {unknown}: choose from {list(allowed)}.")
 
 
+@dataclass
+class GridArguments:
+    """Arguments of a recipe that runs each of its methods on each seed: which methods and seeds, the methods'
+    estimator options and where the results go.
+
+    A recipe subclasses it, names its methods in `METHODS` (each method and the estimator it runs, `None` for none)
+    and re-declares the fields whose default it changes (a re-declared field keeps its place among the flags).
+    `__post_init__` checks `methods` against `METHODS` and parses `method_options` ([`parse_method_options`]).
+    """
+
+    METHODS: ClassVar[Mapping[str, str | None]] = {}
+
+    methods: list[str] | None = field(
+        default=None,
+        metadata={"help": "Methods to run, each on every seed: any of the recipe's `METHODS`. None: all of them."},
+    )
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One run per seed and method."})
+    method_options: dict[str, dict[str, Any]] | str | None = field(
+        default=None, metadata={"help": METHOD_OPTIONS_HELP}
+    )
+    results_dir: str = field(default="outputs", metadata={"help": "Where results.json and plots go."})
+
+    def __post_init__(self):
+        if self.methods is None:
+            self.methods = list(self.METHODS)
+        check_methods(self.methods, self.METHODS)
+        self.method_options = parse_method_options(self.method_options, self.METHODS)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The arguments as a dict (the `config` of results.json): the recipe's own fields, then the grid's."""
+        values = dataclasses.asdict(self)
+        grid = [f.name for f in dataclasses.fields(GridArguments)]
+        return {**{k: v for k, v in values.items() if k not in grid}, **{k: values[k] for k in grid}}
+
+
 def run_grid(
     seeds: Sequence[int],
     methods: Sequence[str],
@@ -436,8 +477,7 @@ def paired_differences(
     to every method alike: its interval is the honest test of "method beats baseline" when the spread over seeds is
     larger than the gap between methods.
     """
-    from scipy import stats
-
+    stats = require("scipy.stats", "recipes", "Paired differences over seeds")
     base = {r["seed"]: r for r in results if r["method"] == baseline}
     if not base:
         methods = list(dict.fromkeys(r["method"] for r in results))
@@ -460,10 +500,37 @@ def paired_differences(
     return report
 
 
-def write_results(results_dir: str, report: dict[str, Any]) -> str:
-    """Writes `report` to `<results_dir>/results.json` (creating the folder) and returns the path."""
+def write_results(results_dir: str, report: dict[str, Any], allow_nan: bool = True) -> str:
+    """Writes `report` to `<results_dir>/results.json` (creating the folder) and returns the path; with
+    `allow_nan=False` a NaN or infinity in it raises a `ValueError` instead of being written as invalid JSON."""
     os.makedirs(results_dir, exist_ok=True)
     path = os.path.join(results_dir, "results.json")
     with open(path, "w") as f:
-        json.dump(report, f, indent=2)
+        json.dump(report, f, indent=2, allow_nan=allow_nan)
     return path
+
+
+def run_and_report(
+    args: GridArguments,
+    training_args: TrainingArguments,
+    load_data: Callable[[int], Any],
+    run: Callable[[str, int, Any], tuple[dict[str, Any], Trainer]],
+    summary_keys: Sequence[str],
+) -> tuple[dict[str, Any], bool]:
+    """Runs a recipe's grid of `args.methods` x `args.seeds` and reports it: the resumption is checked
+    ([`check_resume`]), the runs run ([`run_grid`], `runs_done.json` in `args.results_dir`) and summarized over seeds
+    ([`summarize`] of `summary_keys`); the main process writes the report to `<results_dir>/results.json` and prints
+    its summary.
+
+    Returns:
+        `tuple[dict, bool]`: the report (`config`, `summary` and `runs`), and whether this process is the main one
+        (the one that writes files, e.g. the recipe's plots).
+    """
+    check_resume(training_args, seeds=args.seeds, methods=args.methods)
+    results, is_main = run_grid(args.seeds, args.methods, load_data, run, args.results_dir, training_args)
+    summary = summarize(results, summary_keys)
+    report = {"config": args.to_dict(), "summary": summary, "runs": results}
+    if is_main:
+        write_results(args.results_dir, report)
+        print(json.dumps(summary, indent=2))
+    return report, is_main

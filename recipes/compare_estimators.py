@@ -41,6 +41,7 @@ from metatrain.data import load_digits_dataset, make_noisy_label_splits
 from metatrain.diagnostics import EstimatorReport, compare_estimators, synchronize
 from metatrain.estimators import HypergradientEstimator, HypergradientProblem, HypergradientResult, create_estimator
 from metatrain.estimators.functional import sgd_lookahead
+from metatrain.experiments import write_results
 from metatrain.models import build_model
 from metatrain.modules import MetaWeightNet
 from metatrain.objective import MetaObjective
@@ -426,8 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     plot(results, step, reference_label, os.path.join(args.results_dir, "estimators.png"), title)
     report["seconds_total"] = time.perf_counter() - started
-    with open(os.path.join(args.results_dir, "results.json"), "w") as f:
-        json.dump(report, f, indent=2, allow_nan=False)
+    write_results(args.results_dir, report, allow_nan=False)
     print(table)
     print(f"{report['seconds_total']:.0f} s in all")
     return report

@@ -25,7 +25,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,13 +43,13 @@ from metatrain.data import (
     load_image_folder_domain,
 )
 from metatrain.experiments import (
-    check_methods,
+    METHOD_OPTIONS_HELP,
+    GridArguments,
     check_resume,
     episode_accuracy,
     evaluate_episodes,
     method_trainer,
     paired_differences,
-    parse_method_options,
     resumes,
     run_grid,
     summarize,
@@ -68,7 +68,12 @@ COST_KEYS = ("seconds_per_step", "meta_step_seconds", "meta_step_memory_mb", "pe
 
 
 @dataclass
-class LFTArguments:
+class LFTArguments(GridArguments):
+    """Arguments of the LFT recipe: the domains, backbones and episodes, the pre-training and the FT layers, then the
+    grid of methods and seeds."""
+
+    METHODS: ClassVar[dict[str, str | None]] = METHODS
+
     seen_domains: list[str] = field(
         default_factory=lambda: list(DIGIT_SEEN_DOMAINS),
         metadata={
@@ -115,23 +120,16 @@ class LFTArguments:
     )
     ft_init_gamma: float = field(default=0.3, metadata={"help": "Initial theta_gamma of the FT layers."})
     ft_init_beta: float = field(default=0.5, metadata={"help": "Initial theta_beta of the FT layers."})
-    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Any of {list(METHODS)}."})
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One run per seed and method."})
     method_options: dict[str, dict[str, Any]] | str | None = field(
         default_factory=lambda: {
             "lft_evograd": {"population": 2, "sigma": "lr", "temperature": 0.05, "memory_lean": True}
         },
         metadata={
-            "help": "Per method that runs an estimator, that estimator's options (a YAML mapping or JSON), updated "
-            "with `hypergradient_kwargs` where `hypergradient` names the same estimator (see "
-            "`metatrain.experiments.method_estimator`). Default: EvoGrad for `lft_evograd` with sigma tied to "
-            "the model learning rate (EvoGrad's LFT code) and copies processed one at a time (`memory_lean`)."
+            "help": f"{METHOD_OPTIONS_HELP} Default: EvoGrad for `lft_evograd` with sigma tied to the model learning "
+            "rate (EvoGrad's LFT code) and copies processed one at a time (`memory_lean`)."
         },
     )
     results_dir: str = field(default="outputs/lft_fewshot", metadata={"help": "Where results.json and plots go."})
-
-    def __post_init__(self):
-        self.method_options = parse_method_options(self.method_options, METHODS)
 
 
 def load_domains(args: LFTArguments, seed: int) -> tuple[dict, dict]:
@@ -308,7 +306,6 @@ def save_plots(args: LFTArguments, summary: dict, paired: dict | None = None) ->
 
 def main(argv: list[str] | None = None) -> dict:
     args, training_args = parse_config((LFTArguments, MetaTrainingArguments), argv, DEFAULT_CONFIG)
-    check_methods(args.methods, METHODS)
     check_resume(training_args, backbones=args.backbones, seeds=args.seeds, methods=args.methods)
     accuracy_keys = [f"test_{shots}shot_{kind}" for shots in args.test_shots for kind in ("accuracy", "ci95")]
     results, summary, paired, is_main = [], {}, {}, True
@@ -322,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary[backbone] = summarize(runs, [*accuracy_keys, *COST_KEYS])
         if "no_ft" in args.methods:  # each method against no FT on the same seed (same data, episodes, init)
             paired[backbone] = paired_differences(runs, "no_ft", [k for k in accuracy_keys if "accuracy" in k])
-    report = {"config": dataclasses.asdict(args), "summary": summary, "paired_vs_no_ft": paired,
+    report = {"config": args.to_dict(), "summary": summary, "paired_vs_no_ft": paired,
               "cost_ratios": cost_ratios(summary), "runs": results}  # fmt: skip
     if is_main:
         write_results(args.results_dir, report)

@@ -17,12 +17,10 @@ embeddings start as their source words' plus one fixed offset, see `metatrain.da
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import (
@@ -48,16 +46,13 @@ from metatrain.data.crosslingual import (
     tokenize_crosslingual,
 )
 from metatrain.experiments import (
+    METHOD_OPTIONS_HELP,
+    GridArguments,
     accuracy,
-    check_methods,
-    check_resume,
     method_trainer,
-    parse_method_options,
     per_method,
-    run_grid,
-    summarize,
+    run_and_report,
     train_and_measure,
-    write_results,
 )
 from metatrain.metrics import token_classification_metrics
 from metatrain.modules import attach_representation_transform
@@ -69,7 +64,12 @@ SUMMARY_KEYS = ("test_metric", "seconds_per_step", "meta_step_seconds", "meta_st
 
 
 @dataclass
-class MetaXLArguments:
+class MetaXLArguments(GridArguments):
+    """Arguments of the MetaXL recipe: the language pair, the encoder and the RTN, then the grid of methods and
+    seeds."""
+
+    METHODS: ClassVar[dict[str, str | None]] = METHODS
+
     dataset: str = field(
         default="generated",
         metadata={
@@ -116,23 +116,18 @@ class MetaXLArguments:
         default=0.5,
         metadata={"help": "Share of target examples in the joint and MetaXL training set (repeated to reach it)."},
     )
-    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Any of {list(METHODS)}."})
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One run per seed and method."})
     method_options: dict[str, dict[str, Any]] | str | None = field(
         default_factory=lambda: {
             "metaxl_evograd": {"population": 2, "sigma": 0.001, "temperature": 0.05, "rescale": True}
         },
         metadata={
-            "help": "Per method that runs an estimator, that estimator's options (a YAML mapping or JSON), updated "
-            "with `hypergradient_kwargs` where `hypergradient` names the same estimator (see "
-            "`metatrain.experiments.method_estimator`). Default: the paper's EvoGrad values for "
-            "`metaxl_evograd`, with `rescale`."
+            "help": f"{METHOD_OPTIONS_HELP} Default: the paper's EvoGrad values for `metaxl_evograd`, with `rescale`."
         },
     )
     results_dir: str = field(default="outputs/metaxl", metadata={"help": "Where results.json and plots go."})
 
     def __post_init__(self):
-        self.method_options = parse_method_options(self.method_options, METHODS)
+        super().__post_init__()
         if self.task not in ("ner", "sequence"):
             raise ValueError(f"Unknown task={self.task!r}: choose 'ner' or 'sequence'.")
         if self.task == "sequence" and self.dataset != "generated":
@@ -239,20 +234,14 @@ def run(args: MetaXLArguments, training_args: MetaTrainingArguments, method: str
 
 def main(argv: list[str] | None = None) -> dict:
     args, training_args = parse_config((MetaXLArguments, MetaTrainingArguments), argv, DEFAULT_CONFIG)
-    check_methods(args.methods, METHODS)
-    check_resume(training_args, seeds=args.seeds, methods=args.methods)
-    results, is_main = run_grid(
-        args.seeds, args.methods, lambda seed: load_data(args, seed),
-        lambda method, seed, data: run(args, training_args, method, seed, data),
-        args.results_dir, training_args,
+    report, is_main = run_and_report(
+        args, training_args, lambda seed: load_data(args, seed),
+        lambda method, seed, data: run(args, training_args, method, seed, data), SUMMARY_KEYS,
     )  # fmt: skip
-    summary = summarize(results, SUMMARY_KEYS)
-    report = {"config": dataclasses.asdict(args), "summary": summary, "runs": results}
     if is_main:
-        write_results(args.results_dir, report)
-        curves = per_method(results, "test_metric_per_eval")
+        curves = per_method(report["runs"], "test_metric_per_eval")
         colors = {method: f"C{i}" for i, method in enumerate(METHODS)}
-        metric = results[0]["metric"]
+        metric = report["runs"][0]["metric"]
         title = (
             "generated language pair"
             if args.dataset == "generated"
@@ -260,7 +249,6 @@ def main(argv: list[str] | None = None) -> dict:
         )
         plot_curves(curves, os.path.join(args.results_dir, f"test_{metric}.png"), "evaluation",
                     f"target test {metric}", title, colors)  # fmt: skip
-        print(json.dumps(summary, indent=2))
     return report
 
 

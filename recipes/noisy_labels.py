@@ -10,12 +10,10 @@ split, clean meta split, test split and seed. Results go to `<results_dir>/resul
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import set_seed
@@ -24,16 +22,13 @@ from metatrain import MetaTrainingArguments
 from metatrain.cli import parse_config
 from metatrain.data import load_digits_dataset, load_image_classification_dataset, make_noisy_label_splits
 from metatrain.experiments import (
+    METHOD_OPTIONS_HELP,
+    GridArguments,
     accuracy,
-    check_methods,
-    check_resume,
     method_trainer,
-    parse_method_options,
     per_method,
-    run_grid,
-    summarize,
+    run_and_report,
     train_and_measure,
-    write_results,
 )
 from metatrain.models import build_model
 from metatrain.modules import MetaWeightNet
@@ -45,7 +40,11 @@ SUMMARY_KEYS = ("test_accuracy", "seconds_per_step", "meta_step_seconds", "meta_
 
 
 @dataclass
-class NoisyLabelsArguments:
+class NoisyLabelsArguments(GridArguments):
+    """Arguments of the noisy-label recipe: the data, its noise and the model, then the grid of methods and seeds."""
+
+    METHODS: ClassVar[dict[str, str | None]] = METHODS
+
     dataset: str = field(
         default="digits", metadata={"help": "`digits` (embedded), `cifar10`, `cifar100` or an image folder path."}
     )
@@ -60,23 +59,16 @@ class NoisyLabelsArguments:
         },
     )
     num_meta_per_class: int = field(default=10, metadata={"help": "Clean meta examples per class."})
-    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Any of {list(METHODS)}."})
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One run per seed and method."})
     method_options: dict[str, dict[str, Any]] | str | None = field(
         default_factory=lambda: {
             "mwn_evograd": {"population": 2, "sigma": 0.001, "temperature": 0.05, "rescale": True}
         },
         metadata={
-            "help": "Per method that runs an estimator, that estimator's options (a YAML mapping or JSON), updated "
-            "with `hypergradient_kwargs` where `hypergradient` names the same estimator (see "
-            "`metatrain.experiments.method_estimator`). Default: the paper's EvoGrad values for `mwn_evograd`, "
-            "with the estimate rescaled to the learning rate (`rescale`; see README)."
+            "help": f"{METHOD_OPTIONS_HELP} Default: the paper's EvoGrad values for `mwn_evograd`, with the estimate "
+            "rescaled to the learning rate (`rescale`; see README)."
         },
     )
     results_dir: str = field(default="outputs/noisy_labels", metadata={"help": "Where results.json and plots go."})
-
-    def __post_init__(self):
-        self.method_options = parse_method_options(self.method_options, METHODS)
 
 
 def load_data(args: NoisyLabelsArguments, seed: int):
@@ -120,17 +112,12 @@ def run(args: NoisyLabelsArguments, training_args: MetaTrainingArguments, method
 
 def main(argv: list[str] | None = None) -> dict:
     args, training_args = parse_config((NoisyLabelsArguments, MetaTrainingArguments), argv, DEFAULT_CONFIG)
-    check_methods(args.methods, METHODS)
-    check_resume(training_args, seeds=args.seeds, methods=args.methods)
-    results, is_main = run_grid(
-        args.seeds, args.methods, lambda seed: load_data(args, seed),
-        lambda method, seed, data: run(args, training_args, method, seed, *data),
-        args.results_dir, training_args,
+    report, is_main = run_and_report(
+        args, training_args, lambda seed: load_data(args, seed),
+        lambda method, seed, data: run(args, training_args, method, seed, *data), SUMMARY_KEYS,
     )  # fmt: skip
-    summary = summarize(results, SUMMARY_KEYS)
-    report = {"config": dataclasses.asdict(args), "summary": summary, "runs": results}
     if is_main:
-        write_results(args.results_dir, report)
+        results = report["runs"]
         curves = per_method(results, "test_accuracy_per_epoch")
         colors = {method: f"C{i}" for i, method in enumerate(METHODS)}
         plot_curves(curves, os.path.join(args.results_dir, "test_accuracy.png"), "epoch", "test accuracy",
@@ -142,7 +129,6 @@ def main(argv: list[str] | None = None) -> dict:
             f"Learned weighting function (seed {args.seeds[-1]})",
             colors,
         )
-        print(json.dumps(summary, indent=2))
     return report
 
 

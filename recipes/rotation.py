@@ -13,14 +13,13 @@ Results go to `<results_dir>/results.json` with `angle.png` (learned angle over 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import datasets
 import numpy as np
@@ -32,16 +31,13 @@ from metatrain.cli import parse_config
 from metatrain.data import class_balanced_meta_split, load_digits_dataset
 from metatrain.estimators import ESTIMATORS
 from metatrain.experiments import (
+    METHOD_OPTIONS_HELP,
+    GridArguments,
     accuracy,
-    check_methods,
-    check_resume,
     method_trainer,
-    parse_method_options,
     per_method,
-    run_grid,
-    summarize,
+    run_and_report,
     train_and_measure,
-    write_results,
 )
 from metatrain.models import build_model
 from metatrain.modules import LearnableRotation, rotate_images
@@ -55,7 +51,12 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RotationArguments:
+class RotationArguments(GridArguments):
+    """Arguments of the rotation recipe: the hidden rotation, the model and the meta split, then the grid of methods
+    and seeds."""
+
+    METHODS: ClassVar[dict[str, str | None]] = METHODS
+
     true_degrees: float = field(default=30.0, metadata={"help": "Rotation of the meta and test images."})
     model: str = field(default="small_cnn", metadata={"help": "`small_cnn`, `cifar_resnet32` or a timm model name."})
     num_meta_per_class: int = field(default=10, metadata={"help": "Rotated meta (validation) images per class."})
@@ -63,22 +64,16 @@ class RotationArguments:
         default_factory=lambda: ["baseline", "matched", "rotation_evograd"],
         metadata={"help": f"Any of {list(METHODS)}; `rotation_<name>` learns the rotation with estimator <name>."},
     )
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One run per seed and method."})
     method_options: dict[str, dict[str, Any]] | str | None = field(
         default_factory=lambda: {
             "rotation_evograd": {"population": 2, "sigma": 0.001, "temperature": 0.05, "rescale": True}
         },
         metadata={
-            "help": "Per method that runs an estimator, that estimator's options (a YAML mapping or JSON), updated "
-            "with `hypergradient_kwargs` where `hypergradient` names the same estimator (see "
-            "`metatrain.experiments.method_estimator`). Default: the paper's EvoGrad values for "
-            "`rotation_evograd`, with the estimate rescaled to the learning rate."
+            "help": f"{METHOD_OPTIONS_HELP} Default: the paper's EvoGrad values for `rotation_evograd`, with the "
+            "estimate rescaled to the learning rate."
         },
     )
     results_dir: str = field(default="outputs/rotation", metadata={"help": "Where results.json and plots go."})
-
-    def __post_init__(self):
-        self.method_options = parse_method_options(self.method_options, METHODS)
 
 
 def rotated(split: datasets.Dataset, degrees: float) -> datasets.Dataset:
@@ -159,24 +154,18 @@ def run(args: RotationArguments, training_args: MetaTrainingArguments, method: s
 
 def main(argv: list[str] | None = None) -> dict:
     args, training_args = parse_config((RotationArguments, MetaTrainingArguments), argv, DEFAULT_CONFIG)
-    check_methods(args.methods, METHODS)
-    check_resume(training_args, seeds=args.seeds, methods=args.methods)
-    results, is_main = run_grid(
-        args.seeds, args.methods, lambda seed: load_data(args, seed),
+    report, is_main = run_and_report(
+        args, training_args, lambda seed: load_data(args, seed),
         lambda method, seed, splits: run(args, training_args, method, seed, splits),
-        args.results_dir, training_args,
+        ("test_accuracy", "learned_degrees"),
     )  # fmt: skip
-    summary = summarize(results, ("test_accuracy", "learned_degrees"))
-    report = {"config": dataclasses.asdict(args), "summary": summary, "runs": results}
     if is_main:
-        write_results(args.results_dir, report)
-        curves = per_method(results, "degrees_per_step")
+        curves = per_method(report["runs"], "degrees_per_step")
         if curves:
             title = f"Learned rotation (true: {args.true_degrees:g} degrees)"
             path = os.path.join(args.results_dir, "angle.png")
             true = (args.true_degrees, "true rotation")
             plot_curves(curves, path, "optimizer step", "learned angle (degrees)", title, reference=true)
-        print(json.dumps(summary, indent=2))
     return report
 
 

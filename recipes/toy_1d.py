@@ -37,6 +37,7 @@ import torch
 
 from metatrain.cli import parse_config
 from metatrain.estimators import HypergradientEstimator, HypergradientProblem, create_estimator
+from metatrain.experiments import write_results
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -229,9 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "trajectories": {"ground_truth": ground_truth, "evograd": {str(k): v for k, v in evograd.items()}},
     }
-    os.makedirs(args.results_dir, exist_ok=True)
-    with open(os.path.join(args.results_dir, "results.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    write_results(args.results_dir, report)
     plot_hypergradients(
         lambdas, closed_form, estimates, os.path.join(args.results_dir, "figure2_hypergradient.png"), args.evaluate_at
     )

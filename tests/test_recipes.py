@@ -525,8 +525,7 @@ def test_every_config_parses_into_its_recipe_arguments(config):
     from metatrain.cli import parse_config
 
     name = next(recipe for prefix, recipe in RECIPE_OF_CONFIG.items() if config.startswith(prefix))
-    recipe = load_recipe(name)
-    arguments = next(v for k, v in vars(recipe).items() if k.endswith("Arguments") and k != "MetaTrainingArguments")
+    arguments = getattr(load_recipe(name), RECIPE_ARGUMENTS[name])
     path = str(ROOT / "recipes" / "configs" / config)
     args, training_args = parse_config((arguments, MetaTrainingArguments), [path, "--use_cpu", "true"])
     assert isinstance(training_args, MetaTrainingArguments) and args.results_dir
@@ -606,6 +605,31 @@ def recipe_runs(config: Path, *flags: str) -> dict[str, tuple[str, dict]]:
         )
         runs[method] = (run_args.hypergradient, run_args.hypergradient_kwargs)
     return runs
+
+
+@pytest.mark.parametrize("name", list(RECIPE_ARGUMENTS))
+def test_recipe_arguments_share_the_grid_arguments(name):
+    """Each recipe's arguments subclass `GridArguments`: `methods` defaults to every method of the recipe (rotation
+    keeps its own default) and is checked on construction, the grid's flags are in `--help`, and results.json's
+    `config` lists the recipe's own fields, then the grid's."""
+    from transformers import HfArgumentParser
+
+    from metatrain import MetaTrainingArguments
+    from metatrain.experiments import GridArguments
+
+    module = load_recipe(name)
+    arguments = getattr(module, RECIPE_ARGUMENTS[name])
+    assert issubclass(arguments, GridArguments) and arguments.METHODS is module.METHODS
+    args = arguments()
+    expected = ["baseline", "matched", "rotation_evograd"] if name == "rotation" else list(module.METHODS)
+    assert args.methods == expected and args.seeds == [0, 1, 2] and args.results_dir == f"outputs/{name}"
+    with pytest.raises(ValueError, match=r"Unknown methods \['magic'\]: choose from"):
+        arguments(methods=["magic"])
+    grid = ["methods", "seeds", "method_options", "results_dir"]
+    names = [f.name for f in dataclasses.fields(arguments)]
+    assert names[:4] == grid and list(args.to_dict()) == [*names[4:], *grid]
+    help_text = HfArgumentParser((arguments, MetaTrainingArguments)).format_help()
+    assert all(f"--{flag} " in help_text for flag in names)
 
 
 def test_every_shipped_config_gives_each_method_the_estimator_and_options_it_had():
