@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_estimators import weighted_mlp_problem
+from helpers import weighted_mlp_problem
 
 from metatrain.estimators import EvoGrad, HypergradientProblem
 from metatrain.utils import cosine, flatten

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from problems import WeightedMLP, one_dim_problem
+from helpers import WeightedMLP, one_dim_problem
 from torch import nn
 from torch.func import functional_call
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from test_trainer import make_args
+from helpers import forward_hooks, make_args
 from torch import nn
 from torch.func import functional_call
 from transformers import (
@@ -149,10 +149,6 @@ def test_attach_transforms_source_examples_only_and_detach_restores_the_model(ki
     model.train()
     torch.testing.assert_close(model(**batch).logits, reference)
     assert not hasattr(model, "representation_transform")
-
-
-def forward_hooks(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) for m in model.modules())
 
 
 @pytest.mark.parametrize("kind", ["xlmr-token", "distilbert-sequence"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import forward_hooks
 from torch import nn
 
 from metatrain import MetaTrainer, MetaTrainingArguments
@@ -120,10 +121,6 @@ def test_learnable_rotation_module():
 
 
 # ---------------------------------------------------------------------------------- feature-wise transforms (LFT)
-def forward_hooks(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) for m in model.modules())
-
-
 def ft_model(seed: int = 0, **kwargs) -> nn.Module:
     import timm
 
