@@ -24,10 +24,14 @@ NAME = "evograd_forward"
 
 
 class ForwardOnlyEvoGrad(EvoGrad):
-    """[`~metatrain.estimators.EvoGrad`] (same options; `memory_lean=True` or `forward_mode=True` would take
-    EvoGrad's own lean path instead) with the meta backward pass replaced by K + 1 forward passes."""
+    """[`~metatrain.estimators.EvoGrad`] (same options; the memory-path options are ignored: it always takes this
+    class's `_estimate`) with the meta backward pass replaced by K + 1 forward passes."""
 
     name = NAME
+
+    @property
+    def path(self) -> str:
+        return "all_at_once"
 
     def _estimate(self, problem: HypergradientProblem, draw: NoiseDraw):
         """No meta backward: `d L_meta / d lambda = direct + sum_k (L_meta(theta_k) - L_meta(theta*)) d w_k / d lambda`

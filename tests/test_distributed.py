@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_trainer import make_args, make_trainer, snapshot
+from helpers import make_trainer, snapshot
 from torch import nn
 
 from metatrain import MetaTrainer, MetaTrainingArguments
@@ -149,7 +149,8 @@ def test_evograd_forward_mode_under_bf16_agrees_with_its_backward_pass(tmp_path)
     (measured: cosine 1 - 1e-9, norm ratio 1.011)."""
     hypergradients = {}
     for forward_mode in (False, True):
-        options = {"population": 3, "sigma": 0.05, "memory_lean": not forward_mode, "forward_mode": forward_mode}
+        paths = {"memory_lean": True, "forward_mode": False} if not forward_mode else {"forward_mode": True}
+        options = {"population": 3, "sigma": 0.05, **paths}
         trainer = make_trainer(tmp_path, hypergradient="evograd", hypergradient_kwargs=options, bf16=True)
         trainer.create_optimizer()
         batch = first_batch(trainer)
@@ -249,19 +250,6 @@ def test_accumulation_with_a_weighting_net_meta_steps_on_the_whole_window(tmp_pa
     assert steps == [8]
     for p, q in zip(accumulated.meta_params, large.meta_params):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
-
-
-def test_unjoinable_micro_batches_name_the_fix():
-    from metatrain.trainer import join_batches
-
-    joined = join_batches(
-        [{"x": torch.zeros(2, 3), "ids": [1, 2], "tag": "a"}, {"x": torch.ones(1, 3), "ids": [3], "tag": "a"}]
-    )
-    assert joined["x"].shape == (3, 3) and joined["ids"] == [1, 2, 3] and joined["tag"] == "a"
-    with pytest.raises(ValueError, match="meta_train_batch='micro_batch'"):
-        join_batches([{"input_ids": torch.zeros(2, 5)}, {"input_ids": torch.zeros(2, 7)}])
-    with pytest.raises(ValueError, match="meta_train_batch"):
-        make_args(Path("unused"), meta_train_batch="all")
 
 
 # ----------------------------------------------------------------------------------------------- sharded training

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from problems import WeightedMLP, closed_form_hypergradient, one_dim_problem
+from helpers import WeightedMLP, closed_form_hypergradient, one_dim_problem, weighted_mlp_problem
 from torch import nn
 from torch.func import functional_call
 
@@ -222,7 +222,15 @@ def test_evograd_tracks_closed_form_hypergradient():
     assert corr > 0.9, f"evograd means {means} do not follow the closed form {truth} (corr {corr:.3f})"
 
 
-def test_evograd_builds_no_second_order_graph(monkeypatch):
+@pytest.mark.parametrize(
+    "options,expected",
+    [
+        ({"memory_lean": False}, [False, False]),  # the meta loss to lambda and the softmax weights, then to lambda
+        ({}, [False] * 4),  # one gradient per copy (K = 4: the lean path), the meta loss's taken by backward
+        ({"forward_mode": True}, [False] * 4),  # one gradient per copy, the meta loss by JVPs
+    ],
+)
+def test_evograd_builds_no_second_order_graph(monkeypatch, options, expected):
     calls = []
     real_grad = torch.autograd.grad
 
@@ -245,8 +253,8 @@ def test_evograd_builds_no_second_order_graph(monkeypatch):
         return nn.functional.cross_entropy(functional_call(model, p, (xb,)), yb)
 
     problem = HypergradientProblem(dict(model.named_parameters()), [logits], train_loss, meta_loss)
-    (g,) = create_estimator("evograd", population=4, sigma=0.01).estimate(problem).grads
-    assert calls == [False, False]  # the meta loss to lambda and the softmax weights, then the weights to lambda
+    (g,) = create_estimator("evograd", population=4, sigma=0.01, **options).estimate(problem).grads
+    assert calls == expected
     assert g.shape == logits.shape and torch.isfinite(g).all() and g.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())
 
@@ -311,7 +319,13 @@ def test_evograd_rescaled_mean_is_t1t2_at_the_learning_rate():
         est.estimate(HypergradientProblem(params, [lam], train_loss, meta_loss))
 
 
-EVOGRAD_PATHS = {"default": {}, "lean": {"memory_lean": True}, "forward": {"forward_mode": True}}
+# the options of each EvoGrad path; "default" leaves them unset (forward for K = 2, lean otherwise)
+EVOGRAD_PATHS = {
+    "all_at_once": {"memory_lean": False},
+    "default": {},
+    "lean": {"memory_lean": True},
+    "forward": {"forward_mode": True},
+}
 
 
 @pytest.mark.parametrize("path", sorted(EVOGRAD_PATHS))
@@ -425,26 +439,6 @@ def test_evograd_perturbing_a_subset_is_the_lookahead_over_that_subset():
 
 
 # ------------------------------------------------------------------------------------- second-order estimators
-def weighted_mlp_problem(seed: int = 0, n: int = 24):
-    """A float64 MLP whose training loss weights each example by `sigmoid(lambda_i)`: `(params, lam, losses)`."""
-    torch.manual_seed(seed)
-    model = WeightedMLP().double()
-    xb, yb = torch.randn(n, 4, dtype=torch.float64), torch.randint(0, 3, (n,))
-    xm, ym = torch.randn(n, 4, dtype=torch.float64), torch.randint(0, 3, (n,))
-    lam = (0.3 * torch.randn(n, dtype=torch.float64)).requires_grad_()
-
-    def train_loss(p, batch):
-        x, y = batch if batch is not None else (xb, yb)
-        ce = nn.functional.cross_entropy(functional_call(model, p, (x,)), y, reduction="none")
-        return (torch.sigmoid(lam[: len(y)]) * ce).mean()
-
-    def meta_loss(p, batch):
-        return nn.functional.cross_entropy(functional_call(model, p, (xm,)), ym)
-
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    return params, lam, train_loss, meta_loss
-
-
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
 def test_every_estimator_adds_the_meta_losss_direct_term_exactly(name):
     """A meta loss that depends on lambda itself (`+ a . lambda`) adds exactly `a` to every estimate: the direct term
@@ -637,17 +631,18 @@ def test_reverse_state_round_trip():
 @pytest.mark.parametrize("population", [2, 6])
 @pytest.mark.parametrize("options", [{}, {"antithetic": True}, {"perturb": r"^net\.2\."}, {"noise": "gaussian"}])
 def test_evograd_memory_lean_and_forward_mode_give_the_same_estimate(options, population):
-    """The lean path (copies one at a time, a hooked meta backward) and forward mode (`K - 1` Jacobian-vector products
-    of the meta loss instead of its backward) give the default path's estimate for the same seed."""
+    """The lean path (copies one at a time, a hooked meta backward), forward mode (`K - 1` Jacobian-vector products
+    of the meta loss instead of its backward) and the default give the all-at-once path's estimate for the same
+    seed."""
     params, lam, train_loss, meta_loss = weighted_mlp_problem()
     estimates = {}
     for path, extra in EVOGRAD_PATHS.items():
         torch.manual_seed(5)
         est = create_estimator("evograd", population=population, sigma=0.05, **extra, **options)
         estimates[path] = est.estimate(HypergradientProblem(params, [lam], train_loss, meta_loss)).grads[0]
-    assert estimates["default"].norm() > 0
-    for path in ("lean", "forward"):
-        torch.testing.assert_close(estimates[path], estimates["default"], rtol=1e-9, atol=1e-12)
+    assert estimates["all_at_once"].norm() > 0
+    for path in ("default", "lean", "forward"):
+        torch.testing.assert_close(estimates[path], estimates["all_at_once"], rtol=1e-9, atol=1e-12)
 
 
 def test_evograd_forward_mode_stores_no_activations_for_the_meta_loss():
@@ -716,7 +711,7 @@ def test_evograd_paths_return_the_meta_loss_as_the_meta_loss_function_does():
         results[path] = est.estimate(shaped)
     for path, result in results.items():
         assert result.meta_loss.shape == (1,), path
-        torch.testing.assert_close(result.meta_loss, results["default"].meta_loss, rtol=1e-12, atol=0)
+        torch.testing.assert_close(result.meta_loss, results["all_at_once"].meta_loss, rtol=1e-12, atol=0)
 
 
 def test_evograd_forward_mode_names_an_operator_without_a_forward_derivative():
@@ -735,6 +730,57 @@ def test_evograd_forward_mode_names_an_operator_without_a_forward_derivative():
         est.estimate(HypergradientProblem(params, [lam], train_loss, lambda p, b: NoJvp.apply(meta_loss(p, b))))
     with pytest.raises(ValueError, match="forward_mode"):
         create_estimator("evograd", forward_mode="yes")
+
+
+def test_evograd_path_is_chosen_from_the_options_and_the_population():
+    """Unset options take forward mode for K = 2 (one Jacobian-vector product) and the lean path for more copies;
+    every path stays selectable, and a contradiction is refused at construction."""
+    chosen = {
+        (2, "default"): "forward",
+        (4, "default"): "lean",
+        (4, "all_at_once"): "all_at_once",
+        (2, "lean"): "lean",
+        (4, "forward"): "forward",
+    }
+    for (population, name), path in chosen.items():
+        assert create_estimator("evograd", population=population, **EVOGRAD_PATHS[name]).path == path
+    assert create_estimator("evograd", forward_mode=False).path == "lean"
+    with pytest.raises(ValueError, match="memory_lean=False and forward_mode=True"):
+        create_estimator("evograd", memory_lean=False, forward_mode=True)
+
+
+def test_evograd_default_falls_back_to_the_lean_path_when_forward_mode_fails(caplog):
+    """A meta loss with an operator that has no forward-mode derivative: the default (forward mode for K = 2) warns,
+    takes the lean path from then on, and gives the lean path's estimate with the RNG where the lean path leaves it;
+    asked for explicitly, forward mode raises instead (the test above)."""
+
+    class NoJvp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    params, lam, train_loss, meta_loss = weighted_mlp_problem()
+
+    def meta_loss_no_jvp(p, b):
+        return NoJvp.apply(meta_loss(p, b) + 0.0 * torch.rand(()))  # consumes a draw before the failing operator
+
+    problem = HypergradientProblem(params, [lam], train_loss, meta_loss_no_jvp)
+    estimates, after = {}, {}
+    for name in ("default", "lean"):
+        torch.manual_seed(5)
+        est = create_estimator("evograd", sigma=0.05, **EVOGRAD_PATHS[name])
+        with caplog.at_level("WARNING", logger="metatrain.estimators.evograd"):
+            estimates[name] = est.estimate(problem).grads[0]
+        after[name] = torch.rand(3)
+        assert est.path == "lean"
+    assert "forward mode" in caplog.text and "memory_lean=True" in caplog.text
+    assert estimates["lean"].norm() > 0
+    torch.testing.assert_close(estimates["default"], estimates["lean"], rtol=0, atol=0)
+    assert torch.equal(after["default"], after["lean"])
 
 
 @pytest.mark.parametrize("antithetic", [False, True])

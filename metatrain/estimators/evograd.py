@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -12,8 +13,9 @@ from torch.autograd import forward_ad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._base import HypergradientEstimator, HypergradientProblem, HypergradientResult, ParamDict, grads_or_zeros
-from .evograd_noise import NoiseDraw, _replaying_rng, _rng_state, _sign_chunks
+from .evograd_noise import NoiseDraw, _replaying_rng, _rng_state, _set_rng_state, _sign_chunks
 
+logger = logging.getLogger(__name__)
 NOISE_TYPES = ("sign", "gaussian")
 SIGMA_RULES = ("auto", "lr")  # sigma derived from the inner learning rate of each call
 Grads = tuple[torch.Tensor, ...]
@@ -68,7 +70,7 @@ class EvoGrad(HypergradientEstimator):
             separates the two roles of `sigma`: keep it small for the linear regime (large perturbations add
             higher-order noise, e.g. when the meta-parameters act on the inputs) and let `rescale` set the size that
             the meta-optimizer's weight decay or an SGD meta-optimizer sees. Needs `lr`.
-        memory_lean (`bool`, *optional*, defaults to `False`):
+        memory_lean (`bool`, *optional*):
             Process the copies one at a time instead of holding all `K` perturbations and training graphs at once:
             each copy's noise is drawn one weight at a time straight into its perturbed copy, its training loss is
             differentiated to the meta-parameters right away, and its perturbation is kept as the bits it was drawn
@@ -77,8 +79,9 @@ class EvoGrad(HypergradientEstimator):
             products as soon as it is produced and frees it. Peak memory beyond the weights is about one weight copy
             (a perturbed copy, then `theta*`) and one graph whatever `K`, plus the signs and `K` gradients w.r.t. the
             meta-parameters (Gaussian noise: one more weight copy, the gradient w.r.t. `theta*`). Same estimate as
-            the default path for the same seed.
-        forward_mode (`bool`, *optional*, defaults to `False`):
+            the all-at-once path for the same seed. `False` holds all `K` copies and their training graphs at once
+            and differentiates the meta loss by one backward pass. Unset, the copies are processed one at a time.
+        forward_mode (`bool`, *optional*):
             Differentiate the meta loss with forward-mode AD instead of a backward pass: through the softmax only the
             differences `c_k - c_K = grad L_meta(theta*) . (eps_k - eps_K)` matter, which are `K - 1` Jacobian-vector
             products at `theta*` (one for the default `K = 2`), each a forward pass of the meta loss with dual weights,
@@ -89,7 +92,10 @@ class EvoGrad(HypergradientEstimator):
             costs about `K - 1` times that. The copies are processed one at a time, as with `memory_lean`, and the
             estimate is the same as the other paths' for the same seed, up to floating-point rounding. Every operator
             of the meta loss needs a forward-mode derivative (convolutions, normalization and the usual losses have
-            one; `scaled_dot_product_attention` is run on its math backend, as its fused kernels have none).
+            one; `scaled_dot_product_attention` is run on its math backend, as its fused kernels have none). Unset
+            (the default) with `memory_lean` unset, forward mode is used for `K = 2` (one product) and the lean
+            backward otherwise, and also from the first call whose meta loss has an operator without a forward-mode
+            derivative on (with a warning).
         per_rank_noise (`bool`, *optional*, defaults to `True`):
             Under `torch.distributed`, offset the noise seed by the process rank, so each rank draws its own
             population and the averaged hypergradient (MetaTrainer averages across ranks) uses `K x world_size`
@@ -110,8 +116,8 @@ class EvoGrad(HypergradientEstimator):
         antithetic: bool = False,
         perturb: str | None = None,
         rescale: bool = False,
-        memory_lean: bool = False,
-        forward_mode: bool = False,
+        memory_lean: bool | None = None,
+        forward_mode: bool | None = None,
         per_rank_noise: bool = True,
     ):
         if isinstance(population, bool) or not isinstance(population, int) or population < 2:
@@ -124,8 +130,17 @@ class EvoGrad(HypergradientEstimator):
             "per_rank_noise": per_rank_noise,
         }
         for option, value in flags.items():
-            if not isinstance(value, bool):
-                raise ValueError(f"EvoGrad option `{option}` must be True or False, got {option}={value!r}.")
+            unset = value is None and option in ("memory_lean", "forward_mode")
+            if not (isinstance(value, bool) or unset):
+                allowed = (
+                    "True, False or None (chosen)" if option in ("memory_lean", "forward_mode") else "True or False"
+                )
+                raise ValueError(f"EvoGrad option `{option}` must be {allowed}, got {option}={value!r}.")
+        if memory_lean is False and forward_mode:
+            raise ValueError(
+                "EvoGrad options memory_lean=False and forward_mode=True contradict each other: forward mode takes "
+                "the copies one at a time. Leave `memory_lean` unset with forward_mode=True."
+            )
         if antithetic and population % 2:
             raise ValueError(
                 f"EvoGrad option `antithetic=True` needs an even `population` (pairs theta +/- eps), got "
@@ -156,6 +171,19 @@ class EvoGrad(HypergradientEstimator):
         self.memory_lean = memory_lean
         self.forward_mode = forward_mode
         self.per_rank_noise = per_rank_noise
+        # the path chosen for unset options, once a meta loss without a forward-mode derivative has been seen
+        self._forward_unsupported = False
+
+    @property
+    def path(self) -> str:
+        """The path the next call takes: `"all_at_once"`, `"lean"` (one copy at a time, meta loss by backward) or
+        `"forward"` (one copy at a time, meta loss by Jacobian-vector products)."""
+        if self.forward_mode:
+            return "forward"
+        if self.memory_lean is False:
+            return "all_at_once"
+        chosen = self.forward_mode is None and self.memory_lean is None and self.population == 2
+        return "forward" if chosen and not self._forward_unsupported else "lean"
 
     def _step_per_sigma2(self) -> float:
         """Effective lookahead step divided by `sigma^2`: `1 / tau` for antithetic pairs, else `(K-1) / (K tau)`."""
@@ -214,8 +242,10 @@ class EvoGrad(HypergradientEstimator):
         theta = {name: p.detach() for name, p in problem.params.items()}
         names, seed = self._perturbed_names(theta), self._base_seed()
         draw = self._noise_draw(theta, names, sigma, seed)
-        lean = self.memory_lean or self.forward_mode
-        direct, indirect, loss = self._estimate_lean(problem, draw) if lean else self._estimate(problem, draw)
+        if self.path == "all_at_once":
+            direct, indirect, loss = self._estimate(problem, draw)
+        else:
+            direct, indirect, loss = self._estimate_lean(problem, draw)
         factor = 1.0
         if self.rescale:
             effective = self.effective_lr(sigma)
@@ -281,9 +311,22 @@ class EvoGrad(HypergradientEstimator):
                 continue
             for name, eps in draw.stream(k):
                 moved[name].add_(eps, alpha=w_k)
-        if self.forward_mode:
-            direct, c, loss = self._meta_jvps(problem, draw, moved, signs)
-        else:
+        forward = self.path == "forward"
+        if forward:
+            device = next(iter(moved.values())).device
+            before = _rng_state(device)
+            try:
+                direct, c, loss = self._meta_jvps(problem, draw, moved, signs)
+            except (NotImplementedError, RuntimeError) as err:
+                if self.forward_mode:  # asked for: the error says what to do
+                    raise
+                _set_rng_state(device, before)  # the failed attempt leaves the RNG where it found it
+                logger.warning(
+                    f"EvoGrad: the meta loss could not be differentiated in forward mode ({err.__cause__ or err}): "
+                    "taking the lean backward path from now on (set memory_lean=True to choose it)."
+                )
+                self._forward_unsupported, forward = True, False
+        if not forward:
             loss = problem.meta_loss(
                 {**theta, **{name: p.requires_grad_() for name, p in moved.items()}}, problem.meta_batch
             )

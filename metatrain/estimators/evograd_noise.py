@@ -55,10 +55,15 @@ def _replaying_rng(device: torch.device, state: list[torch.Tensor]) -> Iterator[
     with torch.random.fork_rng(
         devices=[device] if accelerator else [], device_type=device.type if accelerator else "cuda"
     ):
-        torch.set_rng_state(state[0])
-        if accelerator:
-            torch.get_device_module(device.type).set_rng_state(state[1], device)
+        _set_rng_state(device, state)
         yield
+
+
+def _set_rng_state(device: torch.device, state: list[torch.Tensor]) -> None:
+    """Puts back the RNG state `state` taken by [`_rng_state`]."""
+    torch.set_rng_state(state[0])
+    if device.type != "cpu":
+        torch.get_device_module(device.type).set_rng_state(state[1], device)
 
 
 @dataclass(frozen=True)
