@@ -25,8 +25,9 @@ from metatrain.tables import markdown_table  # noqa: E402
 PARTS = ("mwn", "lft", "bf16", "fp16")
 METHOD_NAMES = {
     "plain": "plain",
-    "evograd": "EvoGrad",
-    "evograd_after": "EvoGrad, `after`",
+    "evograd": "EvoGrad (default)",
+    "evograd_after": "EvoGrad (default), `after`",
+    "evograd_all_at_once": "EvoGrad all-at-once",
     "evograd_lean": "EvoGrad `memory_lean`",
     "evograd_lean_after": "EvoGrad `memory_lean`, `after`",
     "evograd_jvp": "EvoGrad `forward_mode`",

@@ -63,6 +63,7 @@ METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]] | None] = {
     "first_order": ("first_order", {}, {}),
     "evograd": ("evograd", {}, {}),
     "evograd_after": ("evograd", {}, AFTER),
+    "evograd_all_at_once": ("evograd", {"memory_lean": False}, {}),
     "evograd_lean": ("evograd", {"memory_lean": True}, {}),
     "evograd_lean_after": ("evograd", {"memory_lean": True}, AFTER),
     "evograd_jvp": ("evograd", {"forward_mode": True}, {}),

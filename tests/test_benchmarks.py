@@ -186,4 +186,4 @@ def test_gpu_check_parts_record_failures_and_the_report_reads_them(tmp_path):
     assert "| `not_a_model` | failed | failed | failed |" in text
     resnet = next(line for line in text.splitlines() if line.startswith("| `resnet10t` | ") and " ms, " in line)
     assert resnet.count("x, ") == 2  # memory_lean and T1-T2 over plain
-    assert "T1-T2 over each method" in text and "| bf16 | EvoGrad | 2 |" in text and "0 (ok)" in text
+    assert "T1-T2 over each method" in text and "| bf16 | EvoGrad (default) | 2 |" in text and "0 (ok)" in text
