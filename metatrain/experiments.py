@@ -329,6 +329,14 @@ def check_methods(methods: Iterable[str], allowed: Iterable[str]) -> None:
         raise ValueError(f"Unknown methods {unknown}: choose from {list(allowed)}.")
 
 
+def methods_field(methods: Mapping[str, str | None]) -> Any:
+    """The `methods` field of a [`GridArguments`] subclass, with help that lists the recipe's methods."""
+    return field(
+        default=None,
+        metadata={"help": f"Methods to run, each on every seed: any of {list(methods)}. None: all of them."},
+    )
+
+
 @dataclass
 class GridArguments:
     """Arguments of a recipe that runs each of its methods on each seed: which methods and seeds, the methods'
@@ -344,7 +352,7 @@ class GridArguments:
     methods: list[str] | None = field(
         default=None,
         metadata={"help": "Methods to run, each on every seed: any of the recipe's `METHODS`. None: all of them."},
-    )
+    )  # a recipe re-declares it with `methods_field(METHODS)`, so that its help lists the names
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One run per seed and method."})
     method_options: dict[str, dict[str, Any]] | str | None = field(
         default=None, metadata={"help": METHOD_OPTIONS_HELP}

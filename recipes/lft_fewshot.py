@@ -49,6 +49,7 @@ from metatrain.experiments import (
     episode_accuracy,
     evaluate_episodes,
     method_trainer,
+    methods_field,
     paired_differences,
     resumes,
     run_grid,
@@ -73,6 +74,7 @@ class LFTArguments(GridArguments):
     grid of methods and seeds."""
 
     METHODS: ClassVar[dict[str, str | None]] = METHODS
+    methods: list[str] | None = methods_field(METHODS)
 
     seen_domains: list[str] = field(
         default_factory=lambda: list(DIGIT_SEEN_DOMAINS),

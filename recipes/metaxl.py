@@ -50,6 +50,7 @@ from metatrain.experiments import (
     GridArguments,
     accuracy,
     method_trainer,
+    methods_field,
     per_method,
     run_and_report,
     train_and_measure,
@@ -69,6 +70,7 @@ class MetaXLArguments(GridArguments):
     seeds."""
 
     METHODS: ClassVar[dict[str, str | None]] = METHODS
+    methods: list[str] | None = methods_field(METHODS)
 
     dataset: str = field(
         default="generated",

@@ -26,6 +26,7 @@ from metatrain.experiments import (
     GridArguments,
     accuracy,
     method_trainer,
+    methods_field,
     per_method,
     run_and_report,
     train_and_measure,
@@ -44,6 +45,7 @@ class NoisyLabelsArguments(GridArguments):
     """Arguments of the noisy-label recipe: the data, its noise and the model, then the grid of methods and seeds."""
 
     METHODS: ClassVar[dict[str, str | None]] = METHODS
+    methods: list[str] | None = methods_field(METHODS)
 
     dataset: str = field(
         default="digits", metadata={"help": "`digits` (embedded), `cifar10`, `cifar100` or an image folder path."}

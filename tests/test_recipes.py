@@ -225,6 +225,15 @@ def test_a_checkpoint_path_is_refused_for_a_grid_of_runs(name, tmp_path):
                      "--methods", *list(recipe.METHODS)[:1]])  # fmt: skip
 
 
+@pytest.mark.parametrize("name", ["noisy_labels", "lft_fewshot", "metaxl"])
+def test_help_lists_the_recipes_methods(name, capsys):
+    recipe = load_recipe(name)
+    with pytest.raises(SystemExit):
+        recipe.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"any of {list(recipe.METHODS)}" in help_text
+
+
 @pytest.mark.parametrize("name", ["toy_1d", "compare_estimators"])
 def test_recipes_without_trainer_do_not_offer_resumption(name, tmp_path):
     with pytest.raises(ValueError, match=r"not used by the HfArgumentParser: \['--resume_from_checkpoint'"):
