@@ -10,7 +10,7 @@ config's other EvoGrad options), then lets the run go on; the global RNG is put 
 the run. Reported per state: the cosine of every single draw to T1-T2 (mean, std, undefined count) and the cosine of
 the mean of the first n draws.
 
-    python benchmarks/lft_probe.py --at_steps 0 100 250 --draws 300 --output docs/lft/probe.json -- --seeds 0
+    python benchmarks/lft_probe.py --at_steps 0 100 250 --draws 300 --output docs/lft/probe_seed0.json -- --seeds 0
 """
 
 from __future__ import annotations
