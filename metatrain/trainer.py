@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,6 +17,7 @@ from transformers import PreTrainedModel
 
 from .batches import join_batches, padding_values
 from .callbacks import MetaTrainerCallback
+from .checkpointing import META_MODULE_NAME, META_PROCESS_STATE_NAME, META_STATE_NAME, MetaCheckpoints
 from .construction_checks import ConstructionChecks, check_arguments
 from .estimators import HypergradientEstimator, HypergradientProblem, HypergradientResult, create_estimator
 from .meta_data import EpochSeededSampler, MetaBatches
@@ -26,21 +26,20 @@ from .objective import MetaObjective
 from .per_sample import PerSampleLossTrainer
 from .profiling import MemoryMeter
 from .statistics import MetaStatistics
+from .step_guards import MetaStepGuards
 from .training_args import MIXED_PRECISION_EVOGRAD, SUPPORTED_SETUPS, MetaTrainingArguments
 from .utils import cosine, evaluation_mode, flatten, random_state_kept, ratio, step_seed, torch_rng_kept
 
 logger = logging.getLogger(__name__)
 
-META_STATE_NAME = "meta_trainer_state.pt"
-# under several processes, each one's own estimator state and meta data position (its shard of the batches)
-META_PROCESS_STATE_NAME = "meta_trainer_state_{}.pt"
-# the meta-module's weights, beside the model's (which leave out an attached meta-module's)
-META_MODULE_NAME = "meta_module.safetensors"
 # the random stream of the estimator's own draws (EvoGrad's population) in a meta step; 0 and 1 are the losses'
 ESTIMATOR_STREAM = 2**61 + 1
 
 __all__ = [
     "ESTIMATOR_STREAM",
+    "META_MODULE_NAME",
+    "META_PROCESS_STATE_NAME",
+    "META_STATE_NAME",
     "MIXED_PRECISION_EVOGRAD",
     "MetaTrainer",
     "MetaTrainerCallback",
@@ -59,7 +58,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'metatrain.trainer' has no attribute {name!r}")
 
 
-class MetaTrainer(ConstructionChecks, PerSampleLossTrainer):
+class MetaTrainer(ConstructionChecks, MetaCheckpoints, PerSampleLossTrainer):
     """A [`~transformers.Trainer`] that, once per optimizer step, estimates the hypergradient of a meta (validation)
     loss with respect to the parameters of `meta_module` and steps a separate meta-optimizer.
 
@@ -142,8 +141,9 @@ class MetaTrainer(ConstructionChecks, PerSampleLossTrainer):
         self._at_window_start = True
         # the detached per-example losses of the last training forward in the current accumulation window
         self._base_losses: torch.Tensor | None = None
-        self._nonfinite_weights: tuple[int, int] | None = None  # (first step seen, meta steps skipped in a row)
-        self._zero_hypergradients = 0  # meta steps in a row with an exactly zero hypergradient
+        self._guards = MetaStepGuards(
+            self.args.meta_zero_hypergradient_patience, self.args.meta_nonfinite_weights_patience
+        )
         self._check_meta_dataset()
         self._set_find_unused_parameters()
         # the meta batches, endlessly and resumably (their position is part of the checkpoint)
@@ -227,14 +227,18 @@ class MetaTrainer(ConstructionChecks, PerSampleLossTrainer):
         self._window_batches = batch_samples
         return batch_samples, num_items_in_batch
 
+    def _joins_window(self, inputs: dict[str, Any]) -> bool:
+        window = getattr(self, "_window_batches", None) or []
+        return self.args.meta_train_batch == "window" and len(window) >= 2 and any(b is inputs for b in window)
+
     def _meta_train_batch(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor | None]:
         """The meta step's training batch: with `meta_train_batch="window"`, the micro-batches of the accumulation
         window joined into the equivalent larger batch; otherwise (or outside Trainer's loop) `inputs`. Also the base
-        step's per-example losses of that batch where the base step has computed them already (`after`, not on a
+        step's per-example losses of that batch where the base step has computed them already (`after`; never on a
         joined window: a batch norm there normalizes each micro-batch by its own statistics)."""
-        window = getattr(self, "_window_batches", None) or []
-        if self.args.meta_train_batch != "window" or len(window) < 2 or not any(b is inputs for b in window):
+        if not self._joins_window(inputs):
             return self._prepare_inputs(inputs), self._base_losses
+        window = self._window_batches
         padding = padding_values(self.data_collator, self.processing_class, self.args.label_names)
         return join_batches([self._prepare_inputs(b) for b in window], *padding), None
 
@@ -340,10 +344,9 @@ class MetaTrainer(ConstructionChecks, PerSampleLossTrainer):
             if saved is not None:  # e.g. HyperDistill's running average and refit window must not take this step in
                 self.estimator.load_state_dict(saved)
             self.meta_statistics.skipped += 1
-            self._check_base_weights(params, loss, norm)
+            self._guards.skipped(params, loss, norm, self.state.global_step, self.meta_statistics.skipped)
             return False
-        self._nonfinite_weights = None
-        self._check_zero_hypergradient(norm)
+        self._guards.done(norm, self.state.global_step, self.estimator.name)
         if self.args.meta_max_grad_norm is not None and norm > self.args.meta_max_grad_norm:
             grads = tuple(g * (self.args.meta_max_grad_norm / (norm + 1e-6)) for g in grads)
         optimizer = self.create_meta_optimizer()
@@ -354,45 +357,6 @@ class MetaTrainer(ConstructionChecks, PerSampleLossTrainer):
         for statistics in (self.meta_statistics, self._logged):
             statistics.add_step(float(loss), float(norm), time.perf_counter() - start)
         return True
-
-    def _check_zero_hypergradient(self, norm: torch.Tensor) -> None:
-        """Warns once the hypergradient has been exactly zero for `meta_zero_hypergradient_patience` steps in a row."""
-        self._zero_hypergradients = self._zero_hypergradients + 1 if norm == 0 else 0
-        if self._zero_hypergradients == self.args.meta_zero_hypergradient_patience:
-            logger.warning(
-                f"The hypergradient has been exactly zero for {self._zero_hypergradients} meta steps in a row (step "
-                f"{self.state.global_step}, {self.estimator.name}): the meta-parameters learn nothing. The losses may "
-                "not depend on them (a transform after a zero-initialised batch norm: build the model with "
-                "`zero_init_last=False`; `first_order` with a loss weighter is zero by definition), or EvoGrad's "
-                "softmax is saturated (raise `temperature`)."
-            )
-
-    def _check_base_weights(self, params: dict[str, torch.Tensor], loss: torch.Tensor, norm: torch.Tensor) -> None:
-        """Logs a skipped meta step with its cause, and stops the run once the model's own weights have been non-finite
-        for `meta_nonfinite_weights_patience` meta steps in a row (no meta step can help them)."""
-        step, skipped = self.state.global_step, self.meta_statistics.skipped
-        bad = [name for name, p in params.items() if not torch.isfinite(p).all()]
-        if not bad:
-            self._nonfinite_weights = None
-            logger.warning(
-                f"Non-finite hypergradient or meta loss at step {step} (meta loss {loss.item()}, hypergradient norm "
-                f"{norm.item()}): meta step skipped, meta-parameters and estimator state unchanged ({skipped} skipped "
-                "so far)."
-            )
-            return
-        first, count = self._nonfinite_weights or (step, 0)
-        self._nonfinite_weights = (first, count + 1)
-        logger.warning(
-            f"Meta step skipped at step {step}: the model's weights are not finite (first seen at step {first}; "
-            f"{len(bad)} tensors, e.g. {bad[:3]}). The meta-parameters are unchanged; the model is not."
-        )
-        if count + 1 >= self.args.meta_nonfinite_weights_patience:
-            raise RuntimeError(
-                f"The model's weights are not finite (first seen at step {first}; {len(bad)} tensors, e.g. "
-                f"{bad[:3]}), "
-                f"and {count + 1} meta steps in a row were skipped for it. Check the training data for NaN or "
-                "infinite values, lower `learning_rate`, set `max_grad_norm`, or train in fp32."
-            )
 
     def _compare(self, grads: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...], defined: bool) -> None:
         """Counts the cosine and norm ratio of the hypergradient to the reference estimator's. A step where either is
@@ -419,101 +383,3 @@ class MetaTrainer(ConstructionChecks, PerSampleLossTrainer):
             logs["meta_steps_skipped"] = self.meta_statistics.skipped
             self._logged = MetaStatistics()
         super().log(logs, start_time)
-
-    # ---------------------------------------------------------------------------------------------- checkpoints
-    def meta_state_dict(self) -> dict[str, Any]:
-        """Everything of the meta step a checkpoint needs to continue the same run. Under several processes it holds
-        the main process's estimator state and meta data position, and every process also writes its own
-        (`meta_trainer_state_{process}.pt`), which it loads on resume."""
-        return {
-            "meta_module": self.meta_module.state_dict(),
-            "meta_optimizer": self.create_meta_optimizer().state_dict(),
-            **self._process_state_dict(),
-            "statistics": self.meta_statistics.state_dict(),
-        }
-
-    def load_meta_state_dict(self, state: dict[str, Any]) -> None:
-        self.meta_module.load_state_dict(state["meta_module"])
-        self.create_meta_optimizer().load_state_dict(state["meta_optimizer"])
-        self.estimator.load_state_dict(state["estimator"])
-        self.meta_batches.load_state_dict(state["meta_data"])
-        self.meta_statistics.load_state_dict(state["statistics"])
-
-    def _process_state_dict(self) -> dict[str, Any]:
-        """What differs between processes: the estimator's state (e.g. the remembered batches of reverse mode and
-        HyperDistill, drawn from this process's shard) and this process's position in the meta data."""
-        return {"estimator": self.estimator.state_dict(), "meta_data": self.meta_batches.state_dict()}
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
-        if self.args.should_save:
-            torch.save(self.meta_state_dict(), os.path.join(output_dir, META_STATE_NAME))
-        if self.args.world_size > 1:  # every process its own, as Trainer's `rng_state_{process}.pth`
-            os.makedirs(output_dir, exist_ok=True)
-            name = META_PROCESS_STATE_NAME.format(self.args.process_index)
-            torch.save(self._process_state_dict(), os.path.join(output_dir, name))
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        path = os.path.join(checkpoint, META_STATE_NAME)
-        if not os.path.isfile(path):
-            raise ValueError(
-                f"Checkpoint {checkpoint} has no {META_STATE_NAME}: it was not written by MetaTrainer (or with "
-                "`save_only_model=True`), so the meta-module and meta-optimizer cannot be restored."
-            )
-        # where the estimator's state is used; an indexed CPU device ("cpu:0" under several processes) is not a
-        # location torch.load can restore to (Trainer avoids it the same way)
-        location = "cpu" if self.args.device.type == "cpu" else self.args.device
-        state = torch.load(path, map_location=location, weights_only=False)
-        if self.args.world_size > 1:
-            own = os.path.join(checkpoint, META_PROCESS_STATE_NAME.format(self.args.process_index))
-            if os.path.isfile(own):
-                state.update(torch.load(own, map_location=location, weights_only=False))
-            else:
-                logger.warning(
-                    f"Checkpoint {checkpoint} has no {os.path.basename(own)} (it was written by another number of "
-                    "processes): every process resumes with the main process's estimator state and meta data "
-                    "position, so the run does not continue exactly as it would have."
-                )
-        self.load_meta_state_dict(state)
-
-    def _load_best_model(self) -> None:
-        """Trainer's, plus the meta-module of the best checkpoint (`load_best_model_at_end`): the model and meta-module
-        saved after training are then the pair that checkpoint held."""
-        super()._load_best_model()
-        path = os.path.join(self.state.best_model_checkpoint, META_MODULE_NAME)
-        if not os.path.isfile(path):
-            logger.warning(
-                f"The best checkpoint {self.state.best_model_checkpoint} has no {META_MODULE_NAME}: the meta-module "
-                "keeps its last state, which does not belong with the best model's weights."
-            )
-            return
-        from safetensors.torch import load_file
-
-        self.meta_module.load_state_dict(load_file(path))
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Trainer's save of the model without an attached meta-module's weights (so `from_pretrained` loads the
-        model as it was built, with no unexpected keys), and the meta-module on its own in
-        `meta_module.safetensors`."""
-        if self.meta_param_names is not None:
-            left_out = set(self.meta_param_names)
-            state_dict = state_dict if state_dict is not None else self.model.state_dict()
-            state_dict = {k: v for k, v in state_dict.items() if k not in left_out}
-        super()._save(output_dir, state_dict)
-        if self.args.should_save:
-            from safetensors.torch import save_file
-
-            output_dir = output_dir if output_dir is not None else self.args.output_dir
-            tensors = {k: v.detach().contiguous().cpu() for k, v in self.meta_module.state_dict().items()}
-            save_file(tensors, os.path.join(output_dir, META_MODULE_NAME))
-
-    def _issue_warnings_after_load(self, load_result: Any) -> None:
-        """Trainer's warnings on loading a checkpoint's model, less the attached meta-parameters, which the model file
-        leaves out on purpose (they come back from the meta state)."""
-        if self.meta_param_names is not None and hasattr(load_result, "_replace"):
-            left_out = set(self.meta_param_names)
-            load_result = load_result._replace(missing_keys=[k for k in load_result.missing_keys if k not in left_out])
-        super()._issue_warnings_after_load(load_result)

@@ -214,3 +214,14 @@ def held_loss_by_hand(objective: MetaObjective, weights, at, batch) -> torch.Ten
 # ------------------------------------------------------------------------------------------------------------ modules
 def forward_hooks(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) for m in model.modules())
+
+
+class Scale(nn.Module):
+    """An embedded meta-module: a learnable per-feature scale, attached with a forward hook."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(features))
+
+    def forward(self, module, inputs, output):
+        return output * self.log_scale.exp()

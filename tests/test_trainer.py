@@ -1,6 +1,6 @@
 """MetaTrainer: the meta step against hand-unrolled references, training_step (accumulation, the base step's losses
-reused), NaN skips, logging and agreement with a reference, checkpoints and resume, the meta-step event, transformers
-and plain models."""
+reused), NaN skips, logging and agreement with a reference, the meta-step event, transformers and plain models.
+Checkpoints and resume: test_checkpointing.py; the guards on a meta step's outcome: test_step_guards.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import contextlib
 import copy
 import logging
 import math
-import os
 
 import datasets
 import pytest
@@ -16,7 +15,7 @@ import torch
 from helpers import (
     OneStepLookahead,
     Recorder,
-    bn_model,
+    Scale,
     image_dataset,
     make_args,
     make_trainer,
@@ -27,7 +26,6 @@ from helpers import (
 )
 from torch import nn
 from torch.func import functional_call
-from transformers import TrainerCallback
 
 from metatrain import MetaTrainer
 from metatrain.diagnostics import cosine, flatten
@@ -216,7 +214,7 @@ def test_learning_rate_warmup_from_zero(tmp_path, estimator, options):
 def test_non_finite_hypergradient_skips_meta_step(tmp_path, caplog):
     trainer = make_trainer(tmp_path, meta_nan=True, hypergradient="evograd", meta_diagnostics_steps=1)
     before = snapshot(trainer.meta_module)
-    with caplog.at_level(logging.WARNING, logger="metatrain.trainer"):
+    with caplog.at_level(logging.WARNING, logger="metatrain.step_guards"):
         trainer.train()
     assert trainer.meta_steps_skipped == 4
     assert "meta step skipped" in caplog.text
@@ -255,103 +253,6 @@ def test_a_skipped_meta_step_leaves_the_estimator_state_as_it_was(tmp_path):
     # all of it, running average, distilled batch, generator and refit window, as before the skipped call
     assert before[2]["window_batches"] and before[1]["w_star"] is not None
     torch.testing.assert_close(before[2], before[1], rtol=0, atol=0)
-
-
-class StopAfter(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-            control.should_save = True
-
-
-@pytest.mark.parametrize(
-    "estimator, options",
-    [("evograd", {"sigma": 0.01, "population": 3}), ("reverse", {"horizon": 3}),
-     ("hyperdistill", {"gamma": 0.9, "pi": None, "horizon": 2, "estimation_period": 2})],
-)  # fmt: skip
-def test_resume_continues_the_same_run(tmp_path, estimator, options):
-    """EvoGrad's noise comes from the RNG state; reverse mode and HyperDistill carry their running state (remembered
-    steps; running average, distilled batch, generator and refit window) in the checkpoint."""
-    common = dict(max_steps=7, save_strategy="steps", save_steps=4, hypergradient=estimator,
-                  hypergradient_kwargs=options)  # fmt: skip
-    full = make_trainer(tmp_path / "full", **common)
-    full.train()
-    checkpoint = tmp_path / "full" / "out" / "checkpoint-4"
-    assert os.path.isfile(checkpoint / "meta_module.safetensors")
-    # 20 meta examples in batches of 8 are 3 meta batches a pass: the checkpoint lies in the second pass, whose
-    # order a resumed run must draw again
-    saved = torch.load(checkpoint / "meta_trainer_state.pt", weights_only=False)
-    assert saved["meta_data"] == {"epoch": 1, "consumed": 1}
-
-    first = make_trainer(tmp_path / "resumed", **common)
-    first.add_callback(StopAfter(4))  # an interrupted run: same schedule, stops right after the checkpoint
-    first.train()
-    assert first.state.global_step == 4
-    resumed = make_trainer(tmp_path / "resumed", **common)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "out" / "checkpoint-4"))
-    assert resumed.state.global_step == 7
-    assert resumed.meta_state_dict()["meta_data"] == full.meta_state_dict()["meta_data"]
-    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    for a, b in zip(full.meta_module.parameters(), resumed.meta_module.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    exp_avg = lambda t: [s["exp_avg"] for s in t.meta_optimizer.state.values()]  # noqa: E731
-    for a, b in zip(exp_avg(full), exp_avg(resumed)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
-
-
-class LastMetaModule(TrainerCallback):
-    """Keeps the meta-module's state after every step: at the end, its last state before the best one is loaded."""
-
-    def __init__(self, meta_module):
-        self.meta_module, self.last = meta_module, None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.last = {k: v.detach().clone() for k, v in self.meta_module.state_dict().items()}
-
-
-def test_best_model_at_end_comes_with_its_meta_module(tmp_path):
-    """`load_best_model_at_end` restores the best checkpoint's weights; an external meta-module must come back from the
-    same checkpoint, or the pair saved after training would not belong together."""
-    from safetensors.torch import load_file
-
-    evaluations = []
-
-    def first_is_best(eval_pred):
-        evaluations.append(1)
-        return {"order": -len(evaluations)}
-
-    trainer = make_trainer(
-        tmp_path, max_steps=3, save_strategy="steps", save_steps=1, eval_strategy="steps", eval_steps=1,
-        hypergradient="t1t2", load_best_model_at_end=True, metric_for_best_model="order", greater_is_better=True,
-        eval_dataset=image_dataset(8, seed=3),
-    )  # fmt: skip
-    trainer.compute_metrics = first_is_best
-    last = LastMetaModule(trainer.meta_module)
-    trainer.add_callback(last)
-    trainer.train()
-    best = tmp_path / "out" / "checkpoint-1"
-    assert trainer.state.best_model_checkpoint == str(best)
-    saved = load_file(best / "meta_module.safetensors")
-    assert any(not torch.equal(v, saved[k]) for k, v in last.last.items())  # the last state was another
-    for k, v in trainer.meta_module.state_dict().items():
-        assert torch.equal(v, saved[k]), k
-    for k, v in load_file(best / "model.safetensors").items():
-        assert torch.equal(trainer.model.state_dict()[k], v), k
-
-
-class Scale(nn.Module):
-    """An embedded meta-module: a learnable per-feature scale, attached with a forward hook."""
-
-    def __init__(self, features: int):
-        super().__init__()
-        self.log_scale = nn.Parameter(torch.zeros(features))
-
-    def forward(self, module, inputs, output):
-        return output * self.log_scale.exp()
 
 
 def test_embedded_meta_module_on_transformers_model(tmp_path):
@@ -613,50 +514,6 @@ def test_random_layers_draw_the_same_noise_at_every_weight_of_one_meta_step(tmp_
     assert without.cosine < 0.5
 
 
-def dropout_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.3), nn.Linear(4 * 36, 3)
-    )  # fmt: skip
-
-
-def assert_same_run(a: MetaTrainer, b: MetaTrainer) -> None:
-    """Model and meta-module weights equal to the last bit."""
-    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
-        assert torch.equal(x, y), name
-    for (name, x), y in zip(a.meta_module.state_dict().items(), b.meta_module.state_dict().values()):
-        assert torch.equal(x, y), name
-
-
-@pytest.mark.parametrize("estimator", ["evograd", "t1t2_fd"])
-def test_resume_from_an_epoch_end_checkpoint_with_evaluation_is_the_same_run(tmp_path, estimator):
-    """The checkpoint at an epoch's last step is written before that epoch's evaluation, which builds a loader (a draw
-    from the global RNG): the resumed run, and a run without evaluation, must still be the same run, bit for bit,
-    with dropout in the model and the estimator's own noise."""
-    common = dict(max_steps=-1, num_train_epochs=2, save_strategy="steps", save_steps=4, hypergradient=estimator)
-
-    def trainer(folder, **overrides):
-        return MetaTrainer(
-            model=dropout_model(), args=make_args(tmp_path / folder, **{**common, **overrides}),
-            train_dataset=image_dataset(32, seed=1), eval_dataset=image_dataset(16, seed=3),
-            meta_dataset=image_dataset(20, seed=2), meta_module=MetaWeightNet(),
-        )  # fmt: skip
-
-    full = trainer("full", eval_strategy="epoch")
-    full.train()
-    assert full.state.global_step == 8
-    first = trainer("resumed", eval_strategy="epoch")
-    first.add_callback(StopAfter(4))
-    first.train()
-    resumed = trainer("resumed", eval_strategy="epoch")
-    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "out" / "checkpoint-4"))
-    assert resumed.state.global_step == 8
-    assert_same_run(full, resumed)
-    unevaluated = trainer("unevaluated", eval_strategy="no")
-    unevaluated.train()
-    assert_same_run(full, unevaluated)
-
-
 def test_the_estimators_noise_comes_from_the_run_seed_and_step_and_leaves_the_global_rng(tmp_path):
     """EvoGrad's population at a step is the same whatever the global RNG holds, and drawing it moves nothing."""
     updates = []
@@ -702,34 +559,6 @@ def test_evograd_under_bf16_perturbs_at_a_scale_bf16_resolves(tmp_path, caplog):
     assert chosen.estimator.sigma == 0.001 and "sigma=0.001 under bf16" in caplog.text
 
 
-def test_non_finite_model_weights_stop_the_run_with_their_cause(tmp_path, caplog):
-    trainer = MetaTrainer(
-        model=bn_model(), args=make_args(tmp_path, hypergradient="evograd", max_steps=8),
-        train_dataset=image_dataset(64, seed=1, nan=True), meta_dataset=image_dataset(20, seed=2),
-        meta_module=MetaWeightNet(),
-    )  # fmt: skip
-    before = snapshot(trainer.meta_module)
-    with caplog.at_level(logging.WARNING, logger="metatrain.trainer"):
-        with pytest.raises(RuntimeError, match=r"first seen at step 1;.*3 meta steps in a row.*NaN"):
-            trainer.train()
-    assert "the model's weights are not finite (first seen at step 1" in caplog.text
-    assert "The meta-parameters are unchanged; the model is not." in caplog.text
-    for k, v in snapshot(trainer.meta_module).items():
-        assert torch.equal(v, before[k])
-
-
-def test_a_hypergradient_exactly_zero_for_many_steps_is_warned_about(tmp_path, caplog):
-    trainer = make_trainer(tmp_path, hypergradient="first_order", max_steps=4, meta_zero_hypergradient_patience=3)
-    with caplog.at_level(logging.WARNING, logger="metatrain.trainer"):
-        trainer.train()
-    assert caplog.text.count("exactly zero for 3 meta steps in a row") == 1
-    caplog.clear()
-    trainer = make_trainer(tmp_path, hypergradient="t1t2", max_steps=4, meta_zero_hypergradient_patience=3)
-    with caplog.at_level(logging.WARNING, logger="metatrain.trainer"):
-        trainer.train()
-    assert "exactly zero" not in caplog.text
-
-
 def test_cpu_runs_do_not_pin_memory(tmp_path):
     import warnings
 
@@ -741,47 +570,6 @@ def test_cpu_runs_do_not_pin_memory(tmp_path):
         warnings.simplefilter("always")
         trainer.train()
     assert not [w for w in caught if "pin_memory" in str(w.message)]
-
-
-def test_an_attached_meta_module_is_saved_apart_from_the_model(tmp_path):
-    """`from_pretrained` loads the saved model as it was built (no unexpected keys); the meta-module has its own file,
-    and resuming and `load_best_model_at_end` bring it back."""
-    from safetensors.torch import load_file
-    from transformers import BertForSequenceClassification
-
-    def build(folder, **overrides):
-        model = tiny_bert(50)
-        scale = Scale(16)
-        model.bert.add_module("meta_scale", scale)
-        model.bert.encoder.layer[0].output.register_forward_hook(scale)
-        data = lambda n, seed: datasets.Dataset.from_dict(  # noqa: E731
-            {"input_ids": torch.randint(1, 50, (n, 8), generator=torch.Generator().manual_seed(seed)).numpy(),
-             "labels": (torch.arange(n) % 3).numpy()}
-        ).with_format("torch")  # fmt: skip
-        options = dict(hypergradient="t1t2", max_steps=6, save_strategy="steps", save_steps=3, eval_strategy="steps",
-                       eval_steps=3, **overrides)  # fmt: skip
-        return MetaTrainer(model=model, args=make_args(tmp_path / folder, **options), train_dataset=data(32, 0),
-                           eval_dataset=data(8, 2), meta_dataset=data(16, 1), meta_module=scale)  # fmt: skip
-
-    full = build("full")
-    full.train()
-    full.save_model()
-    out = tmp_path / "full" / "out"
-    assert "bert.meta_scale.log_scale" not in load_file(out / "model.safetensors")
-    torch.testing.assert_close(load_file(out / "meta_module.safetensors")["log_scale"], full.meta_module.log_scale)
-    _, info = BertForSequenceClassification.from_pretrained(out, output_loading_info=True)
-    assert not info["unexpected_keys"]
-    first = build("resumed")
-    first.add_callback(StopAfter(3))
-    first.train()
-    resumed = build("resumed")
-    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "out" / "checkpoint-3"))
-    assert_same_run(full, resumed)
-    best = build("best", load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True)
-    best.train()  # the worse loss is the "best": checkpoint 3's pair comes back
-    at_3 = load_file(tmp_path / "best" / "out" / "checkpoint-3" / "meta_module.safetensors")["log_scale"]
-    assert best.state.best_model_checkpoint.endswith("checkpoint-3")
-    assert torch.equal(best.meta_module.log_scale.detach(), at_3)
 
 
 @pytest.mark.parametrize("estimator", ["t1t2", "neumann", "reverse", "hyperdistill"])
