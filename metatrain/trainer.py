@@ -141,8 +141,6 @@ class MetaTrainer(ConstructionChecks, MetaCheckpoints, PerSampleLossTrainer):
         self._at_window_start = True
         # the detached per-example losses of the last training forward in the current accumulation window
         self._base_losses: torch.Tensor | None = None
-        # the training batch of a `before` meta step that waits for the base step's per-example losses
-        self._meta_step_waiting: dict[str, Any] | None = None
         self._guards = MetaStepGuards(
             self.args.meta_zero_hypergradient_patience, self.args.meta_nonfinite_weights_patience
         )
@@ -165,9 +163,6 @@ class MetaTrainer(ConstructionChecks, MetaCheckpoints, PerSampleLossTrainer):
             return losses.mean()
         if self._role.reads_losses:
             self._base_losses = losses.detach()  # for the meta step `after` (cleared at each window's ends)
-            if self._meta_step_waiting is not None:  # `before`: stepped before these losses are weighted
-                batch, self._meta_step_waiting = self._meta_step_waiting, None
-                self.meta_step(batch, self._base_losses)
         # a module outside the model is not prepared: Accelerate does not autocast it
         with self.accelerator.autocast():
             return self._role.training_loss(losses)
@@ -248,24 +243,14 @@ class MetaTrainer(ConstructionChecks, MetaCheckpoints, PerSampleLossTrainer):
         return join_batches([self._prepare_inputs(b) for b in window], *padding), None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """Trainer's step plus one meta step per optimizer step (every `meta_interval` steps). `before`, with a loss
-        weighter and an estimator that [`~metatrain.estimators.HypergradientEstimator.reuses_base_losses`] (EvoGrad's
-        forward path), the meta step runs inside the base step, between its forward and the weighting of its losses,
-        on those losses: the same step as running it first, one forward of the training batch cheaper."""
+        """Trainer's step plus one meta step per optimizer step (every `meta_interval` steps)."""
         due = self.state.global_step % self.args.meta_interval == 0
         if self._at_window_start:
             self._base_losses = None
             if self.args.meta_step_position == "before" and due:
-                batch = self._meta_train_batch(inputs)[0]
-                if self._role.reads_losses and self.estimator.reuses_base_losses and not self._joins_window(inputs):
-                    self._meta_step_waiting = batch  # run by reduce_loss on the base forward's losses
-                else:
-                    self.meta_step(batch)
+                self.meta_step(self._meta_train_batch(inputs)[0])
         self._at_window_start = False
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self._meta_step_waiting is not None:  # a compute_loss that never reduced through reduce_loss
-            batch, self._meta_step_waiting = self._meta_step_waiting, None
-            self.meta_step(batch)
         if self.accelerator.sync_gradients:
             if self.args.meta_step_position == "after" and due:
                 self.meta_step(*self._meta_train_batch(inputs))

@@ -85,10 +85,6 @@ class HypergradientEstimator:
     # True for estimators that differentiate through a gradient (a second-order graph): fused attention kernels have
     # no double backward, so `MetaTrainer` runs their meta step on the math backend of scaled_dot_product_attention
     second_order: bool = False
-    # True where `estimate` reads `problem.held_train_loss` and keeps no backward graph over the model's weights:
-    # `MetaTrainer` then runs a `before` meta step after the base step's forward (whose graph is alive meanwhile) and
-    # hands it that forward's per-example losses, one forward of the training batch fewer
-    reuses_base_losses: bool = False
 
     def __init__(self) -> None:
         """Estimators without options take none; subclasses declare theirs as keyword arguments."""

@@ -185,11 +185,6 @@ class EvoGrad(HypergradientEstimator):
         chosen = self.forward_mode is None and self.memory_lean is None and self.population == 2
         return "forward" if chosen and not self._forward_unsupported else "lean"
 
-    @property
-    def reuses_base_losses(self) -> bool:
-        """On the forward path, which holds no backward graph of the model (see the base class)."""
-        return self.path == "forward"
-
     def _step_per_sigma2(self) -> float:
         """Effective lookahead step divided by `sigma^2`: `1 / tau` for antithetic pairs, else `(K-1) / (K tau)`."""
         if self.antithetic:
