@@ -126,6 +126,11 @@ class MetaTrainer(ConstructionChecks, MetaCheckpoints, PerSampleLossTrainer):
         if self.meta_param_names is None:  # outside the model: Accelerate does not place it
             meta_module.to(self.args.device)
         self.estimator = estimator or create_estimator(self.args.hypergradient, **self.args.estimator_options())
+        # unset: `after` where the base step's per-example losses spare the meta step a forward (a loss weighter's
+        # held input; not on a joined accumulation window), `before` (the papers' order) otherwise
+        saves = self._role.reads_losses and self.estimator.uses_held_train_loss
+        joined = self.args.meta_train_batch == "window" and self.args.gradient_accumulation_steps > 1
+        self.meta_step_position = self.args.meta_step_position or ("after" if saves and not joined else "before")
         self.reference_estimator = None
         if self.args.meta_diagnostics_steps:
             self.reference_estimator = create_estimator(self.args.meta_diagnostics_reference)
@@ -247,12 +252,12 @@ class MetaTrainer(ConstructionChecks, MetaCheckpoints, PerSampleLossTrainer):
         due = self.state.global_step % self.args.meta_interval == 0
         if self._at_window_start:
             self._base_losses = None
-            if self.args.meta_step_position == "before" and due:
+            if self.meta_step_position == "before" and due:
                 self.meta_step(self._meta_train_batch(inputs)[0])
         self._at_window_start = False
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:
-            if self.args.meta_step_position == "after" and due:
+            if self.meta_step_position == "after" and due:
                 self.meta_step(*self._meta_train_batch(inputs))
             self._at_window_start = True
             self._base_losses = None

@@ -147,15 +147,16 @@ class MetaTrainingArguments(TrainingArguments):
     meta_interval: int = field(
         default=1, metadata={"help": "Run the meta step every `meta_interval` optimizer steps (1 = every step)."}
     )
-    meta_step_position: str = field(
-        default="before",
+    meta_step_position: str | None = field(
+        default=None,
         metadata={
             "help": "`before`: the meta step runs on the first micro-batch of an optimizer step, so the base update "
             "already uses the new meta-parameters (Meta-Weight-Net's order). `after`: it runs once the base "
             "gradients of the last micro-batch are computed, so the base update uses the old meta-parameters, and "
             "estimators that perturb the weights (EvoGrad, `t1t2_fd`) take a loss weighter's input from the base "
             "step's per-example losses instead of a forward pass of their own (except on a joined `window`). "
-            "Both differentiate at the weights before the base update."
+            "Both differentiate at the weights before the base update. Unset: `after` where it saves that forward "
+            "pass, `before` otherwise."
         },
     )
     meta_loss_mode: str = field(
@@ -297,9 +298,10 @@ class MetaTrainingArguments(TrainingArguments):
         if self.meta_optimizer not in META_OPTIMIZERS:
             raise ValueError(f"Unknown `meta_optimizer={self.meta_optimizer!r}`: choose one of {META_OPTIMIZERS}.")
         self._check_meta_optimizer_kwargs()
-        if self.meta_step_position not in META_STEP_POSITIONS:
+        if self.meta_step_position is not None and self.meta_step_position not in META_STEP_POSITIONS:
             raise ValueError(
-                f"Unknown `meta_step_position={self.meta_step_position!r}`: choose one of {META_STEP_POSITIONS}."
+                f"Unknown `meta_step_position={self.meta_step_position!r}`: choose one of {META_STEP_POSITIONS}, or "
+                "leave it unset."
             )
         if self.meta_loss_mode not in META_LOSS_MODES:
             raise ValueError(f"Unknown `meta_loss_mode={self.meta_loss_mode!r}`: choose one of {META_LOSS_MODES}.")

@@ -188,6 +188,25 @@ def count_forwards(tmp_path, position: str, accumulation: int, meta_train_batch:
 
 
 @pytest.mark.parametrize(
+    "hypergradient, meta_module, overrides, position",
+    [("evograd", None, {}, "after"), ("t1t2_fd", None, {}, "after"), ("t1t2", None, {}, "before"),
+     ("evograd", "rotation", {}, "before"), ("evograd", None, {"gradient_accumulation_steps": 2}, "before"),
+     ("evograd", None, {"gradient_accumulation_steps": 2, "meta_train_batch": "micro_batch"}, "after"),
+     ("evograd", None, {"meta_step_position": "before"}, "before"),
+     ("t1t2", None, {"meta_step_position": "after"}, "after")],
+)  # fmt: skip
+def test_the_meta_step_position_is_after_where_it_saves_a_forward(tmp_path, hypergradient, meta_module, overrides,
+                                                                  position):  # fmt: skip
+    """Unset, the meta step runs `after` the base step's forward where that spares it one (a loss weighter's held
+    input for EvoGrad and `t1t2_fd`, not on a joined window) and `before` otherwise; a set position is kept."""
+    from metatrain.modules import LearnableRotation
+
+    module = LearnableRotation(degrees=10.0) if meta_module == "rotation" else None
+    trainer = make_trainer(tmp_path, hypergradient=hypergradient, meta_module=module, **overrides)
+    assert trainer.meta_step_position == position
+
+
+@pytest.mark.parametrize(
     "accumulation, meta_train_batch, size, reused",
     [(1, "window", 8, True), (2, "window", 8, False), (2, "micro_batch", 4, True)],
 )

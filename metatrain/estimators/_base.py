@@ -85,6 +85,9 @@ class HypergradientEstimator:
     # True for estimators that differentiate through a gradient (a second-order graph): fused attention kernels have
     # no double backward, so `MetaTrainer` runs their meta step on the math backend of scaled_dot_product_attention
     second_order: bool = False
+    # True for estimators that call `problem.held_train_loss` (a loss weighter's input held at the current weights):
+    # `MetaTrainer` then runs the meta step `after` the base step's forward by default, reusing its per-example losses
+    uses_held_train_loss: bool = False
 
     def __init__(self) -> None:
         """Estimators without options take none; subclasses declare theirs as keyword arguments."""

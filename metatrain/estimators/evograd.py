@@ -106,6 +106,7 @@ class EvoGrad(HypergradientEstimator):
     """
 
     name = "evograd"
+    uses_held_train_loss = True
 
     def __init__(
         self,

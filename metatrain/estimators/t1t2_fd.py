@@ -29,6 +29,7 @@ class T1T2FiniteDifference(HypergradientEstimator):
     """
 
     name = "t1t2_fd"
+    uses_held_train_loss = True
 
     def __init__(self, epsilon: float = 0.01):
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
