@@ -1,10 +1,11 @@
 """The meta step's cost by EvoGrad path, measured by `MetaTrainer` itself: Meta-Weight-Net on a CIFAR ResNet-32, LFT's
 feature-wise layers in a timm ResNet-18, and a tiny BERT with Meta-Weight-Net. For each workload: plain training,
-T1-T2, and EvoGrad's default (what `hypergradient="evograd"` alone gives, also with `meta_step_position="after"`)
+T1-T2, and EvoGrad's default (what `hypergradient="evograd"` alone gives, also with `meta_step_position="before"`)
 beside each path it can take (`all_at_once`, `lean`, `forward`). Memory is `meta_step_memory_mb`
 (`meta_profile_memory`: on CPU the peak of bytes saved for backward, on GPU the allocator's peak), time
 `meta_step_seconds` and the whole step's seconds, medians of `--repeats` interleaved rounds (each round runs every
-method once, in a new order). Writes `default_paths.json` and `default_paths.md`.
+method once, in a new order); `position` is the `meta_step_position` the trainer ran. Writes `default_paths.json`
+and `default_paths.md`.
 
     python benchmarks/default_paths.py --output_dir docs/benchmarks
 """
@@ -37,7 +38,7 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "plain": None,
     "t1t2": {"hypergradient": "t1t2"},
     "evograd (default)": {"hypergradient": "evograd"},
-    "evograd (default), after": {"hypergradient": "evograd", "meta_step_position": "after"},
+    "evograd (default), before": {"hypergradient": "evograd", "meta_step_position": "before"},
     "evograd all_at_once": {"hypergradient": "evograd", "hypergradient_kwargs": {"memory_lean": False}},
     "evograd lean": {"hypergradient": "evograd", "hypergradient_kwargs": {"memory_lean": True}},
     "evograd forward": {"hypergradient": "evograd", "hypergradient_kwargs": {"forward_mode": True}},
@@ -97,6 +98,7 @@ def run(name: str, method: str, batch: int, steps: int, threads: int) -> dict[st
         "meta_step_seconds": means.get("meta_step_seconds"),
         "meta_step_memory_mb": means.get("meta_step_memory_mb"),
         "evograd_path": path,
+        "position": trainer.meta_step_position if spec else None,
     }
 
 
@@ -130,7 +132,8 @@ def main() -> None:
         summary = {m: {k: median(runs[(name, m)], k) for k in keys} for m in cli.methods}
         for method in cli.methods:
             path = runs[(name, method)][0]["evograd_path"]
-            row = {"workload": name, "method": method, **summary[method], "evograd_path": path}
+            position = runs[(name, method)][0]["position"]
+            row = {"workload": name, "method": method, **summary[method], "evograd_path": path, "position": position}
             for base in ("plain", "t1t2"):
                 if base in summary and summary[base]["seconds_per_step"]:
                     row[f"time_vs_{base}"] = row["seconds_per_step"] / summary[base]["seconds_per_step"]
@@ -143,11 +146,12 @@ def main() -> None:
         return "" if value is None else format(value, spec)
 
     table = markdown_table(
-        ["workload", "method", "path", "s / step", "x plain", "x T1-T2", "meta step s", "meta step MB", "x T1-T2"],
-        [[r["workload"], r["method"], r["evograd_path"] or "", fmt(r["seconds_per_step"], ".3f"),
+        ["workload", "method", "path", "position", "s / step", "x plain", "x T1-T2", "meta step s", "meta step MB",
+         "x T1-T2"],
+        [[r["workload"], r["method"], r["evograd_path"] or "", r["position"] or "", fmt(r["seconds_per_step"], ".3f"),
           fmt(r.get("time_vs_plain"), ".2f"), fmt(r.get("time_vs_t1t2"), ".2f"), fmt(r["meta_step_seconds"], ".3f"),
           fmt(r["meta_step_memory_mb"], ".2f"), fmt(r.get("memory_vs_t1t2"), ".2f")] for r in rows],
-        right_from=3,
+        right_from=4,
     )  # fmt: skip
     os.makedirs(cli.output_dir, exist_ok=True)
     setup = {"batch_size": cli.batch_size, "steps": cli.steps, "repeats": cli.repeats, "threads": cli.threads,

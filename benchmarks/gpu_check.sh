@@ -7,7 +7,7 @@
 # Parts, each `benchmarks/step_cost.py` in one process (--in_process: the CUDA allocator's peak is reset for every
 # configuration, torch.cuda.synchronize around every timed step), plain training first and last of every size:
 #   mwn   Meta-Weight-Net, CIFAR ResNet-32 widths 1-5, batch 100 of random 3x32x32 images: plain, EvoGrad (its
-#         default, all-at-once, memory_lean, forward_mode with meta_step_position=after), t1t2_fd, t1t2
+#         default, the default with meta_step_position=before, all-at-once, memory_lean), t1t2_fd, t1t2
 #   lft   LFT (feature-wise transformation layers) on timm resnet10t and resnet34, 224x224, batch 16, same methods
 #   bf16  MWN width 1 through MetaTrainer, EvoGrad's default (and plain), 200 steps under bf16 autocast:
 #         meta_steps_skipped (must be 0), final loss, meta loss, hypergradient norm
@@ -92,7 +92,7 @@ if [ "$SMOKE" != 1 ]; then
 fi
 
 # -------------------------------------------------------------------------------------------------- settings
-METHODS=(plain evograd evograd_all_at_once evograd_lean evograd_jvp_after t1t2_fd t1t2)
+METHODS=(plain evograd evograd_before evograd_all_at_once evograd_lean t1t2_fd t1t2)
 SCALE=${GPU_CHECK_DEADLINE_SCALE:-1}
 scaled() { awk -v s="$SCALE" -v x="$1" 'BEGIN { printf "%d", x * s }'; }
 if [ "$SMOKE" = 1 ]; then  # plumbing only: width 1, resnet10t at 32 px, 2 timed steps, 4 steps per precision run

@@ -27,6 +27,7 @@ METHOD_NAMES = {
     "plain": "plain",
     "evograd": "EvoGrad (default)",
     "evograd_after": "EvoGrad (default), `after`",
+    "evograd_before": "EvoGrad (default), `before`",
     "evograd_all_at_once": "EvoGrad all-at-once",
     "evograd_lean": "EvoGrad `memory_lean`",
     "evograd_lean_after": "EvoGrad `memory_lean`, `after`",

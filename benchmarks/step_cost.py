@@ -10,8 +10,9 @@ Workloads:
   plain classification loss on random images of side `--lft_image_size` (32 by default), the FT layers off in the
   meta loss.
 
-Methods ending in `_after` run the meta step after the base step's forward (`meta_step_position="after"`), where
-EvoGrad and `t1t2_fd` reuse its per-example losses as the weighting net's input instead of a forward of their own.
+Methods ending in `_after` or `_before` set `meta_step_position`; the others leave it to the library, which runs
+EvoGrad and `t1t2_fd` `after` the base step's forward on `mwn` (reusing its per-example losses as the weighting net's
+input instead of a forward of their own) and every meta step `before` on `lft`.
 
 Every configuration runs in a fresh process, one after the other, with `torch.set_num_threads(--threads)`: a step is
 the whole optimizer step Trainer takes (meta step, forward, backward, base update), timed between the `on_step_begin`
@@ -54,15 +55,16 @@ import time
 import traceback
 from typing import Any
 
-# method: (estimator, its options, other MetaTrainingArguments); `_after` methods run the meta step after the base
-# step's forward (`meta_step_position="after"`), which lets EvoGrad and `t1t2_fd` reuse its per-example losses as
-# the weighting net's input instead of a forward of their own
+# method: (estimator, its options, other MetaTrainingArguments); `_after` / `_before` methods set
+# `meta_step_position`, the others leave it unset (the library's choice)
 AFTER = {"meta_step_position": "after"}
+BEFORE = {"meta_step_position": "before"}
 METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]] | None] = {
     "plain": None,
     "first_order": ("first_order", {}, {}),
     "evograd": ("evograd", {}, {}),
     "evograd_after": ("evograd", {}, AFTER),
+    "evograd_before": ("evograd", {}, BEFORE),
     "evograd_all_at_once": ("evograd", {"memory_lean": False}, {}),
     "evograd_lean": ("evograd", {"memory_lean": True}, {}),
     "evograd_lean_after": ("evograd", {"memory_lean": True}, AFTER),
