@@ -714,16 +714,19 @@ def test_evograd_paths_return_the_meta_loss_as_the_meta_loss_function_does():
         torch.testing.assert_close(result.meta_loss, results["all_at_once"].meta_loss, rtol=1e-12, atol=0)
 
 
+class NoJvp(torch.autograd.Function):
+    """An identity with a backward and no forward-mode derivative."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 def test_evograd_forward_mode_names_an_operator_without_a_forward_derivative():
-    class NoJvp(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad
-
     params, lam, train_loss, meta_loss = weighted_mlp_problem()
     est = create_estimator("evograd", forward_mode=True)
     with pytest.raises(NotImplementedError, match="forward_mode=True.*Set forward_mode=False"):
@@ -753,15 +756,6 @@ def test_evograd_default_falls_back_to_the_lean_path_when_forward_mode_fails(cap
     """A meta loss with an operator that has no forward-mode derivative: the default (forward mode for K = 2) warns,
     takes the lean path from then on, and gives the lean path's estimate with the RNG where the lean path leaves it;
     asked for explicitly, forward mode raises instead (the test above)."""
-
-    class NoJvp(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad
 
     params, lam, train_loss, meta_loss = weighted_mlp_problem()
 
