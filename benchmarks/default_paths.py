@@ -1,11 +1,11 @@
-"""The meta step's cost by EvoGrad path, measured by `MetaTrainer` itself: Meta-Weight-Net on a CIFAR ResNet-32, LFT's
-feature-wise layers in a timm ResNet-18, and a tiny BERT with Meta-Weight-Net. For each workload: plain training,
-T1-T2, and EvoGrad's default (what `hypergradient="evograd"` alone gives, also with `meta_step_position="before"`)
-beside each path it can take (`all_at_once`, `lean`, `forward`). Memory is `meta_step_memory_mb`
-(`meta_profile_memory`: on CPU the peak of bytes saved for backward, on GPU the allocator's peak), time
-`meta_step_seconds` and the whole step's seconds, medians of `--repeats` interleaved rounds (each round runs every
-method once, in a new order); `position` is the `meta_step_position` the trainer ran. Writes `default_paths.json`
-and `default_paths.md`.
+"""The meta step's cost by EvoGrad path and by estimator, measured by `MetaTrainer` itself: Meta-Weight-Net on a
+CIFAR ResNet-32, LFT's feature-wise layers in a timm ResNet-18, and a tiny BERT with Meta-Weight-Net. For each
+workload: plain training, T1-T2, EvoGrad's default (what `hypergradient="evograd"` alone gives, also with
+`meta_step_position="before"`) beside each path it can take (`all_at_once`, `lean`, `forward`), and every other
+estimator by its name alone. Memory is `meta_step_memory_mb` (`meta_profile_memory`: on CPU the peak of bytes saved
+for backward, on GPU the allocator's peak), time `meta_step_seconds` and the whole step's seconds, medians of
+`--repeats` interleaved rounds (each round runs every method once, in a new order); `position` is the
+`meta_step_position` the trainer ran. Writes `default_paths.json` and `default_paths.md`.
 
     python benchmarks/default_paths.py --output_dir docs/benchmarks
 """
@@ -42,6 +42,12 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "evograd all_at_once": {"hypergradient": "evograd", "hypergradient_kwargs": {"memory_lean": False}},
     "evograd lean": {"hypergradient": "evograd", "hypergradient_kwargs": {"memory_lean": True}},
     "evograd forward": {"hypergradient": "evograd", "hypergradient_kwargs": {"forward_mode": True}},
+    # every other estimator by its name alone
+    "first_order": {"hypergradient": "first_order"},
+    "t1t2_fd": {"hypergradient": "t1t2_fd"},
+    "neumann": {"hypergradient": "neumann"},
+    "reverse": {"hypergradient": "reverse"},
+    "hyperdistill": {"hypergradient": "hyperdistill"},
 }
 
 
