@@ -32,6 +32,7 @@ class MetaCheckpoints:
             "meta_optimizer": self.create_meta_optimizer().state_dict(),
             **self._process_state_dict(),
             "statistics": self.meta_statistics.state_dict(),
+            "meta_step_position": self.meta_step_position,
         }
 
     def load_meta_state_dict(self, state: dict[str, Any]) -> None:
@@ -40,6 +41,13 @@ class MetaCheckpoints:
         self.estimator.load_state_dict(state["estimator"])
         self.meta_batches.load_state_dict(state["meta_data"])
         self.meta_statistics.load_state_dict(state["statistics"])
+        saved = state.get("meta_step_position", self.meta_step_position)
+        if saved != self.meta_step_position:
+            logger.warning(
+                f"The checkpoint's run placed the meta step {saved!r} the base step's forward, this trainer places it "
+                f"{self.meta_step_position!r}: the resumed run is not the run that wrote the checkpoint. Set "
+                f"`meta_step_position={saved!r}` to continue it."
+            )
 
     def _process_state_dict(self) -> dict[str, Any]:
         """What differs between processes: the estimator's state (e.g. the remembered batches of reverse mode and

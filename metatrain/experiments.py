@@ -213,8 +213,8 @@ def train_and_measure(trainer: Trainer) -> dict[str, Any]:
     """Trains `trainer` (resuming as [`train_or_resume`]) and returns what a recipe reports of the cost:
     `seconds_per_step` (of the steps this call took), the mean `meta_step_seconds` and `meta_step_memory_mb` over the
     run's meta steps (`None` for a trainer without meta step, or without `meta_profile_memory`), `memory_kind`, the
-    run's `peak_cuda_memory_mb` on a GPU, `meta_steps_skipped`, and `resumed_from` (the checkpoint and its global
-    step, or `None`)."""
+    run's `peak_cuda_memory_mb` on a GPU, `meta_steps_skipped`, the `meta_step_position` the trainer ran, and
+    `resumed_from` (the checkpoint and its global step, or `None`)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     output, resumed = train_or_resume(trainer)
@@ -228,6 +228,7 @@ def train_and_measure(trainer: Trainer) -> dict[str, Any]:
         "memory_kind": MemoryMeter(trainer.args.device).kind,
         "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "meta_steps_skipped": statistics.skipped if statistics is not None else None,
+        "meta_step_position": getattr(trainer, "meta_step_position", None),
         "resumed_from": resumed,
     }
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -29,8 +28,6 @@ from .statistics import MetaStatistics
 from .step_guards import MetaStepGuards
 from .training_args import MIXED_PRECISION_EVOGRAD, SUPPORTED_SETUPS, MetaTrainingArguments
 from .utils import cosine, evaluation_mode, flatten, random_state_kept, ratio, step_seed, torch_rng_kept
-
-logger = logging.getLogger(__name__)
 
 # the random stream of the estimator's own draws (EvoGrad's population) in a meta step; 0 and 1 are the losses'
 ESTIMATOR_STREAM = 2**61 + 1
@@ -327,7 +324,8 @@ class MetaTrainer(ConstructionChecks, MetaCheckpoints, PerSampleLossTrainer):
         )
         params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
         objective = self.meta_objective([p.detach().requires_grad_(True) for p in self.meta_params])
-        if base_losses is not None and base_losses.shape != self._split_inputs(train_batch)[2].shape:
+        # the base step's losses of another batch (a joined window) are not this batch's held input
+        if base_losses is not None and len(base_losses) != len(self._split_inputs(train_batch)[2]):
             base_losses = None
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else self.args.learning_rate
         problem = objective.problem(train_batch, meta_batch, lr, params=params, held_losses=base_losses)

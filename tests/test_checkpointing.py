@@ -4,6 +4,7 @@ an attached meta-module is saved apart from the model."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import datasets
@@ -71,6 +72,22 @@ class LastMetaModule(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.last = {k: v.detach().clone() for k, v in self.meta_module.state_dict().items()}
+
+
+def test_resuming_with_another_meta_step_position_is_warned_about(tmp_path, caplog):
+    """The checkpoint keeps the position its run placed the meta step at: a trainer resuming it at another one (e.g.
+    the default chose otherwise) says that it is not continuing the same run, and how to."""
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, hypergradient="evograd")
+    first = make_trainer(tmp_path, **common)
+    assert first.meta_step_position == "after"
+    first.train()
+    checkpoint = str(tmp_path / "out" / "checkpoint-2")
+    with caplog.at_level(logging.WARNING, logger="metatrain.checkpointing"):
+        make_trainer(tmp_path, **common).train(resume_from_checkpoint=checkpoint)
+        assert "meta step" not in caplog.text
+        make_trainer(tmp_path, meta_step_position="before", **common).train(resume_from_checkpoint=checkpoint)
+    assert "placed the meta step 'after' the base step's forward, this trainer places it 'before'" in caplog.text
+    assert "Set `meta_step_position='after'`" in caplog.text
 
 
 def test_best_model_at_end_comes_with_its_meta_module(tmp_path):

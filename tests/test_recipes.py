@@ -95,6 +95,7 @@ def test_noisy_labels_resumes_every_run_of_the_grid(noisy_labels, tmp_path, no_n
             caplog.text
         )
     assert [r["resumed_from"] for r in first["runs"]] == [None, None]
+    assert [r["meta_step_position"] for r in first["runs"]] == [None, "before"]  # the position each run ran
     uninterrupted = json.loads((tmp_path / "results" / "results.json").read_text())["runs"]
 
     # interrupted in the second run, after its checkpoint at step 2

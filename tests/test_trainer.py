@@ -206,6 +206,30 @@ def test_the_meta_step_position_is_after_where_it_saves_a_forward(tmp_path, hype
     assert trainer.meta_step_position == position
 
 
+def test_token_level_labels_reuse_the_base_step_losses_too(tmp_path):
+    """Per-example losses of a token-classification batch are one per example while its labels are per token: `after`
+    still hands them to the meta step, which then runs no forward of its own at the current weights."""
+    from transformers import BertConfig, BertForTokenClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, num_labels=3, max_position_embeddings=16)  # fmt: skip
+    model = BertForTokenClassification(config)
+    g = torch.Generator().manual_seed(0)
+    data = lambda n: datasets.Dataset.from_dict(  # noqa: E731
+        {"input_ids": torch.randint(1, 50, (n, 5), generator=g).numpy(),
+         "labels": torch.randint(0, 3, (n, 5), generator=g).numpy()}
+    ).with_format("torch")  # fmt: skip
+    trainer = MetaTrainer(model=model, args=make_args(tmp_path, hypergradient="evograd", max_steps=2),
+                          train_dataset=data(32), meta_dataset=data(16), meta_module=MetaWeightNet())  # fmt: skip
+    assert trainer.meta_step_position == "after"
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    trainer.train()
+    assert trainer.meta_steps_skipped == 0
+    assert len(forwards) == 2 * 4  # per step: the base forward, K=2 copies and the meta forward; none at the weights
+
+
 @pytest.mark.parametrize(
     "accumulation, meta_train_batch, size, reused",
     [(1, "window", 8, True), (2, "window", 8, False), (2, "micro_batch", 4, True)],
