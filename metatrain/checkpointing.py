@@ -20,8 +20,8 @@ META_MODULE_NAME = "meta_module.safetensors"
 
 class MetaCheckpoints:
     """Trainer's checkpoint hooks extended with the meta step's state, so that a resumed run is the same run. Mixed
-    into [`MetaTrainer`], whose `meta_module`, `estimator`, `meta_batches`, `meta_statistics` and `meta_param_names`
-    it saves and restores."""
+    into [`MetaTrainer`], whose `meta_module`, `estimator`, `meta_batches`, `rollout_batches`, `meta_statistics` and
+    `meta_param_names` it saves and restores."""
 
     def meta_state_dict(self) -> dict[str, Any]:
         """Everything of the meta step a checkpoint needs to continue the same run. Under several processes it holds
@@ -40,6 +40,8 @@ class MetaCheckpoints:
         self.create_meta_optimizer().load_state_dict(state["meta_optimizer"])
         self.estimator.load_state_dict(state["estimator"])
         self.meta_batches.load_state_dict(state["meta_data"])
+        if self.rollout_batches is not None and state.get("rollout_data") is not None:
+            self.rollout_batches.load_state_dict(state["rollout_data"])
         self.meta_statistics.load_state_dict(state["statistics"])
         saved = state.get("meta_step_position", self.meta_step_position)
         if saved != self.meta_step_position:
@@ -52,7 +54,11 @@ class MetaCheckpoints:
     def _process_state_dict(self) -> dict[str, Any]:
         """What differs between processes: the estimator's state (e.g. the remembered batches of reverse mode and
         HyperDistill, drawn from this process's shard) and this process's position in the meta data."""
-        return {"estimator": self.estimator.state_dict(), "meta_data": self.meta_batches.state_dict()}
+        return {
+            "estimator": self.estimator.state_dict(),
+            "meta_data": self.meta_batches.state_dict(),
+            "rollout_data": None if self.rollout_batches is None else self.rollout_batches.state_dict(),
+        }
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)

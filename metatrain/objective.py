@@ -134,6 +134,7 @@ class MetaObjective:
         lr: float | None,
         params: Mapping[str, torch.Tensor] | None = None,
         held_losses: torch.Tensor | None = None,
+        train_batches: Callable[[int], Sequence[Any]] | None = None,
     ) -> HypergradientProblem:
         """The hypergradient problem of one step on these batches.
 
@@ -145,6 +146,8 @@ class MetaObjective:
             held_losses (`torch.Tensor`, *optional*): the per-example losses of `train_batch` at `params`, where
                 they are known already (the base step's): a loss weighter's held input. Otherwise they are computed
                 with one forward, under `torch.no_grad`, the first time an estimator needs them.
+            train_batches (`Callable[[int], Sequence]`, *optional*): draws fresh training batches, for estimators that
+                roll out a trajectory of their own (HyperDistill's fit of `theta`).
 
         Returns:
             [`~metatrain.estimators.HypergradientProblem`]: its `held_train_loss` feeds a loss weighter the losses at
@@ -165,5 +168,6 @@ class MetaObjective:
                 return self._reduce(losses, held["losses"])
 
         return HypergradientProblem(
-            params, self.meta_params, self.train_loss, self.meta_loss, train_batch, meta_batch, lr, held_train_loss
+            params, self.meta_params, self.train_loss, self.meta_loss, train_batch, meta_batch, lr, held_train_loss,
+            train_batches,
         )

@@ -152,6 +152,12 @@ class MetaTrainer(ConstructionChecks, MetaCheckpoints, PerSampleLossTrainer):
         self.meta_batches = MetaBatches(
             self.get_meta_dataloader, EpochSeededSampler(len(meta_dataset), self.args.seed), self._prepare_inputs
         )
+        # fresh training batches for estimators that roll out a trajectory of their own (HyperDistill's fit), in an
+        # order of their own; drawn only when asked, and resumable like the meta batches
+        self.rollout_batches = None
+        if self.train_dataset is not None and hasattr(self.train_dataset, "__len__"):
+            sampler = EpochSeededSampler(len(self.train_dataset), self.args.seed + 1)
+            self.rollout_batches = MetaBatches(self._get_rollout_dataloader, sampler, self._prepare_inputs)
 
     @property
     def meta_steps_skipped(self) -> int:
@@ -221,6 +227,24 @@ class MetaTrainer(ConstructionChecks, MetaCheckpoints, PerSampleLossTrainer):
                 f"{self.args.dataloader_drop_last}: set a smaller meta_batch_size or add meta examples."
             )
         return loader
+
+    def _get_rollout_dataloader(self, sampler: EpochSeededSampler):
+        """A loader over the training set with `sampler`, batched as training is."""
+        return self._get_dataloader(
+            self.train_dataset,
+            description="rollout",
+            batch_size=self.args.per_device_train_batch_size,
+            sampler_fn=lambda _: sampler,
+            is_training=True,
+        )
+
+    def _draw_train_batches(self, n: int) -> list[dict[str, Any]]:
+        if self.rollout_batches is None:
+            raise ValueError(
+                f"The {self.estimator.name!r} estimator draws fresh training batches, which needs a train_dataset "
+                "with a length (not an iterable dataset)."
+            )
+        return [self.rollout_batches.next() for _ in range(n)]
 
     # ------------------------------------------------------------------------------------------------- meta step
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -328,7 +352,9 @@ class MetaTrainer(ConstructionChecks, MetaCheckpoints, PerSampleLossTrainer):
         if base_losses is not None and len(base_losses) != len(self._split_inputs(train_batch)[2]):
             base_losses = None
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else self.args.learning_rate
-        problem = objective.problem(train_batch, meta_batch, lr, params=params, held_losses=base_losses)
+        problem = objective.problem(
+            train_batch, meta_batch, lr, params=params, held_losses=base_losses, train_batches=self._draw_train_batches
+        )
         saved = self.estimator.state_dict() if self.estimator.stateful else None  # put back if the step is skipped
         result = self._estimate(self.estimator, problem)
         grads, loss = result.grads, result.meta_loss

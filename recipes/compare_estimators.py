@@ -324,12 +324,18 @@ def main(argv: list[str] | None = None) -> dict:
         pretrain_steps = min(pretrain_steps, args.max_pretrain_steps)
     for _ in range(pretrain_steps):
         theta = sgd_step(theta, plain.train_loss, next(stream), args.lr)
+    # fresh training batches for HyperDistill's fit of theta, in an order of their own
+    rollout = batches(x, y, args.batch_size, torch.Generator().manual_seed(args.seed + 1))
+
+    def fresh(n: int) -> list[tuple]:
+        return [next(rollout) for _ in range(n)]
+
     trajectory = max(options["horizon"] for name, options in specs if name == "reverse") - 1
     for _ in range(trajectory):
         batch = next(stream)
         for estimator in estimators:
             if estimator.stateful:
-                estimator.estimate(objective.problem(batch, meta_batch, args.lr, params=theta))
+                estimator.estimate(objective.problem(batch, meta_batch, args.lr, params=theta, train_batches=fresh))
         theta = sgd_step(theta, train_loss, batch, args.lr)
     train_batch = next(stream)
     with torch.no_grad():
@@ -343,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # the two references, computed once; the problem holds the weighting net's input at `theta` for the estimators
     # that perturb the weights, as MetaTrainer's meta step does
-    problem = objective.problem(train_batch, meta_batch, args.lr, params=theta)
+    problem = objective.problem(train_batch, meta_batch, args.lr, params=theta, train_batches=fresh)
     reference_options = {"horizon": args.reference_horizon}
     reference_at = specs.index(("reverse", reference_options))
     measured = [FromState(estimator, options) for estimator, (_, options) in zip(estimators, specs)]

@@ -31,11 +31,12 @@ class StopAfter(TrainerCallback):
 @pytest.mark.parametrize(
     "estimator, options",
     [("evograd", {"sigma": 0.01, "population": 3}), ("reverse", {"horizon": 3}),
-     ("hyperdistill", {"gamma": 0.9, "pi": None, "horizon": 2, "estimation_period": 2})],
+     ("hyperdistill", {"gamma": 0.9, "horizon": 2, "estimation_period": 2})],
 )  # fmt: skip
 def test_resume_continues_the_same_run(tmp_path, estimator, options):
     """EvoGrad's noise comes from the RNG state; reverse mode and HyperDistill carry their running state (remembered
-    steps; running average, distilled batch, generator and refit window) in the checkpoint."""
+    steps; running average, distilled batch, generator, fitted theta) in the checkpoint, and HyperDistill's fits of
+    theta (calls 1 and 5 here, one on each side of the checkpoint) draw training batches from a resumable position."""
     common = dict(max_steps=7, save_strategy="steps", save_steps=4, hypergradient=estimator,
                   hypergradient_kwargs=options)  # fmt: skip
     full = make_trainer(tmp_path / "full", **common)
@@ -55,6 +56,9 @@ def test_resume_continues_the_same_run(tmp_path, estimator, options):
     resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "out" / "checkpoint-4"))
     assert resumed.state.global_step == 7
     assert resumed.meta_state_dict()["meta_data"] == full.meta_state_dict()["meta_data"]
+    assert resumed.meta_state_dict()["rollout_data"] == full.meta_state_dict()["rollout_data"]
+    if estimator == "hyperdistill":
+        assert full.meta_state_dict()["rollout_data"]["consumed"] > 0
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     for a, b in zip(full.meta_module.parameters(), resumed.meta_module.parameters()):

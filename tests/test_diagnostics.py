@@ -29,7 +29,7 @@ from metatrain.estimators import (
 def tiny_problem(model: nn.Module | None = None, per_sample_loss=per_sample_ce64) -> HypergradientProblem:
     """The problem of [`tiny_objective`] at the model's weights, as MetaTrainer's meta step builds it."""
     objective, (train_batch, meta_batch) = tiny_objective(model, per_sample_loss)
-    return objective.problem(train_batch, meta_batch, LR)
+    return objective.problem(train_batch, meta_batch, LR, train_batches=lambda n: [train_batch] * n)
 
 
 def flat(grads: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -345,9 +345,10 @@ def test_compare_estimators_recipe(compare_estimators_recipe, tmp_path, no_netwo
     # each against its own reference, and the estimators that equal T1-T2 here
     assert rows["t1t2"]["cosine_t1t2"] == pytest.approx(1, abs=1e-6)
     assert rows["reverse(horizon=2)"]["cosine_reverse"] == pytest.approx(1, abs=1e-6)
-    for label in ("reverse(horizon=1)", "hyperdistill(gamma=0.0)"):
-        assert rows[label]["cosine_t1t2"] == pytest.approx(1, abs=1e-6)
-        assert rows[label]["norm_ratio_t1t2"] == pytest.approx(1, rel=1e-4)
+    assert rows["reverse(horizon=1)"]["cosine_t1t2"] == pytest.approx(1, abs=1e-6)
+    assert rows["reverse(horizon=1)"]["norm_ratio_t1t2"] == pytest.approx(1, rel=1e-4)
+    # HyperDistill at gamma = 0 is T1-T2 scaled by its fitted theta (no direct term with a loss weighter)
+    assert rows["hyperdistill(gamma=0.0)"]["cosine_t1t2"] == pytest.approx(1, abs=1e-6)
     # on MetaTrainer's objective (the weighting net's input held), the finite-difference T1-T2 is T1-T2
     assert rows["t1t2_fd"]["cosine_t1t2"] > 0.99
     # a loss weighter's direct term is zero: no direction (None in JSON), norm 0
@@ -593,7 +594,7 @@ SHIPPED_CONFIG_RUNS = {
         "rotation_t1t2": ("t1t2", {}), "rotation_t1t2_fd": ("t1t2_fd", {}),
         "rotation_first_order": ("first_order", {}), "rotation_neumann": ("neumann", {}),
         "rotation_reverse": ("reverse", {}),
-        "rotation_hyperdistill": ("hyperdistill", {}),
+        "rotation_hyperdistill": ("hyperdistill", {}), "rotation_drmad": ("drmad", {}),
     },
 }  # fmt: skip
 

@@ -132,6 +132,7 @@ def test_train_runs_logs_and_keeps_meta_params_out_of_base_optimizer(tmp_path, e
 @pytest.mark.parametrize(
     "estimator, options",
     [("t1t2_fd", None), ("neumann", {"terms": 3}), ("reverse", {"horizon": 2}), ("hyperdistill", None),
+     ("drmad", {"horizon": 3}),
      ("evograd", {"memory_lean": True, "population": 4, "sigma": "auto"}),
      ("evograd", {"forward_mode": True, "population": 3, "sigma": "auto"})],
 )  # fmt: skip
@@ -272,8 +273,8 @@ def test_non_finite_hypergradient_skips_meta_step(tmp_path, caplog):
 
 
 def test_a_skipped_meta_step_leaves_the_estimator_state_as_it_was(tmp_path):
-    """HyperDistill's running average, distilled batch and refit window must not take in a step that is skipped: the
-    state after the run is that of a run whose skipped call never happened."""
+    """HyperDistill's running average, distilled batch, count of inner optimisations and fitted theta must not take in
+    a step that is skipped: the state after the run is that of a run whose skipped call never happened."""
     from metatrain.estimators import HyperDistill
 
     calls, before = [], []
@@ -287,14 +288,14 @@ def test_a_skipped_meta_step_leaves_the_estimator_state_as_it_was(tmp_path):
                 return type(result)(tuple(torch.full_like(g, math.nan) for g in result.grads), result.meta_loss)
             return result
 
-    options = {"gamma": 0.9, "pi": None, "horizon": 2, "estimation_period": 2}
+    options = {"gamma": 0.9, "horizon": 1, "estimation_period": 1}  # a fit of theta at every call
     trainer = make_trainer(tmp_path, estimator=FailingSecondCall(**options))
     trainer.train()
     assert trainer.meta_steps_skipped == 1
     assert calls == [1, 2, 2, 3]  # the third call took the skipped one's place
     assert trainer.estimator.state_dict()["step"] == 3
-    # all of it, running average, distilled batch, generator and refit window, as before the skipped call
-    assert before[2]["window_batches"] and before[1]["w_star"] is not None
+    # all of it, running average, distilled batch, generator, inner optimisations and theta, as before the skipped call
+    assert before[1]["theta"] is not None and before[1]["w_star"] is not None and before[1]["inner"] == 1
     torch.testing.assert_close(before[2], before[1], rtol=0, atol=0)
 
 
@@ -403,7 +404,8 @@ def test_input_transform_rotates_training_inputs_only_and_meta_step_matches_refe
 
 
 def test_agreement_with_a_reference_is_logged(tmp_path):
-    """HyperDistill with gamma = 0 is T1-T2 exactly, so the logged agreement must be perfect."""
+    """HyperDistill with gamma = 0 is T1-T2 times its fitted theta on a loss weighter (no direct term), so the logged
+    cosine must be 1 and the norm ratio theta."""
     trainer = make_trainer(
         tmp_path, hypergradient="hyperdistill", hypergradient_kwargs={"gamma": 0.0}, meta_diagnostics_steps=2
     )
@@ -412,8 +414,9 @@ def test_agreement_with_a_reference_is_logged(tmp_path):
     assert len(logs) == 2
     for entry in logs:
         assert entry["hypergradient_cosine_to_t1t2"] > 0.999
-        assert abs(entry["hypergradient_norm_ratio_to_t1t2"] - 1) < 1e-3
+        assert abs(entry["hypergradient_norm_ratio_to_t1t2"] - trainer.estimator.theta) < 1e-3
         assert entry["hypergradient_cosine_undefined_steps"] == 0
+    assert abs(trainer.estimator.theta - 1) > 0.01
     plain = make_trainer(tmp_path / "plain", hypergradient="t1t2_fd")
     plain.train()
     assert not any("hypergradient_cosine_to_t1t2" in entry for entry in plain.state.log_history)

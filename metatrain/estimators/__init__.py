@@ -9,6 +9,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ._base import HypergradientEstimator, HypergradientProblem, HypergradientResult
+from .drmad import DrMAD
 from .evograd import EvoGrad
 from .first_order import FirstOrder
 from .hyperdistill import HyperDistill
@@ -25,6 +26,7 @@ _REGISTRY: dict[str, type[HypergradientEstimator]] = {
     "neumann": Neumann,
     "reverse": ReverseMode,
     "hyperdistill": HyperDistill,
+    "drmad": DrMAD,
 }
 # the registered estimators by name, read only: add one with `register_estimator`
 ESTIMATORS: Mapping[str, type[HypergradientEstimator]] = MappingProxyType(_REGISTRY)
@@ -67,7 +69,7 @@ def create_estimator(name: str, **kwargs: Any) -> HypergradientEstimator:
 
     Args:
         name (`str`): one of `ESTIMATORS` (`"evograd"`, `"t1t2"`, `"t1t2_fd"`, `"first_order"`, `"neumann"`,
-            `"reverse"`, `"hyperdistill"`, and any added with [`register_estimator`]).
+            `"reverse"`, `"hyperdistill"`, `"drmad"`, and any added with [`register_estimator`]).
         **kwargs: the estimator's options (for example `population`, `sigma` for EvoGrad).
 
     Raises:
@@ -87,6 +89,7 @@ def create_estimator(name: str, **kwargs: Any) -> HypergradientEstimator:
 
 __all__ = [
     "ESTIMATORS",
+    "DrMAD",
     "EvoGrad",
     "FirstOrder",
     "HypergradientEstimator",

@@ -34,6 +34,10 @@ class HypergradientProblem:
             `train_batch` at perturbed weights (EvoGrad, `t1t2_fd`) call it instead of `train_loss`, so that they
             target the objective the autograd estimators differentiate. [`~metatrain.objective.MetaObjective.problem`]
             builds it; defaults to `train_loss(weights, train_batch)`.
+        train_batches (`Callable[[int], Sequence[Any]]`, *optional*):
+            Draws that many fresh training batches of the current task, for estimators that roll out a trajectory
+            of their own (HyperDistill's linear estimation, Algorithm 4). `MetaTrainer` draws them from the
+            training set in an order of their own, which is part of its checkpoint.
     """
 
     params: ParamDict
@@ -44,6 +48,7 @@ class HypergradientProblem:
     meta_batch: Any = None
     lr: float | None = None
     held_train_loss: Callable[[ParamDict], torch.Tensor] | None = None
+    train_batches: Callable[[int], Sequence[Any]] | None = None
 
     def __post_init__(self) -> None:
         held = self.held_train_loss

@@ -17,11 +17,11 @@ from ._base import (
     grads_or_zeros,
     leaves,
 )
-from ._hvp import gradient_vector_product
-from ._lookahead import sgd_lookahead
+from ._lookahead import sgd_lookahead, sgd_unroll
+from ._reverse_pass import reverse_pass
 
 BATCH_MIXING = ("subsample", "replace")
-STATE_KEYS = ("step", "theta", "w_star", "d_star", "generator", "window_start", "window_batches", "window_lrs")
+STATE_KEYS = ("step", "inner", "theta", "w_star", "d_star", "generator")
 
 
 def _batch_sizes(batch: Any, where: str = "batch") -> list[int]:
@@ -74,78 +74,68 @@ def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
 
 class HyperDistill(HypergradientEstimator):
     """HyperDistill (Lee, Lee, Shin, Yang, Hospedales, Hwang, "Online Hyperparameter Meta-Learning with Hypergradient
-    Distillation", ICLR 2022), Algorithms 3 and 4, online over the calls of one training run.
+    Distillation", ICLR 2022), Algorithms 3 and 4.
 
-    Call `t` (counted from 1) sees the current weights `w_{t-1}`, the training batch `D_t` and the step size `lr`.
-    The hypergradient is
+    Call `t` (counted from 1 in each inner optimisation) sees the current weights `w_{t-1}`, the training batch `D_t`
+    and the step size `lr`. The hypergradient is
 
-        `g_t = d L_meta(w_t, lambda) / d lambda + pi_t * v_t`,  `v_t = alpha_t . d Phi(w*_t, lambda; D*_t) / d lambda`,
+        `g_t = d L_meta(w_t, lambda) / d lambda + pi*_t f_t`,  `f_t = v_t / ||v_t||`,
+        `v_t = alpha_t . d Phi(w*_t, lambda; D*_t) / d lambda`,
 
     with `w_t = Phi(w_{t-1}, lambda; D_t)` one plain SGD step (the lookahead of [`T1T2`]), `alpha_t = d L_meta / d w_t`
-    there, and `v_t` the single JVP of the second-order term taken through `sgd_lookahead` at the distilled point:
+    there, and `v_t` the single JVP of the second-order term at the distilled point:
 
-    - `w*_t`, the running weighted average of the weights seen so far (Eq. 13):
-      `w*_1 = w_0`, `w*_t = p_t w*_{t-1} + (1 - p_t) w_{t-1}` with `p_t = (gamma - gamma^t) / (1 - gamma^t)`, i.e.
-      `w*_t = sum_i gamma^(t-i) w_{i-1} / sum_i gamma^(t-i)` (Eq. 12);
+    - `w*_t`, the running weighted average of the weights seen so far (Eq. 12-13):
+      `w*_t = sum_i gamma^(t-i) w_{i-1} / sum_i gamma^(t-i)`, updated with `p_t = (gamma - gamma^t) / (1 - gamma^t)`;
     - `D*_t`, the distilled batch (Eq. 14): `D*_1 = D_1`, then `D*_t = SS(D*_{t-1}, p_t) u SS(D_t, 1 - p_t)`.
 
-    With `gamma = 0`, `w*_t = w_{t-1}`, `D*_t = D_t` and (with `pi = 1`) the estimate is exactly [`T1T2`].
+    The size `pi*_t` is, by default, the linear estimator of Eq. 15, `pi*_t = theta ||v_t|| sum_{i<=t} gamma^(t-i)`,
+    with `theta = x.y / x.x` fitted by Algorithm 4 (linear estimation): a rollout of `horizon` SGD steps from the
+    current weights on fresh training batches with `lambda` fixed, then DrMAD's backward pass over it, which gives for
+    every horizon `s` the second-order term `g^SO_s` and the distilled JVP `v_s` (Eq. 16-18); `x_s = ||v_s|| (1 -
+    gamma^s) / (1 - gamma)`, `y_s = f_s . g^SO_s`. The fit runs at the first call of inner optimisations `1, 1 + P,
+    1 + 2P, ...` (`P = estimation_period`), before the estimate of that call uses `theta`. An inner optimisation starts
+    at construction, at each [`~HyperDistill.reset`], and, in a run that never resets, every `horizon` calls.
+    `theta` is kept across `reset()`. With a fixed `pi`, `pi*_t = pi`: the paper's convention for Meta-Weight-Net,
+    whose direct term is zero, so that `pi` only sets the hypergradient's norm (the meta learning rate's scale).
 
-    The size `pi_t` multiplies the unnormalised JVP `v_t = ||v_t|| f_t`, so the paper's scaling factor of the unit
-    direction `f_t` is `pi*_t = pi_t ||v_t||`. It is either fixed (`pi`), or the linear estimator of Eq. 15,
-    `pi*_t = c_gamma(t; theta) = theta ||v_t|| sum_{i<=t} gamma^(t-i)`, that is
-    `pi_t = theta (1 - gamma^t) / (1 - gamma)`, with `theta = x.y / x.x` fitted by the DrMAD backward pass of
-    Algorithm 4 (samples `x_s = ||v_s|| (1 - gamma^s) / (1 - gamma)`, `y_s = f_s . g^SO_s` for horizons
-    `s = 1..T`, Eq. 16-18).
+    Departures from the paper:
 
-    Differences from the paper, all forced by seeing one call per base step of a single run:
-
-    - Algorithm 4 runs a fresh `T`-step inner optimization from the meta-learned initialization with `lambda` held
-      fixed. Here the refit uses the trajectory the run actually took: the weights snapshotted at the first call of a
-      window of `horizon` calls (DrMAD's `w_0`), the batches and step sizes of those calls, and the current lookahead
-      `w_t` as the last weight `w_T`, with `alpha_T = alpha_t` from the current meta batch. The backward pass treats
-      every step as plain SGD with the current `lambda` (`lambda` moved during the window, and the base optimizer may
-      use momentum or Adam); like DrMAD it only needs `w_0` and `w_T`, the weights in between are interpolated.
-    - Eq. 17 averages the interpolated weights `w^_{T-s}` (the only ones Algorithm 4 keeps), and `v_s` uses the step
-      size of the last call of the window (the online `v_t` uses the current one).
-    - Refits happen in calls, not inner optimizations: windows start at calls `1, 1 + P, 1 + 2P, ...`
-      (`P = estimation_period`) and `theta` is refitted at their last call (`horizon`, `horizon + P`, ...), after
-      which the window is dropped. Before the first fit `theta = 1`, the size Eq. 7 gives when all JVPs of the
-      trajectory are aligned and equal (exact on a quadratic with Hessian `k I` and `gamma = 1 - lr k`). If every
-      sample has `x_s = 0`, the previous `theta` is kept.
-    - `t` counts calls since construction or [`~HyperDistill.reset`], not steps of an inner optimization restarted
-      from an initialization; call `reset()` at the start of each inner optimization to get the episodic form.
-    - `SS(D, p)` keeps `round(n p)` rows of `D*_{t-1}` and fills the rest of the current batch size `n` with rows of
-      `D_t` (the paper rounds both parts, which can change the batch size by one).
+    - Algorithm 4's rollout takes plain SGD steps at the current step size, whatever the base optimiser (the paper's
+      inner optimiser has momentum); it starts from the current weights, which are the meta-learned initialisation
+      `phi` when the fit falls at the start of an inner optimisation that restarted from it.
+    - `SS(D, p)` keeps `floor(n p)` rows of `D*_{t-1}`, plus one more with probability `n p - floor(n p)`, and fills
+      the batch size `n` with rows of `D_t`: the expected share of each past batch is Eq. 12's weight. The paper's
+      round-off takes no new rows once `n (1 - p_t) < 0.5` (at `gamma = 0.99` and `n = 32`, `D*` would stop changing
+      at call 101).
+    - `t` restarts at `reset()` only: a run that never resets keeps one growing trajectory (`p_t -> gamma`).
 
     Batches: with `batch_mixing="subsample"` a batch must be a tensor, or a dict / list / tuple (nested) of tensors
     that share their first dimension (`None` leaves allowed). Rows are chosen jointly across all tensors of a batch,
     so an example keeps its input, label and any index tensor together; meta-parameters tied to examples must be
     looked up from such an index carried in the batch, not from the position in the batch. Dicts come back as plain
     `dict`s. Other batches need `batch_mixing="replace"`, which keeps the whole previous `D*` with probability `p_t`
-    and otherwise takes the current batch (the same example weights of Eq. 12 in expectation, more variance).
+    and otherwise takes the current batch (the same example weights in expectation, more variance).
 
     Randomness comes from a private generator seeded from `seed` (or from the global torch generator on the first
     call); its state is part of [`~HyperDistill.state_dict`], so a resumed run draws the same subsamples.
 
-    Cost per call: two training-loss gradients (one of them with a second-order graph), one meta-loss gradient and a
-    double backward; memory for `w*` (one copy of the weights, in at least float32) and `D*`. With `pi=None`, a refit
-    costs `2 horizon` double backwards and keeps one weight snapshot and `horizon` batches while a window is open.
+    Cost per call: two training-loss gradients (one with a second-order graph), one meta-loss gradient and a double
+    backward (one JVP); memory for `w*` (one copy of the weights, in at least float32) and `D*`. A fit costs `horizon`
+    training steps and `2 horizon` double backwards, once every `estimation_period` inner optimisations.
 
     Args:
         gamma (`float`, *optional*, defaults to 0.99):
             Decay `gamma` in `[0, 1)` of the past trajectory (Eq. 7, 12); the paper tunes it in `{0.9, 0.99, 0.999,
-            0.9999}`. 0 is the one-step lookahead.
-        pi (`float` or `None`, *optional*, defaults to 1.0):
-            Fixed factor `> 0` on the distilled JVP `v_t` (the paper sets the size to 1 for Meta-Weight-Net, where
-            the direct term is zero and the size only rescales the meta learning rate; note that the paper's 1
-            multiplies the unit direction `f_t`, this one the JVP itself). `None` estimates it with Eq. 15.
-        estimation_period (`int`, *optional*, defaults to 5000):
-            Calls between refits of `theta` when `pi=None` (the paper refits every 50 inner optimizations of 100
-            steps).
+            0.9999}`. 0 distills the last step only (the one-step lookahead's direction).
+        pi (`float` or `None`, *optional*, defaults to `None`):
+            `None` sizes the distilled term with Eq. 15 (fitted `theta`). A number `> 0` fixes the size `pi*` of the
+            unit direction `f_t` (the paper uses 1 for Meta-Weight-Net).
+        estimation_period (`int`, *optional*, defaults to 50):
+            Inner optimisations between fits of `theta` (the paper: every 50).
         horizon (`int`, *optional*, defaults to 100):
-            Length `T` of the window the DrMAD backward pass of a refit runs over (the paper's inner horizon), at
-            most `estimation_period`.
+            Steps `T` of the rollout a fit runs over (the paper's inner optimisation length), and the calls that
+            count as one inner optimisation in a run that never resets.
         batch_mixing (`str`, *optional*, defaults to `"subsample"`):
             How `D*` is formed: `"subsample"` mixes rows (Eq. 14), `"replace"` keeps or replaces whole batches.
         seed (`int`, *optional*):
@@ -158,8 +148,8 @@ class HyperDistill(HypergradientEstimator):
     def __init__(
         self,
         gamma: float = 0.99,
-        pi: float | None = 1.0,
-        estimation_period: int = 5000,
+        pi: float | None = None,
+        estimation_period: int = 50,
         horizon: int = 100,
         batch_mixing: str = "subsample",
         seed: int | None = None,
@@ -174,11 +164,6 @@ class HyperDistill(HypergradientEstimator):
         for option, value in (("estimation_period", estimation_period), ("horizon", horizon)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"HyperDistill option `{option}` must be an integer >= 1, got {option}={value!r}.")
-        if horizon > estimation_period:
-            raise ValueError(
-                f"HyperDistill option `horizon` must be at most `estimation_period` (one refit window per period), "
-                f"got horizon={horizon} and estimation_period={estimation_period}."
-            )
         if batch_mixing not in BATCH_MIXING:
             raise ValueError(
                 f"HyperDistill option `batch_mixing` must be one of {BATCH_MIXING}, got batch_mixing={batch_mixing!r}."
@@ -191,21 +176,20 @@ class HyperDistill(HypergradientEstimator):
         self.horizon = horizon
         self.batch_mixing = batch_mixing
         self.seed = seed
+        self._theta: float | None = None
+        self._inner = 0
+        self._generator: torch.Generator | None = None
         self.reset()
 
     def reset(self) -> None:
-        """Forgets the trajectory (`t = 0`, no `w*`, `D*` or window) and sets `theta` back to 1."""
+        """Starts a new inner optimisation: forgets the trajectory (`t = 0`, no `w*` or `D*`); keeps `theta`."""
         self._step = 0
-        self._theta = 1.0
         self._w_star: dict[str, torch.Tensor] | None = None
         self._d_star: Any = None
-        self._generator: torch.Generator | None = None
-        self._window_start: dict[str, torch.Tensor] | None = None
-        self._window: list[tuple[Any, float]] = []
 
     @property
-    def theta(self) -> float:
-        """The current parameter of the linear estimator of Eq. 15 (1 until the first refit)."""
+    def theta(self) -> float | None:
+        """The fitted parameter of the linear estimator of Eq. 15 (`None` before the first fit)."""
         return self._theta
 
     def decay_sum(self, t: int) -> float:
@@ -234,7 +218,10 @@ class HyperDistill(HypergradientEstimator):
                     f"dimension, got sizes {sizes}; use batch_mixing='replace' for such batches."
                 )
         n_kept, n = sizes_kept[0], sizes_new[0]
-        take_kept = min(n_kept, math.floor(n * p + 0.5))
+        expected = n * p  # rounded stochastically, so that D* keeps taking new rows when n (1 - p) < 0.5
+        take_kept = math.floor(expected)
+        take_kept += int(torch.rand((), generator=self._generator, dtype=torch.float64).item() < expected - take_kept)
+        take_kept = min(n_kept, take_kept)
         rows_kept = torch.randperm(n_kept, generator=self._generator)[:take_kept].sort().values
         rows_new = torch.randperm(n, generator=self._generator)[: n - take_kept].sort().values
         return _concat_rows(kept, new, rows_kept, rows_new)
@@ -255,45 +242,46 @@ class HyperDistill(HypergradientEstimator):
         stepped = sgd_lookahead(weights, problem.train_loss, batch, lr, create_graph=True)
         return grads_or_zeros(_dot(list(stepped.values()), alpha), problem.meta_params)
 
-    def _fit_theta(
-        self, problem: HypergradientProblem, w_end: ParamDict, alpha_end: Sequence[torch.Tensor]
-    ) -> float | None:
-        """Algorithm 4 over the window: DrMAD backward pass from `w_end`, one `(x_s, y_s)` per horizon `s`."""
-        meta_params = problem.meta_params
-        names = list(w_end)
-        w_0 = {k: self._window_start[k].to(device=w_end[k].device, dtype=w_end[k].dtype) for k in names}
-        lr_end = self._window[-1][1]
-        big_t = len(self._window)
-        alpha = list(alpha_end)
-        g_so = [torch.zeros_like(m) for m in meta_params]
+    def fit_theta(self, problem: HypergradientProblem) -> float | None:
+        """Algorithm 4: rolls out `horizon` plain SGD steps from `problem.params` on `problem.train_batches(horizon)`
+        at `problem.lr`, runs DrMAD's backward pass over them and returns the least-squares `theta` of the samples
+        `(x_s, y_s)`, `s = 1..horizon`; `None` where every `x_s` is 0 or the fit is not finite."""
+        if problem.train_batches is None:
+            raise ValueError(
+                "HyperDistill with pi=None fits the size of its distilled term (Eq. 15) before using it, by a rollout "
+                f"of horizon={self.horizon} SGD steps on fresh training batches (Algorithm 4): build the problem with "
+                "`train_batches` (MetaTrainer does), or fix the size with `pi` (e.g. pi=1.0)."
+            )
+        lr = self._check_lr(problem.lr)
+        batches = [detached_copy(b) for b in problem.train_batches(self.horizon)]
+        if len(batches) != self.horizon:
+            raise ValueError(f"train_batches({self.horizon}) returned {len(batches)} batches.")
+        w_0 = {k: w.detach() for k, w in problem.params.items()}
+        w_end = sgd_unroll(w_0, problem.train_loss, batches, [lr] * self.horizon, create_graph=False)
+        w_end = {k: w.detach() for k, w in w_end.items()}
+        alpha_end, _, _ = self._meta_gradients(problem, w_end)
         w_star: dict[str, torch.Tensor] = {}
         d_star: Any = None
         xx = xy = 0.0
-        for s in range(1, big_t + 1):
-            t = big_t - s + 1
-            batch, lr_t = self._window[t - 1]
-            frac = (t - 1) / big_t
-            w_hat = {k: (1 - frac) * w_0[k] + frac * w_end[k] for k in names}
-            # Eq. 16: g^SO += alpha B^_t, alpha <- alpha A^_t, with A^_t = I - lr H and B^_t = -lr d^2 L / dw dlambda
-            w_leaf = leaves(w_hat)
-            grads = grads_or_zeros(problem.train_loss(w_leaf, batch), list(w_leaf.values()), create_graph=True)
-            products = gradient_vector_product(grads, [*w_leaf.values(), *meta_params], alpha)
-            alpha = [a - lr_t * hv for a, hv in zip(alpha, products[: len(names)])]
-            g_so = [g - lr_t * mv for g, mv in zip(g_so, products[len(names) :])]
-            # Eq. 17-18: distilled point of the horizon-s trajectory, its newest-to-oldest weights w^_{T-1..T-s}
+        lrs = [lr] * self.horizon
+        steps = reverse_pass(problem.train_loss, problem.meta_params, alpha_end, batches, lrs, w_0, w_end)
+        for s, (w_hat, g_so, _) in enumerate(steps, start=1):
+            batch = batches[self.horizon - s]
+            # Eq. 17-18: the distilled point of the horizon-s trajectory, its newest-to-oldest weights
             if s == 1:
                 w_star, d_star = w_hat, batch
             else:
                 p_s = (1.0 - self.gamma ** (s - 1)) / (1.0 - self.gamma**s)
-                w_star = {k: p_s * w_star[k] + (1 - p_s) * w_hat[k] for k in names}
+                w_star = {k: p_s * w_star[k] + (1 - p_s) * w_hat[k] for k in w_star}
                 d_star = self._mix(d_star, batch, p_s)
-            v = self._distilled_jvp(problem, w_star, d_star, alpha_end, lr_end)
-            norm = math.sqrt(sum(float((x.double() ** 2).sum()) for x in v))
+            v = [x.double() for x in self._distilled_jvp(problem, w_star, d_star, alpha_end, lr)]
+            norm = math.sqrt(float(sum((x**2).sum() for x in v)))
             x_s = norm * self.decay_sum(s)
-            y_s = float(_dot([x.double() for x in v], [g.double() for g in g_so])) / norm if norm > 0 else 0.0
+            y_s = float(_dot(v, [g.double() for g in g_so])) / norm if norm > 0 else 0.0
             xx += x_s * x_s
             xy += x_s * y_s
-        return xy / xx if xx > 0 else None
+        theta = xy / xx if xx > 0 else None
+        return theta if theta is not None and math.isfinite(theta) else None
 
     def estimate(self, problem: HypergradientProblem) -> HypergradientResult:
         lr, params, train_batch = self._check_lr(problem.lr), problem.params, problem.train_batch
@@ -304,6 +292,11 @@ class HyperDistill(HypergradientEstimator):
             )
         if self._generator is None:
             self._generator = self._new_generator()
+        if self._step % self.horizon == 0:  # the first call of an inner optimisation
+            self._inner += 1
+            if self.pi is None and (self._inner - 1) % self.estimation_period == 0:
+                # a fit that is not finite (a non-finite batch in the rollout) keeps the last theta
+                self._theta = self.fit_theta(problem) or self._theta
         t = self._step + 1
         p_t = (self.gamma - self.gamma**t) / (1.0 - self.gamma**t)
         batch = detached_copy(train_batch)
@@ -329,39 +322,30 @@ class HyperDistill(HypergradientEstimator):
             jvp = self._distilled_jvp(problem, w_used, d_star, alpha, lr)
 
         if self.pi is None:
-            phase = (t - 1) % self.estimation_period
-            if phase == 0:
-                self._window_start, self._window = {k: w.detach().clone() for k, w in params.items()}, []
-            if phase < self.horizon:
-                self._window.append((batch, lr))
-            if phase == self.horizon - 1:
-                theta = self._fit_theta(problem, w_next, alpha)
-                # a refit that is not finite (a non-finite batch in its window) keeps the last theta; MetaTrainer
-                # also puts the whole state back after a skipped meta step, so there this is a second guard
-                self._theta = theta if theta is not None and math.isfinite(theta) else self._theta
-                self._window_start, self._window = None, []
-            scale = self._theta * self.decay_sum(t)
+            # theta stays None only when no fit has been finite: the size of Eq. 7 with aligned, equal JVPs
+            scale = (1.0 if self._theta is None else self._theta) * self.decay_sum(t)
         else:
-            scale = self.pi
+            norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in jvp)))
+            scale = self.pi / norm if norm > 0 else 0.0
         self._step, self._w_star, self._d_star = t, w_star, d_star
         grads = tuple(g + scale * v for g, v in zip(direct, jvp))
         return HypergradientResult(grads, loss)
 
     def state_dict(self) -> dict[str, Any]:
-        """The running state: call count, `theta`, `w*`, `D*`, the generator state and an open refit window."""
+        """The running state: call count in the inner optimisation, inner optimisations begun, `theta`, `w*`, `D*`
+        and the generator state."""
         return {
             "step": self._step,
+            "inner": self._inner,
             "theta": self._theta,
             "w_star": None if self._w_star is None else dict(self._w_star),
             "d_star": self._d_star,
             "generator": None if self._generator is None else self._generator.get_state(),
-            "window_start": None if self._window_start is None else dict(self._window_start),
-            "window_batches": [b for b, _ in self._window],
-            "window_lrs": [lr for _, lr in self._window],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
+            self._theta, self._inner, self._generator = None, 0, None
             self.reset()
             return
         if sorted(state) != sorted(STATE_KEYS):
@@ -369,15 +353,11 @@ class HyperDistill(HypergradientEstimator):
                 f"HyperDistill state must have the keys {sorted(STATE_KEYS)}, got {sorted(state)}: missing "
                 f"{sorted(set(STATE_KEYS) - set(state))}, unexpected {sorted(set(state) - set(STATE_KEYS))}."
             )
-        if len(state["window_batches"]) != len(state["window_lrs"]):
-            raise ValueError("HyperDistill state has different numbers of window batches and step sizes.")
-        self._step = int(state["step"])
-        self._theta = float(state["theta"])
+        self._step, self._inner = int(state["step"]), int(state["inner"])
+        self._theta = None if state["theta"] is None else float(state["theta"])
         self._w_star = None if state["w_star"] is None else dict(state["w_star"])
         self._d_star = state["d_star"]
         self._generator = None
         if state["generator"] is not None:
             self._generator = torch.Generator()
             self._generator.set_state(state["generator"].cpu())
-        self._window_start = None if state["window_start"] is None else dict(state["window_start"])
-        self._window = list(zip(state["window_batches"], [float(lr) for lr in state["window_lrs"]]))
