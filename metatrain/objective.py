@@ -168,6 +168,13 @@ class MetaObjective:
                 return self._reduce(losses, held["losses"])
 
         return HypergradientProblem(
-            params, self.meta_params, self.train_loss, self.meta_loss, train_batch, meta_batch, lr, held_train_loss,
+            params,
+            self.meta_params,
+            self.train_loss,
+            self.meta_loss,
+            train_batch,
+            meta_batch,
+            lr,
+            held_train_loss,
             train_batches,
         )

@@ -456,8 +456,9 @@ def test_every_estimator_adds_the_meta_losss_direct_term_exactly(name):
         torch.manual_seed(4)
         loss = (lambda p, b: meta_loss(p, b) + (a * lam).sum()) if direct else meta_loss
         grads.append(
-            create_estimator(name).estimate(HypergradientProblem(params, [lam], train_loss, loss, lr=0.05,
-                                                                 train_batches=none_batches)).grads[0]  # fmt: skip
+            create_estimator(name)
+            .estimate(HypergradientProblem(params, [lam], train_loss, loss, lr=0.05, train_batches=none_batches))
+            .grads[0]  # fmt: skip
         )
     assert grads[0].norm() > 0 or name == "first_order"  # an indirect part that must stay as it was
     torch.testing.assert_close(grads[1] - grads[0], a, rtol=0, atol=1e-9)
