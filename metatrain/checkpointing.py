@@ -20,8 +20,8 @@ META_MODULE_NAME = "meta_module.safetensors"
 
 class MetaCheckpoints:
     """Trainer's checkpoint hooks extended with the meta step's state, so that a resumed run is the same run. Mixed
-    into [`MetaTrainer`], whose `meta_module`, `estimator`, `meta_batches`, `rollout_batches`, `meta_statistics` and
-    `meta_param_names` it saves and restores."""
+    into [`MetaTrainer`], whose `meta_module`, `estimator`, `meta_batches`, `rollout_batches`, `meta_statistics`,
+    `inner_optimisations` and `meta_param_names` it saves and restores."""
 
     def meta_state_dict(self) -> dict[str, Any]:
         """Everything of the meta step a checkpoint needs to continue the same run. Under several processes it holds
@@ -33,6 +33,7 @@ class MetaCheckpoints:
             **self._process_state_dict(),
             "statistics": self.meta_statistics.state_dict(),
             "meta_step_position": self.meta_step_position,
+            "inner_optimisations": None if self.inner_optimisations is None else self.inner_optimisations.state_dict(),
         }
 
     def load_meta_state_dict(self, state: dict[str, Any]) -> None:
@@ -43,6 +44,13 @@ class MetaCheckpoints:
         if self.rollout_batches is not None and state.get("rollout_data") is not None:
             self.rollout_batches.load_state_dict(state["rollout_data"])
         self.meta_statistics.load_state_dict(state["statistics"])
+        if self.inner_optimisations is not None:
+            if state.get("inner_optimisations") is None:
+                raise ValueError(
+                    "The checkpoint was written by a run without `meta_inner_steps`: it has no initialisation to "
+                    "restart the base weights from. Resume it without `meta_inner_steps`."
+                )
+            self.inner_optimisations.load_state_dict(state["inner_optimisations"])
         saved = state.get("meta_step_position", self.meta_step_position)
         if saved != self.meta_step_position:
             logger.warning(
@@ -110,12 +118,22 @@ class MetaCheckpoints:
 
         self.meta_module.load_state_dict(load_file(path))
 
+    def _added_to_model(self) -> set[str]:
+        """The model's state-dict keys of what attaching the meta-module added (its parameters and buffers): left out
+        of the model file. None for a module outside the model or one made of the model's own layers (ANIL's)."""
+        if self.meta_param_names is None or not getattr(self.meta_module, "added_to_model", True):
+            return set()
+        owned = {id(t) for t in (*self.meta_module.parameters(), *self.meta_module.buffers())}
+        model = self.model
+        named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        return {name for name, t in named if id(t) in owned}
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Trainer's save of the model without an attached meta-module's weights (so `from_pretrained` loads the
+        """Trainer's save of the model without what attaching the meta-module added (so `from_pretrained` loads the
         model as it was built, with no unexpected keys), and the meta-module on its own in
         `meta_module.safetensors`."""
-        if self.meta_param_names is not None:
-            left_out = set(self.meta_param_names)
+        left_out = self._added_to_model()
+        if left_out:
             state_dict = state_dict if state_dict is not None else self.model.state_dict()
             state_dict = {k: v for k, v in state_dict.items() if k not in left_out}
         super()._save(output_dir, state_dict)
@@ -129,7 +147,7 @@ class MetaCheckpoints:
     def _issue_warnings_after_load(self, load_result: Any) -> None:
         """Trainer's warnings on loading a checkpoint's model, less the attached meta-parameters, which the model file
         leaves out on purpose (they come back from the meta state)."""
-        if self.meta_param_names is not None and hasattr(load_result, "_replace"):
-            left_out = set(self.meta_param_names)
+        left_out = self._added_to_model()
+        if left_out and hasattr(load_result, "_replace"):
             load_result = load_result._replace(missing_keys=[k for k in load_result.missing_keys if k not in left_out])
         super()._issue_warnings_after_load(load_result)

@@ -1,10 +1,12 @@
-"""The meta batches: an epoch-seeded shuffle of the meta dataset, drawn endlessly and resumably."""
+"""The meta batches: an epoch-seeded shuffle of the meta dataset, drawn endlessly and resumably; or, in an online run
+over a task distribution, draws from the current task's examples."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -104,3 +106,58 @@ class MetaBatches:
             f"{sorted(train_values)}: the meta dataset needs items with other values of {disjoint_key!r} (e.g. "
             "episodes from at least two domains)."
         )
+
+
+class TaskBatches:
+    """Batches drawn from the current task's block of a dataset read task by task (`dataset.examples_per_task` items
+    per task, task `k` at `k * examples_per_task`, as [`~metatrain.data.TaskStream`] and
+    [`~metatrain.data.TaskTests`] are): the meta batches, and the fresh training batches of HyperDistill's fit, of an
+    online run over a task distribution. The task is read from the training batch's `task` entry. Draw `d` takes
+    `batch_size` distinct items of the block chosen by `(seed, task, d)`; the count of draws is the state.
+
+    Args:
+        dataset: a dataset with `examples_per_task`.
+        batch_size (`int`): items per batch.
+        collate (`Callable[[list], dict]`): builds a batch from items (the trainer's collator).
+        prepare (`Callable[[dict], dict]`, *optional*): applied to each batch (e.g. moving it to the device).
+        seed (`int`, *optional*, defaults to 0): seed of the draws.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int,
+        collate: Callable[[list[Any]], dict[str, Any]],
+        prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        seed: int = 0,
+    ):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self._collate, self._prepare = collate, prepare or (lambda batch: batch)
+        self.drawn = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"drawn": self.drawn}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.drawn = int(state["drawn"])
+
+    def rewind(self) -> None:
+        self.drawn = 0
+
+    def next_for(self, train_batch: dict[str, Any], disjoint_key: str | None = None, max_draws: int = 100):
+        """A batch of the task of `train_batch` (`disjoint_key` does not apply: the batch is the task's)."""
+        if "task" not in train_batch:
+            raise ValueError(
+                f"The training batch has no 'task' entry (keys: {sorted(train_batch)}): an online run over a task "
+                "distribution reads a dataset whose items name their task (`metatrain.data.TaskStream`)."
+            )
+        tasks = torch.as_tensor(train_batch["task"]).reshape(-1).unique()
+        if len(tasks) != 1:
+            raise ValueError(
+                f"The training batch mixes tasks {tasks.tolist()}: each optimizer step must read one task (build the "
+                "TaskStream with the run's `meta_inner_steps` and batch size)."
+            )
+        task, size = int(tasks[0]), self.dataset.examples_per_task
+        rows = np.random.default_rng([self.seed, task, self.drawn]).choice(size, self.batch_size, replace=False)
+        self.drawn += 1
+        return self._prepare(self._collate([self.dataset[task * size + int(j)] for j in rows]))

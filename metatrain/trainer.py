@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from .callbacks import MetaTrainerCallback
 from .checkpointing import META_MODULE_NAME, META_PROCESS_STATE_NAME, META_STATE_NAME, MetaCheckpoints
 from .construction_checks import ConstructionChecks, check_arguments
 from .estimators import HypergradientEstimator, HypergradientProblem, HypergradientResult, create_estimator
+from .inner_optimisations import OnlineMetaLearning
 from .meta_data import EpochSeededSampler, MetaBatches
 from .modules import MetaModule
 from .objective import MetaObjective
@@ -55,7 +57,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'metatrain.trainer' has no attribute {name!r}")
 
 
-class MetaTrainer(ConstructionChecks, MetaCheckpoints, PerSampleLossTrainer):
+class MetaTrainer(ConstructionChecks, MetaCheckpoints, OnlineMetaLearning, PerSampleLossTrainer):
     """A [`~transformers.Trainer`] that, once per optimizer step, estimates the hypergradient of a meta (validation)
     loss with respect to the parameters of `meta_module` and steps a separate meta-optimizer.
 
@@ -119,6 +121,8 @@ class MetaTrainer(ConstructionChecks, MetaCheckpoints, PerSampleLossTrainer):
         self._role = meta_module if isinstance(meta_module, MetaModule) else MetaModule()
         if self.args.meta_disjoint_key is not None:
             self.trainer_batch_keys.append(self.args.meta_disjoint_key)
+        if self.args.meta_inner_steps is not None:  # the task of each example: its meta batch is drawn from it
+            self.trainer_batch_keys.append("task")
         self.trainer_batch_keys += [k for k in self._role.batch_keys if k not in self.trainer_batch_keys]
         if self.meta_param_names is None:  # outside the model: Accelerate does not place it
             meta_module.to(self.args.device)
@@ -158,6 +162,9 @@ class MetaTrainer(ConstructionChecks, MetaCheckpoints, PerSampleLossTrainer):
         if self.train_dataset is not None and hasattr(self.train_dataset, "__len__"):
             sampler = EpochSeededSampler(len(self.train_dataset), self.args.seed + 1)
             self.rollout_batches = MetaBatches(self._get_rollout_dataloader, sampler, self._prepare_inputs)
+        self.inner_optimisations = None  # the restarts of an online run over a task distribution
+        if self.args.meta_inner_steps is not None:
+            self._start_online_run()
 
     @property
     def meta_steps_skipped(self) -> int:
@@ -238,13 +245,14 @@ class MetaTrainer(ConstructionChecks, MetaCheckpoints, PerSampleLossTrainer):
             is_training=True,
         )
 
-    def _draw_train_batches(self, n: int) -> list[dict[str, Any]]:
+    def _draw_train_batches(self, train_batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
+        """`n` fresh training batches (of `train_batch`'s task in an online run)."""
         if self.rollout_batches is None:
             raise ValueError(
                 f"The {self.estimator.name!r} estimator draws fresh training batches, which needs a train_dataset "
                 "with a length (not an iterable dataset)."
             )
-        return [self.rollout_batches.next() for _ in range(n)]
+        return [self.rollout_batches.next_for(train_batch) for _ in range(n)]
 
     # ------------------------------------------------------------------------------------------------- meta step
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -353,8 +361,9 @@ class MetaTrainer(ConstructionChecks, MetaCheckpoints, PerSampleLossTrainer):
             base_losses = None
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else self.args.learning_rate
         problem = objective.problem(
-            train_batch, meta_batch, lr, params=params, held_losses=base_losses, train_batches=self._draw_train_batches
-        )
+            train_batch, meta_batch, lr, params=params, held_losses=base_losses,
+            train_batches=functools.partial(self._draw_train_batches, train_batch),
+        )  # fmt: skip
         saved = self.estimator.state_dict() if self.estimator.stateful else None  # put back if the step is skipped
         result = self._estimate(self.estimator, problem)
         grads, loss = result.grads, result.meta_loss

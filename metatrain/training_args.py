@@ -147,6 +147,24 @@ class MetaTrainingArguments(TrainingArguments):
     meta_interval: int = field(
         default=1, metadata={"help": "Run the meta step every `meta_interval` optimizer steps (1 = every step)."}
     )
+    meta_inner_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Online meta-learning over a task distribution (HyperDistill's setting): after every "
+            "`meta_inner_steps` optimizer steps an inner optimisation ends, the base weights restart from the "
+            "initialisation, the base optimizer's state is cleared and the estimator resets; the meta-parameters and "
+            "meta-optimizer carry on. The training set is read in order, one task per inner optimisation "
+            "(`metatrain.data.TaskStream`), and each meta batch comes from the current task's test examples "
+            "(`TaskStream.tests()`). None: one run, no restarts."
+        },
+    )
+    meta_reptile_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "With `meta_inner_steps`, meta-learn the initialisation with Reptile: `phi <- phi - lr (phi - "
+            "w_T)` at the end of each inner optimisation (the paper uses 1.0). None keeps the initial weights."
+        },
+    )
     meta_step_position: str | None = field(
         default=None,
         metadata={
@@ -340,6 +358,19 @@ class MetaTrainingArguments(TrainingArguments):
             )
         if self.meta_batch_size is not None and self.meta_batch_size < 1:
             raise ValueError(f"`meta_batch_size` must be >= 1 or None, got {self.meta_batch_size}.")
+        if self.meta_inner_steps is not None and (
+            isinstance(self.meta_inner_steps, bool) or not isinstance(self.meta_inner_steps, int)
+            or self.meta_inner_steps < 1
+        ):  # fmt: skip
+            raise ValueError(f"`meta_inner_steps` must be an integer >= 1 or None, got {self.meta_inner_steps!r}.")
+        if self.meta_reptile_lr is not None:
+            if self.meta_inner_steps is None:
+                raise ValueError(
+                    f"meta_reptile_lr={self.meta_reptile_lr} learns the initialisation the base weights restart from, "
+                    "but they never restart: set `meta_inner_steps` too, or leave `meta_reptile_lr` unset."
+                )
+            if not 0 < self.meta_reptile_lr <= 1:
+                raise ValueError(f"`meta_reptile_lr` must be in (0, 1], got {self.meta_reptile_lr}.")
 
     def _check_meta_optimizer_kwargs(self) -> None:
         """Parses a JSON `meta_optimizer_kwargs` and checks its keys against the signature of the torch class of

@@ -1,4 +1,5 @@
-"""Data for meta-learning experiments: synthetic label noise, clean meta splits and small or standard datasets."""
+"""Data for meta-learning experiments: synthetic label noise, clean meta splits, episodes and task distributions, and
+small or standard datasets."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .images import CIFAR_MEAN, CIFAR_STD, ImageClassificationTransform, load_im
 from .noise import NOISE_TYPES, corrupt_labels, noise_transition_matrix
 from .noisy import make_noisy_label_splits
 from .splits import class_balanced_meta_split
+from .tasks import Task, TaskDistribution, TaskStream, TaskTests
 
 __all__ = [
     "CIFAR_MEAN",
@@ -26,6 +28,10 @@ __all__ = [
     "EpisodeDataset",
     "NOISE_TYPES",
     "PooledDomains",
+    "Task",
+    "TaskDistribution",
+    "TaskStream",
+    "TaskTests",
     "ImageClassificationTransform",
     "class_balanced_meta_split",
     "corrupt_labels",

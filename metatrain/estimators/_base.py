@@ -142,6 +142,16 @@ class HypergradientEstimator:
             "take `.grads` of its result."
         )
 
+    def reset(self) -> None:
+        """Starts a new inner optimisation: forgets what the estimator keeps of the trajectory. `MetaTrainer` calls it
+        when the base weights restart (`meta_inner_steps`). Nothing to forget for a stateless estimator; a stateful one
+        that cannot restart leaves this as it is."""
+
+    @property
+    def restartable(self) -> bool:
+        """Whether the estimator can start a new inner optimisation: it is stateless or implements `reset`."""
+        return not self.stateful or type(self).reset is not HypergradientEstimator.reset
+
     @property
     def stateful(self) -> bool:
         """Whether the estimator keeps state across calls (it overrides [`~HypergradientEstimator.state_dict`])."""

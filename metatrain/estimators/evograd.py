@@ -378,7 +378,8 @@ class EvoGrad(HypergradientEstimator):
                     ) from err
                 primal, derivative = forward_ad.unpack_dual(output)
             # a meta loss that does not depend on the weights has no tangent
-            c[k] = 0.0 if derivative is None else derivative.reshape(()).double()
+            # a constant of the estimate: the hypergradient flows through the softmax weights only
+            c[k] = 0.0 if derivative is None else derivative.detach().reshape(()).double()
             if loss is None:
                 loss = primal
                 direct = grads_or_zeros(primal, problem.meta_params)

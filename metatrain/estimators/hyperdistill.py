@@ -21,7 +21,7 @@ from ._lookahead import sgd_lookahead, sgd_unroll
 from ._reverse_pass import reverse_pass
 
 BATCH_MIXING = ("subsample", "replace")
-STATE_KEYS = ("step", "inner", "theta", "w_star", "d_star", "generator")
+STATE_KEYS = ("step", "inner", "resets", "theta", "w_star", "d_star", "generator")
 
 
 def _batch_sizes(batch: Any, where: str = "batch") -> list[int]:
@@ -94,8 +94,9 @@ class HyperDistill(HypergradientEstimator):
     current weights on fresh training batches with `lambda` fixed, then DrMAD's backward pass over it, which gives for
     every horizon `s` the second-order term `g^SO_s` and the distilled JVP `v_s` (Eq. 16-18); `x_s = ||v_s|| (1 -
     gamma^s) / (1 - gamma)`, `y_s = f_s . g^SO_s`. The fit runs at the first call of inner optimisations `1, 1 + P,
-    1 + 2P, ...` (`P = estimation_period`), before the estimate of that call uses `theta`. An inner optimisation starts
-    at construction, at each [`~HyperDistill.reset`], and, in a run that never resets, every `horizon` calls.
+    1 + 2P, ...` (`P = estimation_period`), before the estimate of that call uses `theta`. Inner optimisations start
+    at each [`~HyperDistill.reset`] (`MetaTrainer` calls it at the start of each with `meta_inner_steps`); in a run
+    that never resets, at the first call and every `horizon` calls after it.
     `theta` is kept across `reset()`. With a fixed `pi`, `pi*_t = pi`: the paper's convention for Meta-Weight-Net,
     whose direct term is zero, so that `pi` only sets the hypergradient's norm (the meta learning rate's scale).
 
@@ -179,13 +180,19 @@ class HyperDistill(HypergradientEstimator):
         self._theta: float | None = None
         self._inner = 0
         self._generator: torch.Generator | None = None
-        self.reset()
+        self._clear()
+        self._resets = False  # whether inner optimisations are delimited by `reset()` (else by `horizon` calls)
 
-    def reset(self) -> None:
-        """Starts a new inner optimisation: forgets the trajectory (`t = 0`, no `w*` or `D*`); keeps `theta`."""
+    def _clear(self) -> None:
         self._step = 0
         self._w_star: dict[str, torch.Tensor] | None = None
         self._d_star: Any = None
+
+    def reset(self) -> None:
+        """Starts a new inner optimisation: forgets the trajectory (`t = 0`, no `w*` or `D*`); keeps `theta`. Once
+        called, only `reset()` starts inner optimisations (call it before the first one too)."""
+        self._clear()
+        self._resets = True
 
     @property
     def theta(self) -> float | None:
@@ -292,7 +299,7 @@ class HyperDistill(HypergradientEstimator):
             )
         if self._generator is None:
             self._generator = self._new_generator()
-        if self._step % self.horizon == 0:  # the first call of an inner optimisation
+        if self._step == 0 or (not self._resets and self._step % self.horizon == 0):  # an inner optimisation starts
             self._inner += 1
             if self.pi is None and (self._inner - 1) % self.estimation_period == 0:
                 # a fit that is not finite (a non-finite batch in the rollout) keeps the last theta
@@ -332,11 +339,12 @@ class HyperDistill(HypergradientEstimator):
         return HypergradientResult(grads, loss)
 
     def state_dict(self) -> dict[str, Any]:
-        """The running state: call count in the inner optimisation, inner optimisations begun, `theta`, `w*`, `D*`
-        and the generator state."""
+        """The running state: call count in the inner optimisation, inner optimisations begun (and whether resets
+        delimit them), `theta`, `w*`, `D*` and the generator state."""
         return {
             "step": self._step,
             "inner": self._inner,
+            "resets": self._resets,
             "theta": self._theta,
             "w_star": None if self._w_star is None else dict(self._w_star),
             "d_star": self._d_star,
@@ -345,15 +353,15 @@ class HyperDistill(HypergradientEstimator):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
-            self._theta, self._inner, self._generator = None, 0, None
-            self.reset()
+            self._theta, self._inner, self._generator, self._resets = None, 0, None, False
+            self._clear()
             return
         if sorted(state) != sorted(STATE_KEYS):
             raise ValueError(
                 f"HyperDistill state must have the keys {sorted(STATE_KEYS)}, got {sorted(state)}: missing "
                 f"{sorted(set(STATE_KEYS) - set(state))}, unexpected {sorted(set(state) - set(STATE_KEYS))}."
             )
-        self._step, self._inner = int(state["step"]), int(state["inner"])
+        self._step, self._inner, self._resets = int(state["step"]), int(state["inner"]), bool(state["resets"])
         self._theta = None if state["theta"] is None else float(state["theta"])
         self._w_star = None if state["w_star"] is None else dict(state["w_star"])
         self._d_star = state["d_star"]

@@ -51,6 +51,10 @@ class ReverseMode(HypergradientEstimator):
         self._history = steps[1:] if len(steps) == self.horizon else steps
         return HypergradientResult(grads, loss.detach())
 
+    def reset(self) -> None:
+        """Forgets the remembered steps: the next call differentiates through its own step only."""
+        self._history = []
+
     def state_dict(self) -> dict[str, Any]:
         """The remembered weights, batches and step sizes of the previous `horizon - 1` calls."""
         return {"history": [(dict(p), b, lr) for p, b, lr in self._history]}

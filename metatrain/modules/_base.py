@@ -28,6 +28,9 @@ class MetaModule(nn.Module):
     reads_losses: bool = False
     # batch keys the module reads in `batch_context`: kept by `remove_unused_columns`, never passed to the model
     batch_keys: tuple[str, ...] = ()
+    # whether an attached module's weights were added to the model (left out of its saved file); False for a module
+    # made of the model's own layers (ANIL's), which the model needs to load
+    added_to_model: bool = True
 
     def training_loss(
         self, losses: torch.Tensor, call: Callable[..., torch.Tensor] | None = None, held: torch.Tensor | None = None
