@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metatrain.models import BUILTIN_MODELS, CifarResNet, ShortcutA, SmallCNN, build_model
+from metatrain.models import BUILTIN_MODELS, CifarResNet, ConvNet, ShortcutA, SmallCNN, build_model
 from metatrain.models.cifar_resnet import BasicBlock
 
 
@@ -34,6 +34,8 @@ def num_parameters(model: nn.Module) -> int:
         ("cifar_resnet20", 1, 8, CifarResNet),
         ("small_cnn", 1, 8, SmallCNN),
         ("small_cnn", 3, 5, SmallCNN),
+        ("conv4", 3, 16, ConvNet),
+        ("conv3", 1, 9, ConvNet),
         ("test_resnet", 1, 16, nn.Module),
     ],
 )
@@ -79,6 +81,41 @@ def test_small_cnn_parameter_count():
     assert count == num_parameters(SmallCNN(num_classes=10, in_chans=1, width=32))
     assert count == 56_554 and f"{count:,} parameters" in SmallCNN.__doc__
     assert build_model("small_cnn", 10, in_chans=1, width=2).fc.in_features == 128
+
+
+@pytest.mark.parametrize("depth, in_chans, width, classes", [(4, 3, 32, 5), (3, 1, 32, 10), (1, 2, 3, 4)])
+def test_conv_net_structure_and_parameter_count(depth, in_chans, width, classes):
+    """MAML's backbone: `features.i` = conv 3x3 (no bias) - norm - ReLU - 2x2 max-pool, then `head`; the count is the
+    docstring's formula, and its example is the docstring's number."""
+    model = ConvNet(depth, num_classes=classes, in_chans=in_chans, width=width)
+    assert [n for n, _ in model.named_children()] == ["features", "pool", "head"] and len(model.features) == depth
+    for i, block in enumerate(model.features):
+        assert [type(m) for m in block] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d]
+        conv = block[0]
+        assert (conv.in_channels, conv.out_channels) == (in_chans if i == 0 else width, width)
+        assert conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.bias is None
+        assert block[3].kernel_size == 2
+    formula = 9 * in_chans * width + 9 * width**2 * (depth - 1) + 2 * width * depth + (width + 1) * classes
+    assert num_parameters(model) == formula
+    assert f"{num_parameters(ConvNet()):,} for `depth=4`" in ConvNet.__doc__
+    x = torch.randn(2, in_chans, 2**depth, 2**depth + 3)
+    assert model(x).shape == (2, classes)
+    with pytest.raises(ValueError, match=f"at least {2**depth} pixels a side"):
+        model(x[..., :-4, :])
+
+
+def test_build_model_conv_names_and_width():
+    model = build_model("conv4", num_classes=5)
+    assert isinstance(model, ConvNet) and model.depth == 4 and model.head.in_features == 32
+    assert num_parameters(model) == num_parameters(ConvNet(4, num_classes=5))
+    wide = build_model("conv3", num_classes=5, in_chans=1, width=2)
+    assert wide.depth == 3 and wide.features[0][0].in_channels == 1 and wide.head.in_features == 64
+    assert "conv<depth>" in BUILTIN_MODELS
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="depth >= 1"):
+            ConvNet(bad)
+    with pytest.raises(ValueError, match="depth >= 1"):
+        build_model("conv0", num_classes=5)
 
 
 def test_option_a_shortcut_is_parameter_free_subsample_and_zero_pad():

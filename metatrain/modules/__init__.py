@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._base import AttachedTransform, InputTransform, LossWeighter, MetaModule
+from .anil import MetaLayers, attach_meta_layers, detach_meta_layers
 from .feature_wise import (
     FeatureWiseTransform,
     FeatureWiseTransforms,
@@ -17,6 +18,7 @@ from .representation import (
     detach_representation_transform,
 )
 from .rotation import LearnableRotation, rotate_images
+from .warpgrad import WarpLayer, WarpLayers, WarpSite, attach_warp_layers, detach_warp_layers
 
 __all__ = [
     "AttachedTransform",
@@ -25,13 +27,21 @@ __all__ = [
     "InputTransform",
     "LearnableRotation",
     "LossWeighter",
+    "MetaLayers",
     "MetaModule",
     "MetaWeightNet",
     "RepresentationTransform",
     "RepresentationTransformNetwork",
+    "WarpLayer",
+    "WarpLayers",
+    "WarpSite",
     "attach_feature_wise_transforms",
+    "attach_meta_layers",
     "attach_representation_transform",
+    "attach_warp_layers",
     "detach_feature_wise_transforms",
+    "detach_meta_layers",
     "detach_representation_transform",
+    "detach_warp_layers",
     "rotate_images",
 ]
