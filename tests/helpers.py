@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
+from transformers import TrainerCallback
 
 from metatrain import MetaTrainer, MetaTrainingArguments
 from metatrain.estimators import HypergradientEstimator, HypergradientResult, create_estimator
@@ -225,3 +226,15 @@ class Scale(nn.Module):
 
     def forward(self, module, inputs, output):
         return output * self.log_scale.exp()
+
+
+class StopAfter(TrainerCallback):
+    """Stops training after optimizer step `step` and saves a checkpoint there: an interrupted run."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+            control.should_save = True

@@ -10,22 +10,12 @@ import os
 import datasets
 import pytest
 import torch
-from helpers import Scale, image_dataset, make_args, make_trainer, tiny_bert
+from helpers import Scale, StopAfter, image_dataset, make_args, make_trainer, tiny_bert
 from torch import nn
 from transformers import TrainerCallback
 
 from metatrain import MetaTrainer
 from metatrain.modules import MetaWeightNet
-
-
-class StopAfter(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-            control.should_save = True
 
 
 @pytest.mark.parametrize(

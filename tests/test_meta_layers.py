@@ -10,10 +10,9 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Recorder, forward_hooks, make_args, snapshot
+from helpers import Recorder, StopAfter, forward_hooks, make_args, snapshot
 from torch import nn
 from torch.func import functional_call
-from transformers import TrainerCallback
 
 from metatrain import MetaTrainer
 from metatrain.models import ConvNet
@@ -346,16 +345,6 @@ def test_first_order_sees_the_direct_term(tmp_path, kind):
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "hypergradient_norm" in entry]
     assert len(logs) == 3 and all(e["hypergradient_norm"] > 0 for e in logs)
-
-
-class StopAfter(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-            control.should_save = True
 
 
 @pytest.mark.parametrize("kind", KINDS)
