@@ -48,6 +48,9 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "neumann": {"hypergradient": "neumann"},
     "reverse": {"hypergradient": "reverse"},
     "hyperdistill": {"hypergradient": "hyperdistill"},
+    # its step without the fit of theta that the default runs at the first call (every 50 inner optimisations)
+    "hyperdistill, pi=1": {"hypergradient": "hyperdistill", "hypergradient_kwargs": {"pi": 1.0}},
+    "drmad": {"hypergradient": "drmad"},
 }
 
 
