@@ -525,7 +525,7 @@ def test_lft_fewshot_resumes_pretraining_with_a_checkpoint_path(lft_fewshot, tmp
 
 
 RECIPE_OF_CONFIG = {"noisy_labels": "noisy_labels", "rotation": "rotation", "lft_fewshot": "lft_fewshot",
-                    "metaxl": "metaxl"}  # fmt: skip
+                    "metaxl": "metaxl", "hyperdistill": "hyperdistill"}  # fmt: skip
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "recipes" / "configs").glob("*.yaml")))
@@ -570,7 +570,8 @@ def test_yaml_null_sets_none_and_flags_still_win(tmp_path):
 
 
 RECIPE_ARGUMENTS = {"noisy_labels": "NoisyLabelsArguments", "rotation": "RotationArguments",
-                    "lft_fewshot": "LFTArguments", "metaxl": "MetaXLArguments"}  # fmt: skip
+                    "lft_fewshot": "LFTArguments", "metaxl": "MetaXLArguments",
+                    "hyperdistill": "HyperDistillArguments"}  # fmt: skip
 EVOGRAD_RESCALED = {"population": 2, "sigma": 0.001, "temperature": 0.05, "rescale": True}
 EVOGRAD_LFT = {"population": 2, "sigma": "lr", "temperature": 0.05, "memory_lean": True}
 LFT_RUNS = {"no_ft": ("evograd", {}), "fixed_ft": ("evograd", {}), "lft_t1t2": ("t1t2", {}),
@@ -579,7 +580,21 @@ METAXL_RUNS = {"source_only": ("evograd", {}), "joint": ("evograd", {}), "metaxl
                "metaxl_evograd": ("evograd", EVOGRAD_RESCALED)}  # fmt: skip
 # the estimator and options each method of each shipped config ran with before `method_options` replaced
 # `evograd_kwargs` (computed from that code); a method without estimator keeps the default `hypergradient`, unused
+
+
+def hyperdistill_runs(estimation_period: int) -> dict[str, tuple[str, dict]]:
+    estimators = {"fo": "first_order", "1step": "t1t2", "drmad": "drmad", "neumann": "neumann",
+                  "hyperdistill": "hyperdistill"}  # fmt: skip
+    options = {"hyperdistill": {"estimation_period": estimation_period}, "neumann": {"terms": 4}}
+    runs = {f"{m}_{e}": (est, dict(options.get(e, {}))) for m in ("anil", "warpgrad", "mwn")
+            for e, est in estimators.items() if (m, e) != ("mwn", "fo")}  # fmt: skip
+    runs["mwn_hyperdistill"] = ("hyperdistill", {"pi": 1.0})
+    return runs
+
+
 SHIPPED_CONFIG_RUNS = {
+    "hyperdistill_cifar100.yaml": hyperdistill_runs(50),
+    "hyperdistill_digits.yaml": hyperdistill_runs(10),
     "lft_fewshot_cdfsl.yaml": LFT_RUNS,
     "lft_fewshot_digits.yaml": LFT_RUNS,
     "lft_fewshot_resnet34.yaml": LFT_RUNS,
@@ -633,7 +648,8 @@ def test_recipe_arguments_share_the_grid_arguments(name):
     assert issubclass(arguments, GridArguments) and arguments.METHODS is module.METHODS
     args = arguments()
     expected = ["baseline", "matched", "rotation_evograd"] if name == "rotation" else list(module.METHODS)
-    assert args.methods == expected and args.seeds == [0, 1, 2] and args.results_dir == f"outputs/{name}"
+    seeds = [0, 1, 2, 3, 4] if name == "hyperdistill" else [0, 1, 2]  # HyperDistill reports 5 meta-training runs
+    assert args.methods == expected and args.seeds == seeds and args.results_dir == f"outputs/{name}"
     with pytest.raises(ValueError, match=r"Unknown methods \['magic'\]: choose from"):
         arguments(methods=["magic"])
     grid = ["methods", "seeds", "method_options", "results_dir"]
@@ -654,8 +670,12 @@ def test_recipe_defaults_match_their_default_configs():
     for recipe, arguments in RECIPE_ARGUMENTS.items():
         module = load_recipe(recipe)
         path = Path(module.DEFAULT_CONFIG)
-        evograd = next(method for method in module.METHODS if method.endswith("_evograd"))
-        assert getattr(module, arguments)().method_options == {evograd: SHIPPED_CONFIG_RUNS[path.name][evograd][1]}
+        runs = SHIPPED_CONFIG_RUNS[path.name]
+        expected = {method: options for method, (_, options) in runs.items() if options}
+        evograd = next((method for method in module.METHODS if method.endswith("_evograd")), None)
+        if evograd is not None:  # the other methods' options are in the recipe's run, not its default
+            expected = {evograd: runs[evograd][1]}
+        assert getattr(module, arguments)().method_options == expected
 
 
 def test_hypergradient_kwargs_update_the_method_options_of_the_estimator_they_name():
@@ -697,3 +717,65 @@ def test_evograd_kwargs_is_refused_with_its_replacement(noisy_labels, tmp_path):
     config.write_text("""evograd_kwargs: '{"sigma": 0.01}'\n""")
     with pytest.raises(ValueError, match="`evograd_kwargs` was removed: .*method_options"):
         noisy_labels.main([str(config), "--output_dir", str(tmp_path)])
+
+
+# ------------------------------------------------------------------------------------------------- hyperdistill
+@pytest.fixture(scope="module")
+def hyperdistill():
+    return load_recipe("hyperdistill")
+
+
+def tiny_hyperdistill_flags(tmp_path, *methods: str) -> list[str]:
+    """2 inner optimisations of 4 steps of 5 examples, 2 meta-test tasks, one seed."""
+    return ["--seeds", "0", "--methods", *methods, "--num_tasks", "2", "--test_tasks", "2", "--meta_inner_steps", "4",
+            "--neumann_interval", "2", "--examples_per_class", "4", "--per_device_train_batch_size", "5",
+            "--meta_batch_size", "5", "--results_dir", str(tmp_path / "results"), "--output_dir",
+            str(tmp_path / "runs")]  # fmt: skip
+
+
+def test_hyperdistill_on_embedded_digits(hyperdistill, tmp_path, no_network):
+    """Every estimator on ANIL and HyperDistill on WarpGrad and Meta-Weight-Net: the table, the JVPs each estimator's
+    definition gives for T = 4, the meta loss at the end of each inner optimisation, the cosines to exact reverse
+    mode (1-step and DrMAD are exact at t = 1), the plots."""
+    methods = ["anil_fo", "anil_1step", "anil_drmad", "anil_neumann", "anil_hyperdistill", "warpgrad_hyperdistill",
+               "mwn_hyperdistill"]  # fmt: skip
+    report = hyperdistill.main(tiny_hyperdistill_flags(tmp_path, *methods))
+    results = tmp_path / "results"
+    saved = json.loads((results / "results.json").read_text())
+    assert set(saved["summary"]) == set(methods) and saved["table"] == report["table"]
+    assert set(saved["table"]) == {"anil", "warpgrad", "mwn"} and set(saved["table"]["anil"]) == {
+        "fo", "1step", "drmad", "neumann", "hyperdistill"}  # fmt: skip
+    runs = {r["method"]: r for r in saved["runs"]}
+    # T = 4: DrMAD 1 + 3 + 5 + 7; Neumann (4 terms + 1) x 2 calls; HyperDistill 4 + a fit of 2 x 4 every 10
+    jvps = {"anil_fo": 0, "anil_1step": 4, "anil_drmad": 16, "anil_neumann": 10, "anil_hyperdistill": 4.8,
+            "warpgrad_hyperdistill": 4.8, "mwn_hyperdistill": 4}  # fmt: skip
+    assert {m: r["jvps_per_inner_optimisation"] for m, r in runs.items()} == pytest.approx(jvps)
+    for run in runs.values():
+        assert 0.0 <= run["test_accuracy"] <= 1.0 and run["seconds_per_step"] > 0
+        assert len(run["meta_loss_per_inner_optimisation"]) == 2 and run["meta_steps_skipped"] == 0
+    assert runs["anil_hyperdistill"]["hypergradient_kwargs"]["horizon"] == 4
+    assert runs["mwn_hyperdistill"]["hypergradient_kwargs"] == {"pi": 1.0, "horizon": 4}
+    cosines = runs["anil_hyperdistill"]["hypergradient_cosines"]
+    assert set(cosines) == {"fo", "1step", "drmad", "neumann", "hyperdistill"}
+    assert all(len(c) == 4 for c in cosines.values())
+    assert cosines["1step"][0] == pytest.approx(1, abs=1e-4) and cosines["drmad"][0] == pytest.approx(1, abs=1e-4)
+    assert saved["cosine_to_exact_rmd"] == cosines
+    assert "| hyperdistill |" in (results / "table.md").read_text()
+    for name in ("meta_test_accuracy", "convergence_anil", "convergence_warpgrad", "convergence_mwn",
+                 "cosine_to_exact_rmd"):  # fmt: skip
+        assert (results / f"{name}.png").stat().st_size > 0
+
+
+def test_hyperdistill_on_an_image_folder(hyperdistill, image_folder, tmp_path, no_network):
+    """The real-data path: classes split in label order, the image transform applied when a task reads an example."""
+    flags = tiny_hyperdistill_flags(tmp_path, "anil_1step")
+    flags[flags.index("--examples_per_class") + 1] = "2"
+    report = hyperdistill.main([*flags, "--dataset", str(image_folder), "--class_split", "2", "0", "1", "--ways", "1",
+                                "--image_size", "16", "--meta_batch_size", "1"])  # fmt: skip
+    assert report["runs"][0]["test_accuracy"] == 1.0  # one class
+
+
+def test_hyperdistill_rejects_a_class_split_of_other_classes(hyperdistill, image_folder, tmp_path):
+    with pytest.raises(ValueError, match=r"class_split=\[2, 2, 1\] must add up to the 3 classes"):
+        hyperdistill.main([*tiny_hyperdistill_flags(tmp_path, "anil_1step"), "--dataset", str(image_folder),
+                           "--class_split", "2", "2", "1"])  # fmt: skip
