@@ -27,10 +27,6 @@ class InnerOptimisations:
         self.steps, self.reptile_lr = steps, reptile_lr
         self.initialisation = {name: p.detach().clone() for name, p in params.items()}
 
-    def task(self, global_step: int) -> int:
-        """The index of the inner optimisation that optimizer step `global_step + 1` belongs to."""
-        return global_step // self.steps
-
     @torch.no_grad()
     def restart(self, params: Mapping[str, torch.Tensor]) -> None:
         """Takes the Reptile step towards `params` (the weights `w_T`) and copies the initialisation into them."""

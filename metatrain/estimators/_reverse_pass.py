@@ -8,8 +8,19 @@ from typing import Any
 
 import torch
 
-from ._base import LossFn, ParamDict, grads_or_zeros, leaves
+from ._base import HypergradientProblem, LossFn, ParamDict, grads_or_zeros, leaves
 from ._hvp import gradient_vector_product
+
+
+def meta_gradients(
+    problem: HypergradientProblem, weights: ParamDict
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """`alpha = d L_meta / d w` (where a backward pass starts) and the direct term `d L_meta / d lambda` at
+    `weights`, and the detached meta loss."""
+    w = leaves(weights)
+    loss = problem.meta_loss(w, problem.meta_batch)
+    grads = grads_or_zeros(loss, [*w.values(), *problem.meta_params])
+    return list(grads[: len(w)]), list(grads[len(w) :]), loss.detach()
 
 
 def interpolated(w_0: ParamDict, w_end: ParamDict, t: int, steps: int) -> dict[str, torch.Tensor]:
@@ -27,7 +38,7 @@ def reverse_pass(
     w_0: ParamDict,
     w_end: ParamDict,
     trajectory: Sequence[ParamDict] | None = None,
-) -> Iterator[tuple[dict[str, torch.Tensor], list[torch.Tensor], list[torch.Tensor]]]:
+) -> Iterator[tuple[dict[str, torch.Tensor], list[torch.Tensor]]]:
     """Walks the SGD steps `w_t = w_{t-1} - lr_t d train_loss(w_{t-1}, D_t) / d w` from the last to the first,
     accumulating `g^SO += alpha B_t` and `alpha <- alpha A_t` with `A_t = I - lr_t H_t` and
     `B_t = -lr_t d^2 L / dw dlambda` (HyperDistill, Algorithm 1, lines 4-7).
@@ -35,8 +46,8 @@ def reverse_pass(
     The weights `w_{t-1}` at which step `t`'s Jacobians are taken are `trajectory[t - 1]` when the trajectory is given
     (exact reverse mode), else DrMAD's interpolation between `w_0` and `w_end` (Algorithm 2).
 
-    Yields, after each step `t = T, ..., 1`: the weights `w_{t-1}` used, `g^SO` over the last `T - t + 1` steps, and
-    `alpha` after the step. The pass costs one double backward per step.
+    Yields, after each step `t = T, ..., 1`: the weights `w_{t-1}` used and `g^SO` over the last `T - t + 1` steps.
+    The pass costs one double backward per step.
     """
     steps = len(batches)
     if len(lrs) != steps or (trajectory is not None and len(trajectory) != steps):
@@ -52,4 +63,4 @@ def reverse_pass(
         lr = lrs[t - 1]
         alpha = [a - lr * hv for a, hv in zip(alpha, products[: len(names)])]
         g_so = [g - lr * mv for g, mv in zip(g_so, products[len(names) :])]
-        yield w_prev, g_so, alpha
+        yield w_prev, g_so

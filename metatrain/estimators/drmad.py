@@ -12,11 +12,9 @@ from ._base import (
     HypergradientProblem,
     HypergradientResult,
     detached_copy,
-    grads_or_zeros,
-    leaves,
 )
 from ._lookahead import sgd_lookahead
-from ._reverse_pass import reverse_pass
+from ._reverse_pass import meta_gradients, reverse_pass
 
 STATE_KEYS = ("start", "batches", "lrs")
 
@@ -68,16 +66,13 @@ class DrMAD(HypergradientEstimator):
             raise ValueError("DrMAD got weights with other names than at the start of its trajectory; call reset().")
         self._batches, self._lrs = [*self._batches, detached_copy(problem.train_batch)], [*self._lrs, lr]
         w_end = sgd_lookahead(problem.params, problem.train_loss, problem.train_batch, lr, create_graph=False)
-        w_end = leaves(w_end)
-        loss = problem.meta_loss(w_end, problem.meta_batch)
-        grads = grads_or_zeros(loss, [*w_end.values(), *problem.meta_params])
-        alpha, direct = grads[: len(w_end)], grads[len(w_end) :]
-        w_0 = {k: self._start[k].to(device=w.device, dtype=w.dtype) for k, w in w_end.items()}
         w_end = {k: w.detach() for k, w in w_end.items()}
+        alpha, direct, loss = meta_gradients(problem, w_end)
+        w_0 = {k: self._start[k].to(device=w.device, dtype=w.dtype) for k, w in w_end.items()}
         # the pass's last value holds g^SO over every step; earlier ones are dropped as it goes
         steps = reverse_pass(problem.train_loss, problem.meta_params, alpha, self._batches, self._lrs, w_0, w_end)
-        (_, g_so, _) = collections.deque(steps, maxlen=1)[0]
-        return HypergradientResult(tuple(d + g for d, g in zip(direct, g_so)), loss.detach())
+        (_, g_so) = collections.deque(steps, maxlen=1)[0]
+        return HypergradientResult(tuple(d + g for d, g in zip(direct, g_so)), loss)
 
     def state_dict(self) -> dict[str, Any]:
         """The first weights of the trajectory and the batches and step sizes since."""

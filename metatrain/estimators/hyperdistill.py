@@ -15,10 +15,9 @@ from ._base import (
     ParamDict,
     detached_copy,
     grads_or_zeros,
-    leaves,
 )
 from ._lookahead import sgd_lookahead, sgd_unroll
-from ._reverse_pass import reverse_pass
+from ._reverse_pass import meta_gradients, reverse_pass
 
 BATCH_MIXING = ("subsample", "replace")
 STATE_KEYS = ("step", "inner", "resets", "theta", "w_star", "d_star", "generator")
@@ -233,15 +232,6 @@ class HyperDistill(HypergradientEstimator):
         rows_new = torch.randperm(n, generator=self._generator)[: n - take_kept].sort().values
         return _concat_rows(kept, new, rows_kept, rows_new)
 
-    def _meta_gradients(
-        self, problem: HypergradientProblem, weights: ParamDict
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        """`alpha = d L_meta / d w` and the direct term `d L_meta / d lambda` at `weights`, and the loss."""
-        w = leaves(weights)
-        loss = problem.meta_loss(w, problem.meta_batch)
-        grads = grads_or_zeros(loss, [*w.values(), *problem.meta_params])
-        return list(grads[: len(w)]), list(grads[len(w) :]), loss.detach()
-
     def _distilled_jvp(
         self, problem: HypergradientProblem, weights: ParamDict, batch: Any, alpha: Sequence[torch.Tensor], lr: float
     ) -> tuple[torch.Tensor, ...]:
@@ -263,16 +253,15 @@ class HyperDistill(HypergradientEstimator):
         batches = [detached_copy(b) for b in problem.train_batches(self.horizon)]
         if len(batches) != self.horizon:
             raise ValueError(f"train_batches({self.horizon}) returned {len(batches)} batches.")
-        w_0 = {k: w.detach() for k, w in problem.params.items()}
-        w_end = sgd_unroll(w_0, problem.train_loss, batches, [lr] * self.horizon, create_graph=False)
+        w_0, lrs = {k: w.detach() for k, w in problem.params.items()}, [lr] * self.horizon
+        w_end = sgd_unroll(w_0, problem.train_loss, batches, lrs, create_graph=False)
         w_end = {k: w.detach() for k, w in w_end.items()}
-        alpha_end, _, _ = self._meta_gradients(problem, w_end)
+        alpha_end, _, _ = meta_gradients(problem, w_end)
         w_star: dict[str, torch.Tensor] = {}
         d_star: Any = None
         xx = xy = 0.0
-        lrs = [lr] * self.horizon
         steps = reverse_pass(problem.train_loss, problem.meta_params, alpha_end, batches, lrs, w_0, w_end)
-        for s, (w_hat, g_so, _) in enumerate(steps, start=1):
+        for s, (w_hat, g_so) in enumerate(steps, start=1):
             batch = batches[self.horizon - s]
             # Eq. 17-18: the distilled point of the horizon-s trajectory, its newest-to-oldest weights
             if s == 1:
@@ -319,12 +308,12 @@ class HyperDistill(HypergradientEstimator):
             # the distilled point is the current one: one second-order lookahead serves both terms, as in T1T2
             stepped = sgd_lookahead(params, problem.train_loss, train_batch, lr, create_graph=True)
             w_next = {k: w.detach() for k, w in stepped.items()}
-            alpha, direct, loss = self._meta_gradients(problem, w_next)
+            alpha, direct, loss = meta_gradients(problem, w_next)
             jvp = grads_or_zeros(_dot(list(stepped.values()), alpha), problem.meta_params)
         else:
             w_next = sgd_lookahead(params, problem.train_loss, train_batch, lr, create_graph=False)
             w_next = {k: w.detach() for k, w in w_next.items()}
-            alpha, direct, loss = self._meta_gradients(problem, w_next)
+            alpha, direct, loss = meta_gradients(problem, w_next)
             w_used = {k: w_star[k].to(dtype=p.dtype) for k, p in params.items()}
             jvp = self._distilled_jvp(problem, w_used, d_star, alpha, lr)
 
