@@ -51,6 +51,12 @@ class MetaCheckpoints:
                     "restart the base weights from. Resume it without `meta_inner_steps`."
                 )
             self.inner_optimisations.load_state_dict(state["inner_optimisations"])
+            if state.get("task_weights") is not None:  # this process's own (the model file holds the main one's)
+                with torch.no_grad():
+                    for name, p in self.model.named_parameters():
+                        if p.requires_grad:
+                            p.copy_(state["task_weights"][name])
+                self.optimizer.load_state_dict(state["task_optimizer"])
         saved = state.get("meta_step_position", self.meta_step_position)
         if saved != self.meta_step_position:
             logger.warning(
@@ -61,12 +67,17 @@ class MetaCheckpoints:
 
     def _process_state_dict(self) -> dict[str, Any]:
         """What differs between processes: the estimator's state (e.g. the remembered batches of reverse mode and
-        HyperDistill, drawn from this process's shard) and this process's position in the meta data."""
-        return {
+        HyperDistill, drawn from this process's shard), this process's position in the meta data, and in an online
+        run of several processes its own task's base weights and base optimizer state."""
+        state = {
             "estimator": self.estimator.state_dict(),
             "meta_data": self.meta_batches.state_dict(),
             "rollout_data": None if self.rollout_batches is None else self.rollout_batches.state_dict(),
         }
+        if self.inner_optimisations is not None and self.args.world_size > 1:
+            weights = {name: p.detach().clone() for name, p in self.model.named_parameters() if p.requires_grad}
+            state["task_weights"], state["task_optimizer"] = weights, self.optimizer.state_dict()
+        return state
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)

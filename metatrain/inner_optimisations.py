@@ -3,19 +3,26 @@ from a fixed or a Reptile-learned initialisation, while the meta-parameters carr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
+from torch.func import functional_call
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from .estimators.functional import sgd_unroll
+from .losses import logits_of
 from .meta_data import TaskBatches
 
 
 class InnerOptimisations:
     """The initialisation the base weights restart from at the end of each inner optimisation of `steps` optimizer
     steps, and its Reptile step (Nichol et al., 2018): `phi <- phi - reptile_lr (phi - w_T)` with `w_T` the weights
-    the inner optimisation ended at; `reptile_lr=None` keeps `phi` fixed.
+    the inner optimisation ended at (their mean over the processes' tasks in a run of several processes);
+    `reptile_lr=None` keeps `phi` fixed.
 
     Args:
         steps (`int`): optimizer steps per inner optimisation.
@@ -28,15 +35,21 @@ class InnerOptimisations:
         self.initialisation = {name: p.detach().clone() for name, p in params.items()}
 
     @torch.no_grad()
-    def restart(self, params: Mapping[str, torch.Tensor]) -> None:
-        """Takes the Reptile step towards `params` (the weights `w_T`) and copies the initialisation into them."""
+    def restart(
+        self, params: Mapping[str, torch.Tensor], average: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> None:
+        """Takes the Reptile step towards `params` (the weights `w_T`; `average` maps them, flattened, to their mean
+        over processes) and copies the initialisation into them."""
         if list(params) != list(self.initialisation):
             raise ValueError("The model's trainable weights changed since the initialisation was taken.")
+        if self.reptile_lr is not None:
+            ends = [p.detach().to(phi.dtype) for p, phi in zip(params.values(), self.initialisation.values())]
+            if average is not None:
+                ends = average(torch.cat([t.reshape(-1) for t in ends])).split([t.numel() for t in ends])
+            for phi, w_end in zip(self.initialisation.values(), ends):
+                phi.add_(w_end.reshape(phi.shape) - phi, alpha=self.reptile_lr)
         for name, p in params.items():
-            phi = self.initialisation[name]
-            if self.reptile_lr is not None:
-                phi.add_(p.detach().to(phi.dtype) - phi, alpha=self.reptile_lr)
-            p.copy_(phi)
+            p.copy_(self.initialisation[name])
 
     def state_dict(self) -> dict[str, Any]:
         return {"initialisation": dict(self.initialisation)}
@@ -68,7 +81,12 @@ class OnlineMetaLearning:
     """Mixed into [`MetaTrainer`]: with `meta_inner_steps`, the run is a sequence of inner optimisations, one task
     each, read in order from a [`~metatrain.data.TaskStream`]; the meta batches (and HyperDistill's fresh training
     batches) come from the current task; after each inner optimisation the weights restart
-    ([`InnerOptimisations`]), the base optimizer's state is cleared and the estimator resets."""
+    ([`InnerOptimisations`]), the base optimizer's state is cleared and the estimator resets.
+
+    In a run of several processes (tasks in parallel, the paper's meta-batch) each process trains its own task with
+    base weights and batch-norm statistics of its own (DDP neither averages the gradients nor copies the buffers);
+    the hypergradient and Reptile's step are averaged over the processes' tasks, and every process checkpoints its
+    own weights and optimizer state."""
 
     def _start_online_run(self) -> None:
         """Checks the run's data and estimator, and sets up the restarts and the per-task batches."""
@@ -79,14 +97,9 @@ class OnlineMetaLearning:
                 f"{type(self.estimator).__name__} keeps state across calls and cannot reset it: implement its "
                 "`reset()` or use an estimator that can restart (any registered one)."
             )
-        if args.world_size > 1:
-            raise ValueError(
-                f"meta_inner_steps={steps} runs in one process for now (each process would need a task of its own); "
-                f"this run has {args.world_size}."
-            )
         per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
         for name, dataset in (("train_dataset", self.train_dataset), ("meta_dataset", self.meta_dataset)):
-            if not hasattr(dataset, "examples_per_task"):
+            if not hasattr(dataset, "examples_per_task") or not hasattr(dataset, "example_of"):
                 kind = "a metatrain.data.TaskStream" if name == "train_dataset" else "its `tests()`"
                 raise ValueError(
                     f"meta_inner_steps={steps} reads one task per inner optimisation, so {name} must be read task by "
@@ -98,6 +111,19 @@ class OnlineMetaLearning:
                 f"optimisation of meta_inner_steps={steps} optimizer steps reads {steps * per_step} "
                 f"(per_device_train_batch_size {args.per_device_train_batch_size} x gradient_accumulation_steps "
                 f"{args.gradient_accumulation_steps} per step): build it with steps={steps}, batch_size={per_step}."
+            )
+        processes = getattr(self.train_dataset, "processes", 1)
+        micro = getattr(self.train_dataset, "micro_batch_size", args.per_device_train_batch_size)
+        if processes != args.world_size or (processes > 1 and micro != args.per_device_train_batch_size):
+            raise ValueError(
+                f"The TaskStream deals its tasks to {processes} process(es) in batches of {micro}, but this run has "
+                f"{args.world_size} process(es) with per_device_train_batch_size {args.per_device_train_batch_size}: "
+                f"build it with processes={args.world_size}, micro_batch_size={args.per_device_train_batch_size}."
+            )
+        if args.world_size > 1 and args.ddp_broadcast_buffers:
+            raise ValueError(
+                "ddp_broadcast_buffers=True copies the main process's buffers (batch-norm statistics) into every "
+                "process, but in an online run each process trains a task of its own: set ddp_broadcast_buffers=False."
             )
         meta_size = args.meta_batch_size or args.per_device_train_batch_size
         if meta_size > self.meta_dataset.examples_per_task:
@@ -113,6 +139,11 @@ class OnlineMetaLearning:
             args.seed + 1,
         )  # fmt: skip
         params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        if args.world_size > 1:  # every process starts from the main process's weights, as DDP's do
+            from accelerate.utils import broadcast
+
+            for p in params.values():
+                p.data.copy_(broadcast(p.detach().clone(), from_process=0))
         self.inner_optimisations = InnerOptimisations(steps, args.meta_reptile_lr, params)
         self.add_callback(RestartAtInnerOptimisationEnd(self))
         self.estimator.reset()  # the first inner optimisation starts
@@ -126,11 +157,62 @@ class OnlineMetaLearning:
             return torch.utils.data.SequentialSampler(self.train_dataset if train_dataset is None else train_dataset)
         return super()._get_train_sampler(train_dataset)
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Trainer's step; in an online run of several processes without DDP's averaging of the base gradients (each
+        process trains its own task)."""
+        parallel = self.args.meta_inner_steps is not None and self.accelerator.num_processes > 1
+        if parallel and hasattr(model, "forward_sync_buffers"):  # nor copy the main process's batch-norm statistics
+            model.forward_sync_buffers = False
+        with self.accelerator.no_sync(model) if parallel else contextlib.nullcontext():
+            return super().training_step(model, inputs, num_items_in_batch)
+
     def end_inner_optimisation(self) -> None:
         """Restarts the base weights from the initialisation (after its Reptile step), clears the base optimizer's
         state (momentum, Adam's moments) and resets the estimator."""
         params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
-        self.inner_optimisations.restart(params)
+        average = None
+        if self.accelerator.num_processes > 1:
+            average = lambda t: self.accelerator.reduce(t, reduction="mean")  # noqa: E731
+        self.inner_optimisations.restart(params, average)
         if self.optimizer is not None:
             self.optimizer.state.clear()
         self.estimator.reset()
+
+    def meta_test(self, stream: Any, learning_rate: float | None = None) -> dict[str, float]:
+        """The meta-test of an online run: each task of `stream` (a [`~metatrain.data.TaskStream`], typically of
+        held-out classes) solved by `stream.steps` plain SGD steps on its training batches, from the initialisation
+        and with the meta-parameters as learned, then scored on its test examples (batch norm on batch statistics, as
+        in training).
+
+        Args:
+            stream ([`~metatrain.data.TaskStream`]): the meta-test tasks.
+            learning_rate (`float`, *optional*): the SGD step size; defaults to `learning_rate`.
+
+        Returns:
+            `dict[str, float]`: the mean over tasks of the test `accuracy` and `loss`.
+        """
+        if self.inner_optimisations is None:
+            raise ValueError("meta_test solves tasks from the learned initialisation: set `meta_inner_steps`.")
+        lr = self.args.learning_rate if learning_rate is None else learning_rate
+        objective, collate, tests = self.meta_objective(), self._task_collator("meta-test"), stream.tests()
+        start = {name: phi.detach().clone() for name, phi in self.inner_optimisations.initialisation.items()}
+        size, accuracies, losses = stream.batch_size, [], []
+        was_training = self.model.training
+        self.model.train()
+        for k in tqdm(range(stream.num_tasks), desc="meta-test", leave=False, disable=self.args.disable_tqdm):
+            batches = [
+                self._prepare_inputs(collate([stream.example_of(k, s * size + i) for i in range(size)]))
+                for s in range(stream.steps)
+            ]
+            weights = sgd_unroll(start, objective.train_loss, batches, [lr] * stream.steps, create_graph=False)
+            test = self._prepare_inputs(collate([tests.example_of(k, j) for j in range(tests.examples_per_task)]))
+            args, kwargs, labels = objective.split_inputs(test)
+            state = {**{n: b.clone() for n, b in self.model.named_buffers()}, **weights}
+            # as the meta loss sees it (an attached transform off)
+            with torch.no_grad(), self._role.meta_loss_context(), self._role.batch_context(test):
+                with self.accelerator.autocast():
+                    logits = logits_of(functional_call(self.model, state, args, kwargs)).float()
+            accuracies.append(float((logits.argmax(-1) == labels).float().mean()))
+            losses.append(float(torch.nn.functional.cross_entropy(logits, labels)))
+        self.model.train(was_training)
+        return {"accuracy": float(np.mean(accuracies)), "loss": float(np.mean(losses))}

@@ -109,9 +109,9 @@ class MetaBatches:
 
 
 class TaskBatches:
-    """Batches drawn from the current task's block of a dataset read task by task (`dataset.examples_per_task` items
-    per task, task `k` at `k * examples_per_task`, as [`~metatrain.data.TaskStream`] and
-    [`~metatrain.data.TaskTests`] are): the meta batches, and the fresh training batches of HyperDistill's fit, of an
+    """Batches drawn from the current task of a dataset read task by task (`dataset.examples_per_task` items per
+    task, item `j` of task `k` at `dataset.example_of(k, j)`, as in [`~metatrain.data.TaskStream`] and
+    [`~metatrain.data.TaskTests`]): the meta batches, and the fresh training batches of HyperDistill's fit, of an
     online run over a task distribution. The task is read from the training batch's `task` entry. Draw `d` takes
     `batch_size` distinct items of the block chosen by `(seed, task, d)`; the count of draws is the state.
 
@@ -160,4 +160,4 @@ class TaskBatches:
         task, size = int(tasks[0]), self.dataset.examples_per_task
         rows = np.random.default_rng([self.seed, task, self.drawn]).choice(size, self.batch_size, replace=False)
         self.drawn += 1
-        return self._prepare(self._collate([self.dataset[task * size + int(j)] for j in rows]))
+        return self._prepare(self._collate([self.dataset.example_of(task, int(j)) for j in rows]))

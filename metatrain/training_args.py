@@ -155,7 +155,8 @@ class MetaTrainingArguments(TrainingArguments):
             "initialisation, the base optimizer's state is cleared and the estimator resets; the meta-parameters and "
             "meta-optimizer carry on. The training set is read in order, one task per inner optimisation "
             "(`metatrain.data.TaskStream`), and each meta batch comes from the current task's test examples "
-            "(`TaskStream.tests()`). None: one run, no restarts."
+            "(`TaskStream.tests()`). Under several processes each trains a task of its own and the hypergradient is "
+            "averaged over them (a meta-batch of tasks). None: one run, no restarts."
         },
     )
     meta_reptile_lr: float | None = field(

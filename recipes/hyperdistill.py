@@ -24,7 +24,6 @@ from typing import Any, ClassVar
 import datasets
 import numpy as np
 import torch
-from torch.func import functional_call
 from tqdm.auto import tqdm
 from transformers import default_data_collator, set_seed
 
@@ -32,9 +31,9 @@ from metatrain import MetaTrainingArguments
 from metatrain.callbacks import MetaTrainerCallback
 from metatrain.cli import parse_config
 from metatrain.data import (
+    LabelledExamples,
     TaskDistribution,
     TaskStream,
-    corrupt_labels,
     load_digit_domains,
     load_image_classification_dataset,
 )
@@ -119,50 +118,16 @@ class HyperDistillArguments(GridArguments):
     results_dir: str = field(default="outputs/hyperdistill", metadata={"help": "Where results.json and plots go."})
 
 
-class LabelledImages(torch.utils.data.Dataset):
-    """Images and their labels, for the task readers: `images` a tensor `[N, C, H, W]` or a dataset whose items hold
-    `pixel_values` (e.g. with an image transform); labels as a tensor, so that reading them applies no transform. The
-    task readers index one example at a time, which a `datasets.Dataset` in torch format does row by row (slowly)."""
-
-    def __init__(self, images: Any, labels: torch.Tensor):
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, key: int | str) -> Any:
-        if key == "labels":  # the column, as `TaskDistribution` reads it
-            return self.labels
-        image = self.images[key]
-        return {"pixel_values": image if torch.is_tensor(image) else image["pixel_values"], "labels": self.labels[key]}
-
-
-class NoisyTaskDistribution(TaskDistribution):
-    """Tasks whose training labels are uniformly corrupted with probability `noise_rate` (Meta-Weight-Net's setting,
-    within each task); test labels stay clean."""
-
-    def __init__(self, *args: Any, noise_rate: float, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.noise_rate = noise_rate
-
-    def task(self, k: int):
-        task = super().task(k)
-        noisy, _ = corrupt_labels(
-            task.train_labels, self.ways, "uniform", self.noise_rate, seed=self.seed * 100003 + k
-        )
-        return task._replace(train_labels=noisy)
-
-
 def load_data(args: HyperDistillArguments, seed: int) -> dict[str, Any]:
     """The meta-training and meta-test datasets with their classes, and the channels of the images."""
     if args.dataset == "digits":
         domains = load_digit_domains(args.meta_train_styles, args.meta_test_styles, args.image_size, seed=seed)
 
-        def pooled(named: dict[str, datasets.Dataset]) -> LabelledImages:
+        def pooled(named: dict[str, datasets.Dataset]) -> LabelledExamples:
             # a class is a digit in a style: style i's digit d is class 10 i + d
             parts = [d[:] for d in named.values()]
             y = torch.cat([p["labels"] + 10 * i for i, p in enumerate(parts)])
-            return LabelledImages(torch.cat([p["pixel_values"] for p in parts]), y)
+            return LabelledExamples(torch.cat([p["pixel_values"] for p in parts]), y)
 
         train, test = pooled(domains["seen"]), pooled(domains["unseen"])
         return {"train": train, "test": test, "train_classes": None, "test_classes": None}
@@ -171,17 +136,16 @@ def load_data(args: HyperDistillArguments, seed: int) -> dict[str, Any]:
     num_classes = base.features["labels"].num_classes
     if first + middle + last != num_classes:
         raise ValueError(f"class_split={args.class_split} must add up to the {num_classes} classes of {args.dataset}.")
-    images = LabelledImages(base, torch.as_tensor(base.with_format("numpy")["labels"]))
+    images = LabelledExamples(base, torch.as_tensor(base.with_format("numpy")["labels"]))
     classes = list(range(num_classes))
     split = {"train_classes": classes[:first], "test_classes": classes[first + middle :]}
     return {"train": images, "test": images, **split}
 
 
 def distribution(args: HyperDistillArguments, meta_model: str, dataset, classes, seed: int) -> TaskDistribution:
-    options = dict(ways=args.ways, classes=classes, examples_per_class=args.examples_per_class, seed=seed)
-    if meta_model == "mwn":
-        return NoisyTaskDistribution(dataset, noise_rate=args.noise_rate, **options)
-    return TaskDistribution(dataset, **options)
+    """Tasks of `classes`; noisy training labels for Meta-Weight-Net."""
+    noise = args.noise_rate if meta_model == "mwn" else 0.0
+    return TaskDistribution(dataset, args.ways, classes, args.examples_per_class, label_noise=noise, seed=seed)
 
 
 def meta_model(name: str, args: HyperDistillArguments, in_chans: int):
@@ -235,34 +199,13 @@ class EndOfTaskMetaLoss(MetaTrainerCallback):
 def task_batches(trainer, stream: TaskStream, k: int, split: str = "train") -> list[dict[str, torch.Tensor]]:
     """Task `k`'s training batches in the stream's order (one per inner step), or its test examples as one batch."""
     if split == "train":
-        start, size = k * stream.examples_per_task, stream.batch_size
-        rows = [range(start + s * size, start + (s + 1) * size) for s in range(stream.steps)]
-        items = [[stream[i] for i in r] for r in rows]
+        size = stream.batch_size
+        items = [[stream.example_of(k, s * size + i) for i in range(size)] for s in range(stream.steps)]
     else:
-        task, dist = stream.distribution.task(k), stream.distribution
-        items = [[dist.example(r, y, k) for r, y in zip(task.test_rows, task.test_labels)]]
+        tests = stream.tests()
+        items = [[tests.example_of(k, j) for j in range(tests.examples_per_task)]]
     keep = ("pixel_values", "labels")
     return [trainer._prepare_inputs(default_data_collator([{c: x[c] for c in keep} for x in b])) for b in items]
-
-
-def start_weights(trainer) -> dict[str, torch.Tensor]:
-    return {n: v.detach().clone() for n, v in trainer.inner_optimisations.initialisation.items()}
-
-
-def meta_test(trainer, stream: TaskStream, lr: float) -> float:
-    """Mean test accuracy over the stream's tasks, each solved by `T` plain SGD steps from the learned initialisation
-    with the learned meta-parameters (batch norm on batch statistics, as in training)."""
-    model, objective, accuracies = trainer.model, trainer.meta_objective(), []
-    model.train()
-    for k in tqdm(range(stream.num_tasks), desc="meta-test", leave=False):
-        weights = sgd_unroll(start_weights(trainer), objective.train_loss, task_batches(trainer, stream, k),
-                             [lr] * stream.steps, create_graph=False)  # fmt: skip
-        (test,) = task_batches(trainer, stream, k, "test")
-        with torch.no_grad():
-            state = {**{n: b.clone() for n, b in model.named_buffers()}, **{n: w.detach() for n, w in weights.items()}}
-            logits = functional_call(model, state, (test["pixel_values"],))
-        accuracies.append(float((logits.argmax(-1) == test["labels"]).float().mean()))
-    return float(np.mean(accuracies))
 
 
 def hypergradient_cosines(trainer, stream: TaskStream, k: int, options: dict[str, dict], lr: float):
@@ -279,7 +222,7 @@ def hypergradient_cosines(trainer, stream: TaskStream, k: int, options: dict[str
         return [next(rollout) for _ in range(n)]
 
     estimators = {name: create_estimator(est, **options.get(est, {})) for name, est in ESTIMATORS.items()}
-    start = start_weights(trainer)
+    start = {n: v.detach().clone() for n, v in trainer.inner_optimisations.initialisation.items()}
     weights, cosines = start, {name: [] for name in estimators}
     for t in tqdm(range(1, stream.steps + 1), desc="cosines to exact RMD", leave=False):
         problem = objective.problem(batches[t - 1], meta, lr, params=weights, train_batches=fresh)
@@ -299,16 +242,21 @@ def hypergradient_cosines(trainer, stream: TaskStream, k: int, options: dict[str
 def run(args: HyperDistillArguments, training_args: MetaTrainingArguments, method: str, seed: int, data):
     set_seed(seed)
     model_name, short = method.split("_", 1)
-    steps, batch = training_args.meta_inner_steps, training_args.per_device_train_batch_size
+    steps = training_args.meta_inner_steps
+    batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
     train = distribution(args, model_name, data["train"], data["train_classes"], seed)
     test = distribution(args, model_name, data["test"], data["test_classes"], seed + 1000)
-    stream = TaskStream(train, steps, batch, args.num_tasks)
+    processes = training_args.world_size  # tasks in parallel, one per process
+    if args.num_tasks % processes:
+        raise ValueError(f"num_tasks={args.num_tasks} must be a multiple of the {processes} processes.")
+    stream = TaskStream(train, steps, batch, args.num_tasks, processes, training_args.per_device_train_batch_size)
     estimator = METHODS[method]
     options = {m: dict(o) for m, o in args.method_options.items()}
     if estimator in ("drmad", "hyperdistill"):
         options.setdefault(method, {}).setdefault("horizon", steps)
     interval = args.neumann_interval if estimator == "neumann" else 1
-    run_args = dataclasses.replace(training_args, meta_interval=interval, max_steps=steps * args.num_tasks)
+    max_steps = steps * args.num_tasks // processes
+    run_args = dataclasses.replace(training_args, meta_interval=interval, max_steps=max_steps)
     in_chans = data["train"][0]["pixel_values"].shape[0]
     model, meta_module = meta_model(model_name, args, in_chans)
     recorder = EndOfTaskMetaLoss(steps)
@@ -320,7 +268,7 @@ def run(args: HyperDistillArguments, training_args: MetaTrainingArguments, metho
     lr = training_args.learning_rate
     result = {
         "method": method, "meta_model": model_name, "estimator": estimator, "seed": seed,
-        "test_accuracy": meta_test(trainer, TaskStream(test, steps, batch, args.test_tasks), lr),
+        "test_accuracy": trainer.meta_test(TaskStream(test, steps, batch, args.test_tasks), lr)["accuracy"],
         "jvps_per_inner_optimisation": jvps_per_inner_optimisation(
             estimator, trainer.args.hypergradient_kwargs, steps, interval
         ),

@@ -7,7 +7,8 @@ Meta-Weight-Net and an SGD meta-optimizer at learning rate 1 (so a meta update i
 and a global RNG that drifts apart between the ranks, and writes, per rank, `rank<r>.json`: for every meta step the
 local (this rank's) hypergradient, the meta-parameters before and after the step, EvoGrad's noise seed, and the
 final meta-parameters and model weights. Then a reverse-mode run (its state holds each rank's own training batches)
-with a checkpoint in the second pass over the meta data, and a run resumed from that checkpoint (`"resume"`).
+with a checkpoint in the second pass over the meta data, and a run resumed from that checkpoint (`"resume"`). Then
+an online run over tasks, one per rank, with Reptile, and its resume mid-task (`"online"`).
 """
 
 from __future__ import annotations
@@ -121,6 +122,69 @@ def resume(output_dir: str, use_cpu: bool) -> dict:
     }
 
 
+def online(output_dir: str, use_cpu: bool) -> dict:
+    """Two tasks in parallel (one per rank): inner optimisations of 3 steps with Reptile, 5 steps without
+    interruption, recording each meta step's tasks and each restart, and resumed from the checkpoint at step 4 (in
+    the second inner optimisation, where the ranks' weights differ)."""
+    from metatrain.data import TaskDistribution, TaskStream
+    from metatrain.trainer import MetaTrainerCallback
+
+    class Record(MetaTrainerCallback):
+        def __init__(self):
+            self.tasks = []
+
+        def on_meta_step(self, args, state, control, *, problem, **kwargs):
+            tasks = (problem.train_batch["task"], problem.meta_batch["task"])
+            self.tasks.append([state.global_step, *(t.unique().tolist() for t in tasks)])
+
+    y = torch.arange(6).repeat_interleave(12)
+    x = torch.randn(len(y), 6, generator=torch.Generator().manual_seed(3)) + y[:, None] * 0.3
+    images = datasets.Dataset.from_dict({"pixel_values": x.numpy(), "labels": y.numpy()}).with_format("torch")
+
+    def trainer(name: str, record: Record | None = None) -> MetaTrainer:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        distribution = TaskDistribution(images, ways=3, examples_per_class=8, seed=0)
+        stream = TaskStream(distribution, steps=3, batch_size=4, num_tasks=4, processes=2)
+        args = MetaTrainingArguments(
+            output_dir=os.path.join(output_dir, name), per_device_train_batch_size=4, max_steps=5, learning_rate=0.1,
+            lr_scheduler_type="constant", logging_steps=5, report_to=[], use_cpu=use_cpu, save_strategy="steps",
+            save_steps=4, disable_tqdm=True, seed=0, hypergradient="t1t2", meta_inner_steps=3, meta_reptile_lr=0.5,
+            meta_batch_size=4,
+        )  # fmt: skip
+        return MetaTrainer(
+            model=model, args=args, train_dataset=stream, meta_dataset=stream.tests(), meta_module=MetaWeightNet(),
+            callbacks=[record] if record else None,
+        )  # fmt: skip
+
+    record, restarts = Record(), []
+    full = trainer("online_full", record)
+    restart = full.inner_optimisations.restart
+
+    def recording_restart(params, average=None):
+        initialisation = full.inner_optimisations.initialisation
+        before, end = flat(initialisation.values()), flat(params.values())
+        restart(params, average)
+        restarts.append({"phi": before, "end": end, "phi_after": flat(initialisation.values())})
+
+    full.inner_optimisations.restart = recording_restart
+    full.train()
+    resumed = trainer("online_resumed")
+    resumed.train(resume_from_checkpoint=os.path.join(output_dir, "online_full", "checkpoint-4"))
+    return {
+        "tasks": record.tasks,
+        "restarts": restarts,
+        **{
+            name: {
+                "meta_params": flat(t.meta_params),
+                "model": flat(t.model.parameters()),
+                "initialisation": flat(t.inner_optimisations.initialisation.values()),
+            }
+            for name, t in (("full", full), ("resumed", resumed))
+        },  # fmt: skip
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--output_dir", required=True)
@@ -131,6 +195,7 @@ def main() -> None:
         for name, (estimator, options) in RUNS.items()
     }
     results["resume"] = resume(cli.output_dir, cli.use_cpu == "true")
+    results["online"] = online(cli.output_dir, cli.use_cpu == "true")
     rank = int(os.environ.get("RANK", 0))
     with open(os.path.join(cli.output_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)

@@ -88,6 +88,34 @@ def test_every_rank_resumes_with_its_own_estimator_state_and_meta_data_position(
             np.testing.assert_allclose(run["resumed"][key], run["full"][key], rtol=1e-5, atol=1e-7, err_msg=key)
 
 
+@pytest.mark.slow
+def test_online_run_trains_a_task_per_rank_with_its_own_weights_and_averages_reptile(two_ranks):
+    """Tasks in parallel: rank r trains tasks r, r + 2 (3 steps each) and draws its meta batches from them; the ranks'
+    weights differ within a task, the initialisation moves by Reptile towards the mean of their end weights and stays
+    identical on both, and so do the meta-parameters."""
+    runs = [ranks["online"] for ranks in two_ranks]
+    for rank, run in enumerate(runs):
+        tasks = [step // 3 * 2 + rank for step in range(5)]  # [global step, training batch's, meta batch's]
+        assert run["tasks"] == [[step, [task], [task]] for step, task in enumerate(tasks)]
+    (restart0,), (restart1,) = runs[0]["restarts"], runs[1]["restarts"]
+    assert restart0["phi"] == restart1["phi"] and restart0["phi_after"] == restart1["phi_after"]
+    end0, end1, phi = (np.array(v) for v in (restart0["end"], restart1["end"], restart0["phi"]))
+    assert np.abs(end0 - end1).max() > 1e-3  # two tasks, two sets of weights
+    np.testing.assert_allclose(restart0["phi_after"], phi + 0.5 * ((end0 + end1) / 2 - phi), rtol=1e-5, atol=1e-7)
+    assert runs[0]["full"]["meta_params"] == runs[1]["full"]["meta_params"]
+    assert runs[0]["full"]["initialisation"] == runs[1]["full"]["initialisation"]
+    assert np.abs(np.subtract(runs[0]["full"]["model"], runs[1]["full"]["model"])).max() > 1e-3  # mid-task
+
+
+@pytest.mark.slow
+def test_online_run_resumed_mid_task_is_the_same_run_on_every_rank(two_ranks):
+    """The checkpoint at step 4 is inside the second task, where each rank's weights and Adam moments are its own:
+    every rank resumes its own and ends where the uninterrupted run does."""
+    for run in (ranks["online"] for ranks in two_ranks):
+        for key in ("meta_params", "model", "initialisation"):
+            np.testing.assert_allclose(run["resumed"][key], run["full"][key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
 # ------------------------------------------------------------------------------------------------ mixed precision
 class Capture(MetaTrainerCallback):
     def __init__(self):

@@ -11,7 +11,7 @@ import torch
 from helpers import bn_model, make_args
 
 from metatrain import MetaTrainer, MetaTrainingArguments
-from metatrain.data import TaskDistribution, TaskStream
+from metatrain.data import LabelledExamples, TaskDistribution, TaskStream
 from metatrain.estimators import HyperDistill, HypergradientEstimator, HypergradientResult
 from metatrain.modules import MetaWeightNet
 from metatrain.trainer import MetaTrainerCallback
@@ -68,6 +68,78 @@ def test_tasks_are_deterministic_relabelled_and_split():
     assert set(held_out.task(0).classes.tolist()) == {3, 4, 5}
 
 
+def test_stream_of_several_processes_deals_each_its_own_tasks():
+    """Accelerate deals the stream's batches of `micro_batch_size` to the processes in turn: with 2 processes and
+    accumulation over 2 micro-batches, process r reads tasks r, r + 2 in the order one process reads its task."""
+    dist = distribution()
+    single = TaskStream(dist, STEPS, BATCH, 4)
+    stream = TaskStream(dist, STEPS, BATCH, 4, processes=2, micro_batch_size=BATCH // 2)
+    assert len(stream) == len(single)
+    micro = BATCH // 2
+    batches = [list(range(c * micro, (c + 1) * micro)) for c in range(len(stream) // micro)]
+    for rank in (0, 1):
+        shard = [i for batch in batches[rank::2] for i in batch]
+        read = [(stream[i]["task"], int(stream[i]["labels"]), stream[i]["pixel_values"]) for i in shard]
+        for e, task in enumerate((rank, rank + 2)):
+            block = read[e * STEPS * BATCH : (e + 1) * STEPS * BATCH]
+            expected = [single.example_of(task, position) for position in range(STEPS * BATCH)]
+            assert [t for t, _, _ in block] == [task] * STEPS * BATCH
+            assert all(torch.equal(x, want["pixel_values"]) for (_, _, x), want in zip(block, expected))
+    with pytest.raises(ValueError, match="num_tasks=3 must be a multiple of processes=2"):
+        TaskStream(dist, STEPS, BATCH, 3, processes=2)
+    with pytest.raises(ValueError, match="batch_size=4 must be a multiple of micro_batch_size=3"):
+        TaskStream(dist, STEPS, BATCH, 4, processes=2, micro_batch_size=3)
+
+
+def test_labelled_examples_and_label_noise():
+    """Tasks read from tensors in memory give the examples a `datasets.Dataset` gives; `label_noise` redraws a share
+    of each task's training labels (the same on every read) and leaves its test labels clean."""
+    columns = labelled_images()[:]
+    tensors = LabelledExamples(columns["pixel_values"], columns["labels"])
+    from_tensors = TaskDistribution(tensors, ways=3, examples_per_class=8, seed=0)
+    assert torch.equal(tensors["labels"], columns["labels"])
+    assert all(np.array_equal(x, y) for x, y in zip(from_tensors.task(2), distribution().task(2)))
+    row = int(from_tensors.task(2).train_rows[0])
+    read, expected = from_tensors.example(row, 1, 2), distribution().example(row, 1, 2)
+    assert torch.equal(read["pixel_values"], expected["pixel_values"]) and read["labels"] == expected["labels"] == 1
+    clean, noisy = distribution(examples_per_class=12), distribution(examples_per_class=12, label_noise=0.5)
+    changed = [np.mean(noisy.task(k).train_labels != clean.task(k).train_labels) for k in range(20)]
+    assert 0.2 < np.mean(changed) < 0.45  # half redrawn uniformly over 3 classes: a third of them keep their label
+    assert np.array_equal(
+        noisy.task(3).train_labels, distribution(examples_per_class=12, label_noise=0.5).task(3).train_labels
+    )
+    assert all(np.array_equal(noisy.task(k).test_labels, clean.task(k).test_labels) for k in range(5))
+    with pytest.raises(ValueError, match="label_noise must be in"):
+        distribution(label_noise=1.5)
+
+
+def test_meta_test_solves_each_task_from_the_learned_initialisation(tmp_path):
+    """At step size 0 the meta-test scores the initialisation on each task's test examples; a positive step size
+    trains on the task first, which lowers the test loss of these separable tasks."""
+    trainer = online_trainer(tmp_path, meta_reptile_lr=0.5)
+    trainer.train()
+    held_out = TaskStream(distribution(seed=7), STEPS, BATCH, 4)
+    frozen = trainer.meta_test(held_out, learning_rate=0.0)
+    accuracies, losses = [], []
+    with torch.no_grad():
+        for k in range(4):
+            tests = held_out.tests()
+            items = [tests.example_of(k, j) for j in range(tests.examples_per_task)]
+            x, y = torch.stack([i["pixel_values"] for i in items]), torch.tensor([int(i["labels"]) for i in items])
+            trainer.model.train()
+            logits = torch.func.functional_call(
+                trainer.model, {**{n: b.clone() for n, b in trainer.model.named_buffers()},
+                                **trainer.inner_optimisations.initialisation}, (x,))  # fmt: skip
+            accuracies.append(float((logits.argmax(-1) == y).float().mean()))
+            losses.append(float(torch.nn.functional.cross_entropy(logits, y)))
+    assert frozen == pytest.approx({"accuracy": np.mean(accuracies), "loss": np.mean(losses)}, rel=1e-5)
+    trained = trainer.meta_test(held_out, learning_rate=0.5)
+    assert trained["loss"] < frozen["loss"]
+    with pytest.raises(ValueError, match="set `meta_inner_steps`"):
+        MetaTrainer(model=bn_model(), args=make_args(tmp_path), train_dataset=labelled_images(3),
+                    meta_dataset=labelled_images(3), meta_module=MetaWeightNet()).meta_test(held_out)  # fmt: skip
+
+
 def test_task_distribution_refuses_too_few_classes():
     with pytest.raises(ValueError, match="ways=4 classes.*has 3.*lower `ways`"):
         distribution(ways=4, classes=[0, 1, 2])
@@ -92,10 +164,10 @@ def test_weights_restart_from_the_initialisation_and_the_estimator_resets(tmp_pa
     ends, optimizer_states = [], []
     restart = trainer.inner_optimisations.restart
 
-    def spy(params):
+    def spy(params, average=None):
         ends.append({k: v.detach().clone() for k, v in params.items()})
         optimizer_states.append(len(trainer.optimizer.state))
-        restart(params)
+        restart(params, average)
 
     trainer.inner_optimisations.restart = spy
     meta_before = [p.detach().clone() for p in trainer.meta_params]
@@ -151,6 +223,11 @@ def test_bad_input_names_the_fix(tmp_path):
     assert HyperDistill().restartable and not Remembers().restartable
     with pytest.raises(ValueError, match="holds 12 examples per task.*steps=3, batch_size=8"):
         online_trainer(tmp_path, gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="deals its tasks to 2 process.*this run has 1.*build it with processes=1"):
+        stream = TaskStream(distribution(), STEPS, BATCH, 4, processes=2)
+        args = make_args(tmp_path, meta_inner_steps=STEPS, per_device_train_batch_size=BATCH)
+        MetaTrainer(model=bn_model(), args=args, train_dataset=stream, meta_dataset=stream.tests(),
+                    meta_module=MetaWeightNet())  # fmt: skip
     with pytest.raises(ValueError, match="train_dataset must be read task by task"):
         MetaTrainer(model=bn_model(), args=make_args(tmp_path, meta_inner_steps=3), train_dataset=labelled_images(3),
                     meta_dataset=labelled_images(3), meta_module=MetaWeightNet())  # fmt: skip

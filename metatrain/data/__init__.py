@@ -17,7 +17,7 @@ from .images import CIFAR_MEAN, CIFAR_STD, ImageClassificationTransform, load_im
 from .noise import NOISE_TYPES, corrupt_labels, noise_transition_matrix
 from .noisy import make_noisy_label_splits
 from .splits import class_balanced_meta_split
-from .tasks import Task, TaskDistribution, TaskStream, TaskTests
+from .tasks import LabelledExamples, Task, TaskDistribution, TaskStream, TaskTests
 
 __all__ = [
     "CIFAR_MEAN",
@@ -26,6 +26,7 @@ __all__ = [
     "DIGIT_SEEN_DOMAINS",
     "DIGIT_UNSEEN_DOMAINS",
     "EpisodeDataset",
+    "LabelledExamples",
     "NOISE_TYPES",
     "PooledDomains",
     "Task",
