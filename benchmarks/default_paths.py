@@ -1,11 +1,12 @@
-"""The meta step's cost by EvoGrad path and by estimator, measured by `MetaTrainer` itself: Meta-Weight-Net on a
-CIFAR ResNet-32, LFT's feature-wise layers in a timm ResNet-18, and a tiny BERT with Meta-Weight-Net. For each
-workload: plain training, T1-T2, EvoGrad's default (what `hypergradient="evograd"` alone gives, also with
-`meta_step_position="before"`) beside each path it can take (`all_at_once`, `lean`, `forward`), and every other
-estimator by its name alone. Memory is `meta_step_memory_mb` (`meta_profile_memory`: on CPU the peak of bytes saved
-for backward, on GPU the allocator's peak), time `meta_step_seconds` and the whole step's seconds, medians of
-`--repeats` interleaved rounds (each round runs every method once, in a new order); `position` is the
-`meta_step_position` the trainer ran. Writes `default_paths.json` and `default_paths.md`.
+"""The meta step's cost by EvoGrad path and by estimator, measured by `MetaTrainer` itself: Meta-Weight-Net on a CIFAR
+ResNet-32, LFT's feature-wise layers in a timm ResNet-18, and a tiny BERT with Meta-Weight-Net, in full or with LoRA
+adapters (`bert_lora`, peft; not in the default run). For each workload: plain training, T1-T2, EvoGrad's default (what
+`hypergradient="evograd"` alone gives, also with `meta_step_position="before"`) beside each path it can take
+(`all_at_once`, `lean`, `forward`), and every other estimator by its name alone. Memory is `meta_step_memory_mb`
+(`meta_profile_memory`: on CPU the peak of bytes saved for backward, on GPU the allocator's peak), time
+`meta_step_seconds` and the whole step's seconds, medians of `--repeats` interleaved rounds (each round runs every
+method once, in a new order); `position` is the `meta_step_position` the trainer ran. Writes `default_paths.json` and
+`default_paths.md`.
 
     python benchmarks/default_paths.py --output_dir docs/benchmarks
 """
@@ -77,11 +78,16 @@ def workload(name: str, batch: int, steps: int) -> tuple[torch.nn.Module, torch.
     if name == "lft":
         model = build_model("resnet18", num_classes=10, zero_init_last=False)
         return model, "lft", RandomImages(n, 1), RandomImages(n, 2)
-    if name == "bert":
+    if name in ("bert", "bert_lora"):
         config = BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
                             intermediate_size=256, num_labels=2)  # fmt: skip
-        return BertForSequenceClassification(config), "mwn", RandomTokens(n, 1), RandomTokens(n, 2)
-    raise ValueError(f"Unknown workload {name!r}: choose mwn, lft or bert.")
+        model = BertForSequenceClassification(config)
+        if name == "bert_lora":  # LoRA adapters on query and value (peft); the rest frozen
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, target_modules=["query", "value"]))
+        return model, "mwn", RandomTokens(n, 1), RandomTokens(n, 2)
+    raise ValueError(f"Unknown workload {name!r}: choose mwn, lft, bert or bert_lora.")
 
 
 def run(name: str, method: str, batch: int, steps: int, threads: int) -> dict[str, float | None]:

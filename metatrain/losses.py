@@ -36,6 +36,13 @@ def per_sample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_
     return tokens.sum(dim=tuple(range(1, labels.dim()))) / counts
 
 
+def per_sample_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token cross-entropy per example, `[B]`: logits `[B, T, V]` at position `t` predict `labels[:, t + 1]`
+    (labels aligned with `input_ids`, as `transformers` causal LMs take them), averaged over each example's tokens
+    whose label is not `ignore_index` (e.g. a masked prompt)."""
+    return per_sample_cross_entropy(logits[:, :-1], labels[:, 1:], ignore_index)
+
+
 def weighted_mean(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """`sum(w * l) / sum(w)`; a zero sum of weights is replaced by one (Meta-Weight-Net's guard)."""
     norm = weights.sum()

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel, Trainer
+from transformers.trainer_utils import _is_peft_model
 
 from .losses import logits_of, per_sample_cross_entropy
 
@@ -47,7 +48,11 @@ class PerSampleLossTrainer(Trainer):
         self.trainer_batch_keys: list[str] = []
 
     def _is_transformers_model(self) -> bool:
-        return isinstance(self.model, PreTrainedModel)
+        """A `transformers` model, or a `peft` model (LoRA adapters) around one: it takes keyword inputs."""
+        model = self.model
+        if _is_peft_model(model):
+            model = model.get_base_model()
+        return isinstance(model, PreTrainedModel)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None and not self._is_transformers_model():

@@ -525,7 +525,8 @@ def test_lft_fewshot_resumes_pretraining_with_a_checkpoint_path(lft_fewshot, tmp
 
 
 RECIPE_OF_CONFIG = {"noisy_labels": "noisy_labels", "rotation": "rotation", "lft_fewshot": "lft_fewshot",
-                    "metaxl": "metaxl", "hyperdistill": "hyperdistill"}  # fmt: skip
+                    "metaxl": "metaxl", "hyperdistill": "hyperdistill",
+                    "lm_data_weighting": "lm_data_weighting"}  # fmt: skip
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "recipes" / "configs").glob("*.yaml")))
@@ -571,7 +572,8 @@ def test_yaml_null_sets_none_and_flags_still_win(tmp_path):
 
 RECIPE_ARGUMENTS = {"noisy_labels": "NoisyLabelsArguments", "rotation": "RotationArguments",
                     "lft_fewshot": "LFTArguments", "metaxl": "MetaXLArguments",
-                    "hyperdistill": "HyperDistillArguments"}  # fmt: skip
+                    "hyperdistill": "HyperDistillArguments",
+                    "lm_data_weighting": "LMDataWeightingArguments"}  # fmt: skip
 EVOGRAD_RESCALED = {"population": 2, "sigma": 0.001, "temperature": 0.05, "rescale": True}
 EVOGRAD_LFT = {"population": 2, "sigma": "lr", "temperature": 0.05, "memory_lean": True}
 LFT_RUNS = {"no_ft": ("evograd", {}), "fixed_ft": ("evograd", {}), "lft_t1t2": ("t1t2", {}),
@@ -596,6 +598,8 @@ SHIPPED_CONFIG_RUNS = {
     "hyperdistill_cifar100.yaml": hyperdistill_runs(50),
     "hyperdistill_digits.yaml": hyperdistill_runs(10),
     "lft_fewshot_cdfsl.yaml": LFT_RUNS,
+    "lm_data_weighting_reverse.yaml": {"plain": ("evograd", {}), "clean_only": ("evograd", {}),
+                                       "mwn_evograd": ("evograd", {}), "mwn_t1t2_fd": ("t1t2_fd", {})},
     "lft_fewshot_digits.yaml": LFT_RUNS,
     "lft_fewshot_resnet34.yaml": LFT_RUNS,
     "metaxl_generated.yaml": METAXL_RUNS,
@@ -674,7 +678,7 @@ def test_recipe_defaults_match_their_default_configs():
         expected = {method: options for method, (_, options) in runs.items() if options}
         evograd = next((method for method in module.METHODS if method.endswith("_evograd")), None)
         if evograd is not None:  # the other methods' options are in the recipe's run, not its default
-            expected = {evograd: runs[evograd][1]}
+            expected = {evograd: runs[evograd][1]} if runs[evograd][1] else {}
         assert getattr(module, arguments)().method_options == expected
 
 
@@ -779,3 +783,29 @@ def test_hyperdistill_rejects_a_class_split_of_other_classes(hyperdistill, image
     with pytest.raises(ValueError, match=r"class_split=\[2, 2, 1\] must add up to the 3 classes"):
         hyperdistill.main([*tiny_hyperdistill_flags(tmp_path, "anil_1step"), "--dataset", str(image_folder),
                            "--class_split", "2", "2", "1"])  # fmt: skip
+
+
+def test_lm_data_weighting_recipe(tmp_path, no_network):
+    """Every method on a tiny generated task: the results, the share of the plain-to-clean gap each weighting
+    recovers, the learned weights of clean and corrupted examples, and the plots."""
+    recipe = load_recipe("lm_data_weighting")
+    results = tmp_path / "results"
+    report = recipe.main([
+        "--seeds", "0", "--num_train", "64", "--num_meta", "16", "--num_test", "32", "--length", "3",
+        "--num_train_epochs", "1", "--per_device_train_batch_size", "16", "--meta_batch_size", "16",
+        "--results_dir", str(results), "--output_dir", str(tmp_path / "runs"), "--disable_tqdm", "true",
+    ])  # fmt: skip
+    runs = {r["method"]: r for r in report["runs"]}
+    assert list(runs) == list(recipe.METHODS)
+    plain, clean = runs["plain"]["test_loss"], runs["clean_only"]["test_loss"]
+    for method in ("mwn_evograd", "mwn_t1t2_fd"):
+        run = runs[method]
+        assert run["gap_recovered"] == pytest.approx((plain - run["test_loss"]) / (plain - clean))
+        assert 0 < run["mean_weight_clean"] < 1 and 0 < run["mean_weight_corrupted"] < 1
+        assert run["meta_steps_skipped"] == 0
+    assert runs["plain"]["gap_recovered"] is None
+    assert (
+        json.loads((results / "results.json").read_text())["summary"]["mwn_evograd"]["gap_recovered_mean"] is not None
+    )
+    for plot in ("test_loss.png", "test_accuracy.png", "weighting.png"):
+        assert (results / plot).is_file()
