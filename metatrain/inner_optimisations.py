@@ -196,16 +196,13 @@ class OnlineMetaLearning:
         lr = self.args.learning_rate if learning_rate is None else learning_rate
         objective, collate, tests = self.meta_objective(), self._task_collator("meta-test"), stream.tests()
         start = {name: phi.detach().clone() for name, phi in self.inner_optimisations.initialisation.items()}
-        size, accuracies, losses = stream.batch_size, [], []
+        accuracies, losses = [], []
         was_training = self.model.training
         self.model.train()
         for k in tqdm(range(stream.num_tasks), desc="meta-test", leave=False, disable=self.args.disable_tqdm):
-            batches = [
-                self._prepare_inputs(collate([stream.example_of(k, s * size + i) for i in range(size)]))
-                for s in range(stream.steps)
-            ]
+            batches = [self._prepare_inputs(collate(items)) for items in stream.batches_of(k)]
             weights = sgd_unroll(start, objective.train_loss, batches, [lr] * stream.steps, create_graph=False)
-            test = self._prepare_inputs(collate([tests.example_of(k, j) for j in range(tests.examples_per_task)]))
+            test = self._prepare_inputs(collate(tests.examples_of(k)))
             args, kwargs, labels = objective.split_inputs(test)
             state = {**{n: b.clone() for n, b in self.model.named_buffers()}, **weights}
             # as the meta loss sees it (an attached transform off)

@@ -198,12 +198,7 @@ class EndOfTaskMetaLoss(MetaTrainerCallback):
 
 def task_batches(trainer, stream: TaskStream, k: int, split: str = "train") -> list[dict[str, torch.Tensor]]:
     """Task `k`'s training batches in the stream's order (one per inner step), or its test examples as one batch."""
-    if split == "train":
-        size = stream.batch_size
-        items = [[stream.example_of(k, s * size + i) for i in range(size)] for s in range(stream.steps)]
-    else:
-        tests = stream.tests()
-        items = [[tests.example_of(k, j) for j in range(tests.examples_per_task)]]
+    items = stream.batches_of(k) if split == "train" else [stream.tests().examples_of(k)]
     keep = ("pixel_values", "labels")
     return [trainer._prepare_inputs(default_data_collator([{c: x[c] for c in keep} for x in b])) for b in items]
 

@@ -211,6 +211,11 @@ class TaskStream(torch.utils.data.Dataset):
         e, s = divmod(i, self.examples_per_task // self.micro_batch_size)
         return self.example_of(e * self.processes + r, s * self.micro_batch_size + j)
 
+    def batches_of(self, k: int) -> list[list[dict[str, Any]]]:
+        """Task `k`'s examples as its inner optimisation reads them: one list of `batch_size` per optimizer step."""
+        size = self.batch_size
+        return [[self.example_of(k, s * size + i) for i in range(size)] for s in range(self.steps)]
+
     def example_of(self, k: int, position: int) -> dict[str, Any]:
         """The example read at `position` of task `k`'s inner optimisation."""
         task = self.distribution.task(k)
@@ -242,6 +247,10 @@ class TaskTests(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.example_of(*divmod(int(index), self.examples_per_task))
+
+    def examples_of(self, k: int) -> list[dict[str, Any]]:
+        """Every test example of task `k`."""
+        return [self.example_of(k, j) for j in range(self.examples_per_task)]
 
     def example_of(self, k: int, j: int) -> dict[str, Any]:
         """Test example `j` of task `k`."""
