@@ -124,6 +124,12 @@ class MetaObjective:
         """The meta (validation) loss: the mean per-example loss, an attached transform off."""
         return self.per_sample(weights, batch, training=False).mean()
 
+    @torch.no_grad()
+    def held_losses(self, batch: Any, weights: ParamDict | None = None) -> torch.Tensor:
+        """The per-example training losses of `batch` at `weights` (the model's own by default), without a graph: a
+        loss weighter's held input."""
+        return self.per_sample(weights or {}, self.training_inputs(batch))
+
     def _reduce(self, losses: torch.Tensor, held: torch.Tensor | None = None) -> torch.Tensor:
         return self.role.training_loss(losses, self.call_module, held)
 
@@ -163,8 +169,7 @@ class MetaObjective:
                 inputs = self.training_inputs(train_batch)
                 losses = self.per_sample(weights, inputs)
                 if "losses" not in held:
-                    with torch.no_grad():
-                        held["losses"] = self.per_sample(params, self.training_inputs(train_batch))
+                    held["losses"] = self.held_losses(train_batch, params)
                 return self._reduce(losses, held["losses"])
 
         return HypergradientProblem(

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten
 from transformers import PreTrainedModel
@@ -26,6 +27,7 @@ from .modules import MetaModule
 from .objective import MetaObjective
 from .per_sample import PerSampleLossTrainer
 from .profiling import MemoryMeter
+from .sharded import check_sharded_estimator, estimate_sharded, is_sharded
 from .statistics import MetaStatistics
 from .step_guards import MetaStepGuards
 from .training_args import MIXED_PRECISION_EVOGRAD, SUPPORTED_SETUPS, MetaTrainingArguments
@@ -110,11 +112,8 @@ class MetaTrainer(ConstructionChecks, MetaCheckpoints, OnlineMetaLearning, PerSa
         super().__init__(
             model, args, *trainer_args, per_sample_loss=per_sample_loss, model_input_names=model_input_names, **kwargs
         )
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError(
-                "MetaTrainer does not support DeepSpeed or FSDP yet: they shard parameters, so the functional "
-                f"calls of the meta step are not viable. Supported: {SUPPORTED_SETUPS}."
-            )
+        if self.is_deepspeed_enabled:
+            raise ValueError(f"MetaTrainer does not support DeepSpeed. Supported: {SUPPORTED_SETUPS}.")
         self.meta_dataset = meta_dataset
         self.meta_module = meta_module
         # the meta-module's part in the losses (a plain attached module has none)
@@ -127,6 +126,8 @@ class MetaTrainer(ConstructionChecks, MetaCheckpoints, OnlineMetaLearning, PerSa
         if self.meta_param_names is None:  # outside the model: Accelerate does not place it
             meta_module.to(self.args.device)
         self.estimator = estimator or create_estimator(self.args.hypergradient, **self.args.estimator_options())
+        if self.is_fsdp_enabled:
+            self._check_fsdp()
         # unset: `after` where the base step's per-example losses spare the meta step a forward (a loss weighter's
         # held input; not on a joined accumulation window), `before` (the papers' order) otherwise
         saves = self._role.reads_losses and self.estimator.uses_held_train_loss
@@ -165,6 +166,22 @@ class MetaTrainer(ConstructionChecks, MetaCheckpoints, OnlineMetaLearning, PerSa
         self.inner_optimisations = None  # the restarts of an online run over a task distribution
         if self.args.meta_inner_steps is not None:
             self._start_online_run()
+
+    def _check_fsdp(self) -> None:
+        """Refuses what the meta step cannot do on FSDP2's shards, naming the fix."""
+        version = getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1)
+        if version != 2:
+            raise ValueError(
+                f"MetaTrainer supports FSDP version 2 only, got version {version}: set `fsdp_version: 2` in the "
+                "accelerate config or `fsdp_config={'version': 2}`."
+            )
+        check_sharded_estimator(self.estimator)
+        if self.meta_param_names is not None:
+            raise ValueError(
+                "A meta-module attached inside the model is not supported under FSDP through MetaTrainer yet: "
+                "Accelerate would shard its parameters with the model's. Use a meta-module outside the model (a loss "
+                "weighter such as MetaWeightNet, or an input transform), or train with DDP."
+            )
 
     @property
     def meta_steps_skipped(self) -> int:
@@ -329,7 +346,8 @@ class MetaTrainer(ConstructionChecks, MetaCheckpoints, OnlineMetaLearning, PerSa
         if not self.args.meta_profile_memory:
             return self._meta_step(train_batch, base_losses, start)
         # the weights, meta-parameters and training batch exist anyway: a graph that saves them adds no memory
-        existing = [*self.model.parameters(), *self.model.buffers(), *self.meta_params, *tree_flatten(train_batch)[0]]
+        weights = [p.to_local() if isinstance(p, DTensor) else p for p in self.model.parameters()]
+        existing = [*weights, *self.model.buffers(), *self.meta_params, *tree_flatten(train_batch)[0]]
         with MemoryMeter(self.args.device, exclude=existing) as meter:
             done = self._meta_step(train_batch, base_losses, start)
         if done:
@@ -342,7 +360,10 @@ class MetaTrainer(ConstructionChecks, MetaCheckpoints, OnlineMetaLearning, PerSa
         backend for an estimator that needs a second-order graph (the fused kernels have no double backward)."""
         attention = sdpa_kernel(SDPBackend.MATH) if estimator.second_order else contextlib.nullcontext()
         with self._step_seeded(ESTIMATOR_STREAM), attention:
-            result = estimator.estimate(problem)
+            if is_sharded(self.model):  # FSDP2: on the local shards, in place
+                result = estimate_sharded(estimator, problem, self.model)
+            else:
+                result = estimator.estimate(problem)
         grads, loss = result.grads, result.meta_loss
         if self.accelerator.num_processes > 1:  # functional calls bypass DDP's own averaging
             grads = tuple(self.accelerator.reduce(g, reduction="mean") for g in grads)
@@ -359,6 +380,8 @@ class MetaTrainer(ConstructionChecks, MetaCheckpoints, OnlineMetaLearning, PerSa
         # the base step's losses of another batch (a joined window) are not this batch's held input
         if base_losses is not None and len(base_losses) != len(self._split_inputs(train_batch)[2]):
             base_losses = None
+        if base_losses is None and self._role.reads_losses and is_sharded(self.model):
+            base_losses = objective.held_losses(train_batch)  # before the sharded estimator moves the weights
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else self.args.learning_rate
         problem = objective.problem(
             train_batch, meta_batch, lr, params=params, held_losses=base_losses,

@@ -42,9 +42,10 @@ META_STEP_POSITIONS = ("before", "after")
 META_TRAIN_BATCHES = ("window", "micro_batch")
 META_LOSS_MODES = ("train", "eval")
 SUPPORTED_SETUPS = (
-    "a single device (CPU or GPU) or DDP over several processes or machines (`accelerate launch` with a "
-    "MULTI_GPU/MULTI_CPU config, or `torchrun`), in fp32, bf16 or fp16 mixed precision (`bf16`/`fp16` or the "
-    "accelerate config's `mixed_precision`; examples in recipes/accelerate_configs/)"
+    "a single device (CPU or GPU), DDP over several processes or machines (`accelerate launch` with a "
+    "MULTI_GPU/MULTI_CPU config, or `torchrun`), or FSDP2 with evograd, first_order or t1t2_fd (`fsdp_version: 2`), "
+    "in fp32, bf16 or fp16 mixed precision (`bf16`/`fp16` or the accelerate config's `mixed_precision`; examples in "
+    "recipes/accelerate_configs/)"
 )
 
 
@@ -85,26 +86,55 @@ def _options_dict(name: str, value: dict[str, Any] | str | None, example: str) -
     return value
 
 
+def _fsdp_version(args: TrainingArguments) -> int | None:
+    """The FSDP version `args` or `accelerate launch` (its environment) ask for, or `None` without FSDP."""
+    if args.fsdp:
+        config = args.fsdp_config if isinstance(args.fsdp_config, dict) else {}
+        return int(config.get("version", 2))  # transformers' default
+    if _env_flag("ACCELERATE_USE_FSDP"):
+        return int(os.environ.get("FSDP_VERSION", "1"))  # accelerate's default
+    return None
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
 def refuse_sharded_training(args: TrainingArguments) -> None:
     """Raises a `ValueError` naming what is supported when `args` or `accelerate launch` (its environment) ask for
-    DeepSpeed or FSDP: they shard or wrap the parameters, so the meta step's functional calls are not viable."""
+    DeepSpeed, FSDP1, or FSDP2 with a meta step that cannot run on sharded weights (a second-order estimator, online
+    runs, a second-order diagnostics reference)."""
+    from .sharded import SHARDED_ESTIMATORS
 
-    def env(name: str) -> bool:
-        return os.environ.get(name, "false").lower() in ("1", "true", "yes")
-
-    asked = [
-        name
-        for name, on in (
-            ("DeepSpeed", bool(args.deepspeed) or env("ACCELERATE_USE_DEEPSPEED")),
-            ("FSDP", bool(args.fsdp) or env("ACCELERATE_USE_FSDP")),
-        )
-        if on
-    ]
-    if asked:
+    if bool(args.deepspeed) or _env_flag("ACCELERATE_USE_DEEPSPEED"):
         raise ValueError(
-            f"MetaTrainer does not support {' or '.join(asked)} yet (asked for by `deepspeed`/`fsdp` or by the "
-            f"accelerate config): the meta step calls the model functionally on unsharded weights. Supported: "
-            f"{SUPPORTED_SETUPS}."
+            "MetaTrainer does not support DeepSpeed (asked for by `deepspeed` or by the accelerate config): the meta "
+            f"step runs on unsharded weights or FSDP2's shards. Supported: {SUPPORTED_SETUPS}."
+        )
+    version = _fsdp_version(args)
+    if version is None:
+        return
+    if version != 2:
+        raise ValueError(
+            f"MetaTrainer supports FSDP version 2 only, got version {version}: set `fsdp_config={{'version': 2}}` or "
+            f"`fsdp_version: 2` in the accelerate config. Supported: {SUPPORTED_SETUPS}."
+        )
+    estimator = getattr(args, "hypergradient", None)
+    if estimator is not None and estimator not in SHARDED_ESTIMATORS:
+        raise ValueError(
+            f"hypergradient={estimator!r} cannot run under FSDP: it needs a second-order graph or unsharded weights. "
+            f"Under FSDP choose one of {SHARDED_ESTIMATORS}, or train with DDP."
+        )
+    reference = getattr(args, "meta_diagnostics_reference", None)
+    if getattr(args, "meta_diagnostics_steps", 0) and reference not in SHARDED_ESTIMATORS:
+        raise ValueError(
+            f"meta_diagnostics_reference={reference!r} cannot run under FSDP: choose one of {SHARDED_ESTIMATORS}, or "
+            "set meta_diagnostics_steps=0."
+        )
+    if getattr(args, "meta_inner_steps", None) is not None:
+        raise ValueError(
+            "Online runs (`meta_inner_steps`) keep each process's own base weights, which FSDP shards across the "
+            "processes: leave `meta_inner_steps` unset under FSDP, or train with DDP."
         )
 
 

@@ -1,6 +1,7 @@
 """MetaTrainer across processes and precisions: a real 2-process CPU run (gloo), bf16 autocast of every meta
 forward, the meta step under fp16 (loss-scaled base gradients, overflow), gradient accumulation against the
-equivalent larger batch, DeepSpeed/FSDP refused, and the example accelerate configs."""
+equivalent larger batch, DeepSpeed, FSDP1 and second-order estimators under FSDP2 refused, and the example
+accelerate configs."""
 
 from __future__ import annotations
 
@@ -282,17 +283,32 @@ def test_accumulation_with_a_weighting_net_meta_steps_on_the_whole_window(tmp_pa
 
 # ----------------------------------------------------------------------------------------------- sharded training
 @pytest.mark.parametrize(
-    "options, env, named",
-    [({"fsdp": "full_shard"}, {}, "FSDP"), ({"deepspeed": {"zero_optimization": {"stage": 2}}}, {}, "DeepSpeed"),
-     ({}, {"ACCELERATE_USE_FSDP": "true"}, "FSDP"), ({}, {"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed")],
+    "options, env, message",
+    [({"deepspeed": {"zero_optimization": {"stage": 2}}}, {}, "does not support DeepSpeed"),
+     ({}, {"ACCELERATE_USE_DEEPSPEED": "true"}, "does not support DeepSpeed"),
+     ({"fsdp": True, "fsdp_config": {"version": 1}}, {}, "FSDP version 2 only, got version 1"),
+     ({}, {"ACCELERATE_USE_FSDP": "true"}, "FSDP version 2 only, got version 1"),  # accelerate's default
+     ({"fsdp": True, "hypergradient": "t1t2"}, {}, r"hypergradient='t1t2' cannot run under FSDP.*'evograd'"),
+     ({}, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, None),
+     ({"fsdp": True, "hypergradient": "reverse"}, {}, r"'reverse' cannot run under FSDP.*'first_order', 't1t2_fd'"),
+     ({"fsdp": True, "meta_diagnostics_steps": 5}, {}, "meta_diagnostics_reference='t1t2' cannot run under FSDP"),
+     ({"fsdp": True, "meta_inner_steps": 3}, {}, "leave `meta_inner_steps` unset under FSDP"),
+     ({"fsdp": True, "hypergradient": "t1t2_fd", "meta_diagnostics_steps": 5,
+       "meta_diagnostics_reference": "evograd"}, {}, None)],
 )  # fmt: skip
-def test_deepspeed_and_fsdp_are_refused_naming_what_is_supported(tmp_path, monkeypatch, options, env, named):
+def test_sharded_setups_the_meta_step_cannot_run_are_refused_naming_the_fix(
+    tmp_path, monkeypatch, options, env, message
+):
+    """DeepSpeed and FSDP1 are refused; FSDP2 is accepted with the first-order estimators only."""
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    with pytest.raises(ValueError) as error:
+    if message is None:
         MetaTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **options)
-    message = str(error.value)
-    assert f"does not support {named}" in message and SUPPORTED_SETUPS in message
+        return
+    with pytest.raises(ValueError, match=message) as error:
+        MetaTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **options)
+    if "DeepSpeed" in message or "version" in message:
+        assert SUPPORTED_SETUPS in str(error.value)
 
 
 # ------------------------------------------------------------------------------------------------ accelerate configs
