@@ -12,19 +12,23 @@
 #   bf16  MWN width 1 through MetaTrainer, EvoGrad's default (and plain), 200 steps under bf16 autocast:
 #         meta_steps_skipped (must be 0), final loss, meta loss, hypergradient norm
 #   fp16  the same under fp16 (Trainer's loss scaling)
-#   lm    the LM data-weighting recipe does not exist yet: skipped, and said so in summary.json
+#   lm    recipes/lm_data_weighting.py under bf16, seed 0, 4 epochs (tiny GPT-2, 50% corrupted answers): plain, clean
+#         only, MWN by EvoGrad and by t1t2_fd; held-out loss, gap recovered, time per step, peak CUDA memory, skipped
+#         meta steps
 # Then `benchmarks/gpu_report.py` writes summary.json (environment, every part's exit status and time, the checks)
 # and report.md (Markdown tables to paste into docs/benchmarks.md).
 #
-# Time budget, seconds (8 min = 480 s in all; the limits below add up to 435 s). Each part spends ~10 s on imports
-# and CUDA start-up before its first row; figures measured on an H200 (2026-12-04: 348 s in all at the earlier limits):
+# Time budget, seconds (8 min = 480 s in all). Each part spends ~10 s on imports and CUDA start-up before its first
+# row; figures measured on an H200 (2026-12-04: 348 s in all without the lm part, at earlier limits):
 #   wheels (.whl/, under 1 MB) ~5, the datasets check, versions and CUDA check ~15           limit: none (~20)
-#   mwn   40 configurations x (3 warm-up + 15 timed + 1 metered step), ~3.5 s each: ~140-150 s
-#         rows that would start more than 170 s after the first are skipped (recorded so)   hard stop 200
-#   lft   16 configurations, same steps, ~5 s each: ~80 s; rows after 85 s skipped            hard stop 110
-#   bf16  plain, EvoGrad, plain x 200 steps: ~60 s                                           hard stop 75
-#   fp16  the same: ~65 s                                                                    hard stop 75
-#   report (imports torch for the environment) ~10                                          hard stop 30
+#   mwn   40 configurations x (3 warm-up + 15 timed + 1 metered step), ~3.5 s each: ~140 s
+#         rows that would start more than 145 s after the first are skipped (recorded so)   hard stop 165
+#   lft   16 configurations, same steps, ~5 s each: ~75 s; rows after 70 s skipped            hard stop 90
+#   bf16  plain, EvoGrad, plain x 200 steps: ~60 s                                           hard stop 70
+#   fp16  the same: ~65 s                                                                    hard stop 70
+#   lm    4 runs x 128 steps of a tiny GPT-2 (not yet measured on a GPU)                     hard stop 45
+#   report (imports torch for the environment) ~10                                          hard stop 20
+# The hard stops and the ~20 s of set-up add up to 480 s; the expected total is about 420 s.
 # Each part can fail or be stopped on its own: results.json is rewritten after every configuration, a failing
 # configuration writes its error into its row, and the script always goes on to the next part and the report.
 # GPU_CHECK_DEADLINE_SCALE (default 1) multiplies every deadline and hard stop, e.g. 0.5 for a shorter run.
@@ -99,14 +103,18 @@ if [ "$SMOKE" = 1 ]; then  # plumbing only: width 1, resnet10t at 32 px, 2 timed
     MWN=(--widths 1 --batch_size 20 --warmup 1 --repeats 2 --threads 1)
     LFT=(--lft_models resnet10t --lft_image_size 32 --batch_size 4 --warmup 1 --repeats 2 --threads 1)
     PREC=(--widths 1 --batch_size 20 --warmup 1 --repeats 2 --logging_steps 1 --threads 1)
-    MWN_DEADLINE=600 MWN_STOP=900 LFT_DEADLINE=600 LFT_STOP=900 PREC_STOP=600
+    LM=(--num_train 64 --num_meta 16 --num_test 32 --length 3 --num_train_epochs 1 --per_device_train_batch_size 16
+        --meta_batch_size 16 --use_cpu true)
+    MWN_DEADLINE=600 MWN_STOP=900 LFT_DEADLINE=600 LFT_STOP=900 PREC_STOP=600 LM_STOP=600
 else
     MWN=(--widths 1 2 3 4 5 --batch_size 100 --warmup 3 --repeats 15 --threads 8)
     LFT=(--lft_models resnet10t resnet34 --lft_image_size 224 --batch_size 16 --warmup 3 --repeats 15 --threads 8)
     # 10 warm-up + 189 timed + 1 metered = 200 steps
     PREC=(--widths 1 --batch_size 100 --warmup 10 --repeats 189 --logging_steps 20 --threads 8)
-    MWN_DEADLINE=$(scaled 170) MWN_STOP=$(scaled 200) LFT_DEADLINE=$(scaled 85) LFT_STOP=$(scaled 110)
-    PREC_STOP=$(scaled 75)
+    LM=(--num_train_epochs 4)  # 128 steps per run: the cost per step, not the recipe's result
+    LM_STOP=$(scaled 45)
+    MWN_DEADLINE=$(scaled 145) MWN_STOP=$(scaled 165) LFT_DEADLINE=$(scaled 70) LFT_STOP=$(scaled 90)
+    PREC_STOP=$(scaled 70)
 fi
 
 # part NAME HARD_STOP_S ARGS...: one step_cost.py run into $OUT_DIR/NAME/results.json; never stops the script
@@ -132,12 +140,18 @@ if [ "$SMOKE" = 1 ]; then  # MetaTrainer refuses fp16 on CPU (Accelerate would t
 else
     part fp16 "$PREC_STOP" "${PREC[@]}" --lft_models --methods plain evograd --mixed_precision fp16
 fi
-echo "=== part lm: SKIPPED: the LM data-weighting recipe does not exist yet ==="
-printf 'lm\tskipped\t0\tthe LM data-weighting recipe does not exist yet\n' >>"$PARTS"
+start=$SECONDS
+echo "=== part lm: recipes/lm_data_weighting.py --bf16 true --seeds 0 (hard stop ${LM_STOP} s) ==="
+timeout -k 10 "$LM_STOP" "$PY" recipes/lm_data_weighting.py --bf16 true --seeds 0 --results_dir "$OUT_DIR/lm" \
+    --output_dir "$WORK/lm_runs" --disable_tqdm true "${LM[@]}" 2>&1 | tee "$WORK/lm.log" |
+    grep -v -E "Warning|warn\(|^\s*$"
+rc=${PIPESTATUS[0]}
+echo "=== part lm: exit $rc after $((SECONDS - start)) s ==="
+printf '%s\t%s\t%s\t%s\n' lm "$rc" "$((SECONDS - start))" "$WORK/lm.log" >>"$PARTS"
 
 # ----------------------------------------------------------------------------------------------------- report
 echo "=== report ==="
-timeout -k 5 30 "$PY" benchmarks/gpu_report.py "$OUT_DIR" --parts "$PARTS" --smoke "$SMOKE"
+timeout -k 5 20 "$PY" benchmarks/gpu_report.py "$OUT_DIR" --parts "$PARTS" --smoke "$SMOKE"
 echo "gpu_check: done in $SECONDS s; files:"
 ls -la "$OUT_DIR" "$OUT_DIR"/*/ 2>/dev/null
 rm -rf "$WORK"

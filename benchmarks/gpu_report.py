@@ -2,8 +2,8 @@
 
     python benchmarks/gpu_report.py outputs/gpu_check            # prints the section, writes report.md beside it
 
-Reads `<folder>/{mwn,lft,bf16,fp16}/results.json` (rows of `benchmarks/step_cost.py`) and, when `gpu_check.sh` calls
-it, the parts' exit statuses (`--parts`); writes `summary.json` (environment, parts, checks, failed rows) and
+Reads `<folder>/{mwn,lft,bf16,fp16}/results.json` (rows of `benchmarks/step_cost.py`), `<folder>/lm/results.json`
+(the LM data-weighting recipe's report) and, when `gpu_check.sh` calls it, the parts' exit statuses (`--parts`); writes `summary.json` (environment, parts, checks, failed rows) and
 `report.md`. Ratios follow the project's rule: against plain training of the same size in the same run (the faster
 and the smaller of its two plain measurements), and T1-T2 over each method in the same run.
 """
@@ -230,8 +230,39 @@ def precision_table(parts: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[s
     return markdown_table(header, lines), checks
 
 
+def load_lm(folder: str) -> dict[str, Any] | None:
+    """The LM data-weighting recipe's report from `<folder>/lm/results.json`, or `None`."""
+    path = os.path.join(folder, "lm", "results.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        if os.path.exists(path):
+            print(f"gpu_report: {path} unreadable ({type(err).__name__}: {err}): part lm left out")
+        return None
+
+
+def lm_table(lm: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """One row per run of the LM recipe, and the check that no meta step was skipped."""
+    header = ["method", "seed", "test loss", "gap recovered", "s / step", "meta step s", "peak CUDA MB",
+              "meta steps skipped"]  # fmt: skip
+    lines, checks = [], {}
+    for r in lm["runs"]:
+        skipped = r.get("meta_steps_skipped")
+        weighted = r.get("meta_step_seconds") is not None
+        if weighted:
+            checks[f"lm_{r['method']}_meta_steps_skipped_is_0"] = skipped == 0
+        lines.append([
+            r["method"], r["seed"], _fmt(r, "test_loss"), _fmt(r, "gap_recovered"), _fmt(r, "seconds_per_step"),
+            _fmt(r, "meta_step_seconds"), _fmt(r, "peak_cuda_memory_mb"),
+            f"{skipped}{' (ok)' if skipped == 0 else ' (**must be 0**)'}" if weighted else "",
+        ])  # fmt: skip
+    return markdown_table(header, lines), checks
+
+
 def report(folder: str, parts_file: str | None = None, smoke: bool = False) -> tuple[str, dict[str, Any]]:
     parts = load(folder)
+    lm = load_lm(folder)
     summary_path = os.path.join(folder, "summary.json")
     old = {}
     if parts_file is None and os.path.isfile(summary_path):  # re-run on a downloaded folder: keep what it recorded
@@ -276,6 +307,15 @@ def report(folder: str, parts_file: str | None = None, smoke: bool = False) -> t
                 "ln 10 is expected); final values are the last logged interval's means.", "", table]  # fmt: skip
     else:
         out += ["No results (see summary.json's parts)."]
+    out += ["", "### LM data weighting under bf16 (`recipes/lm_data_weighting.py`, tiny GPT-2, seed 0)", ""]
+    if lm:
+        config = lm["config"]
+        table, lm_checks = lm_table(lm)
+        checks.update(lm_checks)
+        out += [f"{config.get('num_train')} training examples, {config.get('corruption')} corrupted; peak CUDA memory "
+                "over each run's training.", "", table]  # fmt: skip
+    else:
+        out += ["No results (see summary.json's parts)."]
     out += ["", "### Not measured", ""]
     skipped_parts = [p for p in statuses if p["status"] != "ok"]
     for p in skipped_parts:
@@ -295,7 +335,7 @@ def report(folder: str, parts_file: str | None = None, smoke: bool = False) -> t
         "environment": env,
         "parts": statuses,
         "checks": checks,
-        "lm_data_weighting": "skipped: the LM data-weighting recipe does not exist yet",
+        "lm_data_weighting": lm["summary"] if lm else None,
         "failed_or_skipped_rows": [
             {k: r.get(k) for k in ("workload", "size", "method", "mixed_precision", "error", "skipped")} for r in bad
         ],  # fmt: skip

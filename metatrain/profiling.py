@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 
@@ -123,8 +123,9 @@ def _process_kib(field: str) -> int:
 
 
 def _has_storage(value: Any) -> bool:
-    """Whether `value` is a tensor with memory of its own: forward-mode AD's efficient zero tangents have none."""
-    return isinstance(value, torch.Tensor) and not value._is_zerotensor()
+    """Whether `value` is a tensor with memory of its own: forward-mode AD's efficient zero tangents have none, nor
+    does a wrapper such as a DTensor (its local tensor is seen where it is made)."""
+    return isinstance(value, torch.Tensor) and not is_traceable_wrapper_subclass(value) and not value._is_zerotensor()
 
 
 class LiveTensorMeter(TorchDispatchMode):

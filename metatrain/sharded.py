@@ -20,6 +20,7 @@ from .estimators import (
     T1T2FiniteDifference,
 )
 from .estimators._base import grads_or_zeros
+from .estimators.evograd import _dot
 from .estimators.evograd_noise import NoiseDraw
 
 # the estimators that need no second-order graph, by name: the ones a sharded model supports
@@ -34,11 +35,11 @@ def is_sharded(model: nn.Module) -> bool:
 
 def check_sharded_estimator(estimator: HypergradientEstimator) -> None:
     """Raises a `ValueError` naming the supported estimators unless `estimator` can run on sharded weights."""
-    if not isinstance(estimator, (EvoGrad, FirstOrder, T1T2FiniteDifference)):
+    if type(estimator) not in (EvoGrad, FirstOrder, T1T2FiniteDifference):  # a subclass may estimate otherwise
         raise ValueError(
-            f"The {estimator.name or type(estimator).__name__!r} estimator cannot run under FSDP: it needs a "
-            f"second-order graph or unsharded weights. Under FSDP choose one of {SHARDED_ESTIMATORS} "
-            "(`hypergradient`), or train with DDP."
+            f"The {estimator.name or type(estimator).__name__!r} estimator ({type(estimator).__name__}) cannot run "
+            f"under FSDP: the sharded meta step has its own form of {SHARDED_ESTIMATORS} only (the others need a "
+            "second-order graph or unsharded weights). Choose one of them with `hypergradient`, or train with DDP."
         )
     if isinstance(estimator, EvoGrad) and (estimator.memory_lean is False or estimator.forward_mode):
         option = "memory_lean=False" if estimator.memory_lean is False else "forward_mode=True"
@@ -77,6 +78,18 @@ class LocalShards:
             yield saved
         finally:
             self.load(saved)
+
+    @contextlib.contextmanager
+    def constant(self) -> Iterator[None]:
+        """The weights as constants inside the block: a forward builds no graph through them (the meta-parameters'
+        graph is kept), as for the unsharded estimators' detached weights."""
+        try:
+            for p in self.params.values():
+                p.requires_grad_(False)
+            yield
+        finally:
+            for p in self.params.values():
+                p.requires_grad_(True)
 
     @torch.no_grad()
     def load(self, values: dict[str, torch.Tensor]) -> None:
@@ -156,10 +169,10 @@ def estimate_sharded(
 
 
 def _local_dot(grads: dict[str, torch.Tensor], deltas: Iterator[tuple[str, torch.Tensor]]) -> torch.Tensor:
-    """`sum_n grads[n] . delta_n` over this process's shards, in float64."""
+    """`sum_n grads[n] . delta_n` over this process's shards, each product in float32 at least, summed in float64."""
     total = torch.zeros((), dtype=torch.float64, device=next(iter(grads.values())).device)
     for name, delta in deltas:
-        total += (grads[name].double() * delta.double()).sum()
+        total += _dot(grads[name].reshape(-1), delta.reshape(-1))
     return total
 
 
@@ -178,9 +191,10 @@ def _evograd(estimator: EvoGrad, problem: HypergradientProblem, shards: LocalSha
             if k:
                 shards.load(theta)
             shards.add(draw.stream(k))
-            loss_k = problem.held_train_loss({}).reshape(())
-            losses.append(loss_k.detach())
-            loss_grads.append(grads_or_zeros(loss_k, meta_params))
+            with shards.constant():
+                loss_k = problem.held_train_loss({}).reshape(())
+                losses.append(loss_k.detach())
+                loss_grads.append(grads_or_zeros(loss_k, meta_params))
             del loss_k
         weights = estimator._softmax_weights(shards.all_mean(torch.stack(losses)))
         shards.load(theta)
@@ -225,7 +239,8 @@ def _t1t2_fd(
         for sign in (1.0, -1.0):
             shards.load(theta)
             shards.add(v, alpha=sign * r)
-            shifted.append(grads_or_zeros(problem.held_train_loss({}), meta_params))
+            with shards.constant():
+                shifted.append(grads_or_zeros(problem.held_train_loss({}), meta_params))
     plus, minus = shifted
     hyper = tuple(d - lr * (gp - gm) / (2 * r) for d, gp, gm in zip(direct, plus, minus))
     return HypergradientResult(hyper, loss.detach())

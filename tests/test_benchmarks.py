@@ -15,7 +15,8 @@ from helpers import weighted_mlp_problem
 from metatrain.estimators import EvoGrad, HypergradientProblem
 from metatrain.utils import cosine, flatten
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import lft_probe  # noqa: E402
 from forward_only import ForwardOnlyEvoGrad  # noqa: E402 (not registered: ESTIMATORS stays the library's)
 from step_cost import add_ratios, markdown_table, run_configuration  # noqa: E402
@@ -161,7 +162,7 @@ def test_lft_probe_compares_estimators_at_fixed_states(tmp_path, no_network):
 def test_gpu_check_parts_record_failures_and_the_report_reads_them(tmp_path):
     """`gpu_check.sh`'s path through `step_cost.py` (one process, --keep_going) and `gpu_report.py`, tiny, on CPU: a
     configuration that fails gets its error in its row and the rest run; a bf16 MetaTrainer run keeps its logs; the
-    report has the ratio tables, the T1-T2 ratios, the precision check and the failed row."""
+    report has the ratio tables, the T1-T2 ratios, the precision check, the failed row and the LM recipe's runs."""
     import gpu_report
     import step_cost
 
@@ -178,12 +179,51 @@ def test_gpu_check_parts_record_failures_and_the_report_reads_them(tmp_path):
     assert evograd["mixed_precision"] == "bf16" and evograd["steps"] == 2 and evograd["meta_steps_skipped"] == 0
     assert [log["step"] for log in evograd["log_history"]] == [1, 2] and evograd["final_hypergradient_norm"] >= 0
 
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lm_recipe", ROOT / "recipes" / "lm_data_weighting.py")
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = recipe
+    spec.loader.exec_module(recipe)
+    recipe.main(["--seeds", "0", "--num_train", "32", "--num_meta", "8", "--num_test", "8", "--length", "3",
+                 "--num_train_epochs", "1", "--per_device_train_batch_size", "16", "--meta_batch_size", "8",
+                 "--results_dir", str(tmp_path / "lm"), "--output_dir", str(tmp_path / "lm_runs"),
+                 "--disable_tqdm", "true", "--bf16", "true", "--use_cpu", "true"])  # fmt: skip
+
     text = gpu_report.main([str(tmp_path)])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (tmp_path / "report.md").read_text() == text
-    assert summary["checks"] == {"bf16_evograd_meta_steps_skipped_is_0": True}
+    assert summary["checks"] == {"bf16_evograd_meta_steps_skipped_is_0": True,
+                                 "lm_mwn_evograd_meta_steps_skipped_is_0": True,
+                                 "lm_mwn_t1t2_fd_meta_steps_skipped_is_0": True}  # fmt: skip
+    assert summary["lm_data_weighting"]["mwn_evograd"]["test_loss_mean"] > 0
+    assert "### LM data weighting under bf16" in text and "| mwn_evograd | 0 |" in text
     assert [r["size"] for r in summary["failed_or_skipped_rows"]] == ["not_a_model"] * 4
     assert "| `not_a_model` | failed | failed | failed |" in text
     resnet = next(line for line in text.splitlines() if line.startswith("| `resnet10t` | ") and " ms, " in line)
     assert resnet.count("x, ") == 2  # memory_lean and T1-T2 over plain
     assert "T1-T2 over each method" in text and "| bf16 | EvoGrad (default) | 2 |" in text and "0 (ok)" in text
+
+
+def test_sharded_memory_runs_every_setup_in_two_processes(tmp_path):
+    """`sharded_memory.py` on a tiny MLP under `torchrun --nproc_per_node 2`: every setup on both ranks, FSDP holding
+    half of DDP's weights and optimizer state per process."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(root / "benchmarks" / "sharded_memory.py"), "--output_dir", str(tmp_path), "--width", "64",
+               "--depth", "2", "--batch_size", "8", "--warmup", "2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    setups = {(r["setup"], r["rank"]): r for r in rows}
+    assert len(setups) == 12
+    for (setup, rank), row in setups.items():
+        assert row["base_step_mb"] > 0 and row["seconds_per_step"] > 0
+        assert (row["meta_step_mb"] is None) == setup.endswith("plain")
+        full = setups[(setup.replace("fsdp", "ddp"), rank)]["held_mb"]
+        if setup.startswith("fsdp"):  # every layer splits into halves (AdamW keeps a step count per tensor)
+            assert row["held_mb"] == pytest.approx(full / 2, rel=1e-3)

@@ -314,7 +314,8 @@ def test_sharded_setups_the_meta_step_cannot_run_are_refused_naming_the_fix(
 # ------------------------------------------------------------------------------------------------ accelerate configs
 @pytest.mark.parametrize(
     "name, distributed_type, processes, precision",
-    [("single_gpu", "NO", 1, "no"), ("multi_gpu", "MULTI_GPU", 2, "no"), ("bf16", "MULTI_GPU", 2, "bf16")],
+    [("single_gpu", "NO", 1, "no"), ("multi_gpu", "MULTI_GPU", 2, "no"), ("bf16", "MULTI_GPU", 2, "bf16"),
+     ("fsdp2", "FSDP", 2, "bf16")],
 )
 def test_accelerate_configs_load(name, distributed_type, processes, precision):
     from accelerate.commands.config.config_args import ClusterConfig
@@ -322,3 +323,5 @@ def test_accelerate_configs_load(name, distributed_type, processes, precision):
     config = ClusterConfig.from_yaml_file(str(ROOT / "recipes" / "accelerate_configs" / f"{name}.yaml"))
     assert config.distributed_type.value == distributed_type
     assert (config.num_processes, config.mixed_precision, config.use_cpu) == (processes, precision, False)
+    if distributed_type == "FSDP":  # the version MetaTrainer accepts
+        assert config.fsdp_config["fsdp_version"] == 2

@@ -86,3 +86,15 @@ def test_meta_trainer_meta_step_on_a_sharded_model(two_ranks):
         for difference, scale in zip(rank["differences"], rank["scales"]):
             assert scale > 1e-6 and difference <= 1e-4 * scale
     assert rank0["meta_params"] == rank1["meta_params"]
+
+
+def test_a_subclass_of_a_supported_estimator_is_refused():
+    """The sharded meta step has its own form of each supported estimator: a subclass's own `estimate` would be
+    ignored, so it is refused."""
+    from metatrain.estimators import EvoGrad
+
+    class Mine(EvoGrad):
+        pass
+
+    with pytest.raises(ValueError, match=r"\(Mine\) cannot run under FSDP"):
+        check_sharded_estimator(Mine())
