@@ -525,11 +525,13 @@ def run_and_report(
     load_data: Callable[[int], Any],
     run: Callable[[str, int, Any], tuple[dict[str, Any], Trainer]],
     summary_keys: Sequence[str],
+    across_runs: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Runs a recipe's grid of `args.methods` x `args.seeds` and reports it: the resumption is checked
-    ([`check_resume`]), the runs run ([`run_grid`], `runs_done.json` in `args.results_dir`) and summarized over seeds
-    ([`summarize`] of `summary_keys`); the main process writes the report to `<results_dir>/results.json` and prints
-    its summary.
+    ([`check_resume`]), the runs run ([`run_grid`], `runs_done.json` in `args.results_dir`), `across_runs` adds to
+    each run's result what needs the others (e.g. a gap between two methods of the same seed), and they are summarized
+    over seeds ([`summarize`] of `summary_keys`); the main process writes the report to `<results_dir>/results.json`
+    and prints its summary.
 
     Returns:
         `tuple[dict, bool]`: the report (`config`, `summary` and `runs`), and whether this process is the main one
@@ -537,6 +539,8 @@ def run_and_report(
     """
     check_resume(training_args, seeds=args.seeds, methods=args.methods)
     results, is_main = run_grid(args.seeds, args.methods, load_data, run, args.results_dir, training_args)
+    if across_runs is not None:
+        across_runs(results)
     summary = summarize(results, summary_keys)
     report = {"config": args.to_dict(), "summary": summary, "runs": results}
     if is_main:

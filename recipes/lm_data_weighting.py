@@ -34,9 +34,7 @@ from metatrain.experiments import (
     methods_field,
     per_method,
     run_and_report,
-    summarize,
     train_and_measure,
-    write_results,
 )
 from metatrain.losses import per_sample_causal_lm_loss
 from metatrain.modules import MetaWeightNet
@@ -73,7 +71,9 @@ class LMDataWeightingArguments(GridArguments):
     )
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of every weight."})
     method_options: dict[str, dict[str, Any]] | str | None = field(
-        default=None, metadata={"help": METHOD_OPTIONS_HELP}
+        # EvoGrad's lookahead step matched to the learning rate, the step t1t2_fd takes
+        default_factory=lambda: {"mwn_evograd": {"population": 2, "sigma": "auto", "temperature": 0.05}},
+        metadata={"help": METHOD_OPTIONS_HELP},
     )
     results_dir: str = field(default="outputs/lm_data_weighting", metadata={"help": "Where results.json goes."})
 
@@ -124,8 +124,9 @@ def build_model(args: LMDataWeightingArguments, tokenizer) -> torch.nn.Module:
     if args.model == "tiny_gpt2":
         if tokenizer is not None:
             raise ValueError("model=tiny_gpt2 has the generated tasks' vocabulary: name a model for a text dataset.")
-        config = GPT2Config(vocab_size=len(VOCAB), n_positions=32, n_embd=64, n_layer=2, n_head=4,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+        eos = VOCAB.index("<eos>")
+        config = GPT2Config(vocab_size=len(VOCAB), n_positions=32, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos, eos_token_id=eos)  # fmt: skip
         model = GPT2LMHeadModel(config)
     else:
         from transformers import AutoModelForCausalLM
@@ -213,13 +214,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     report, is_main = run_and_report(
         args, training_args, lambda seed: load_data(args, seed),
-        lambda method, seed, data: run(args, training_args, method, seed, data), (),
+        lambda method, seed, data: run(args, training_args, method, seed, data), SUMMARY_KEYS, gap_recovered,
     )  # fmt: skip
     results = report["runs"]
-    gap_recovered(results)  # needs every method of a seed: summarized here, not per run
-    report["summary"] = summarize(results, SUMMARY_KEYS)
     if is_main:
-        write_results(args.results_dir, report)
         colors = {method: f"C{i}" for i, method in enumerate(METHODS)}
         title = f"{args.dataset}, {args.corruption:.0%} corrupted"
         plot_curves(per_method(results, "test_loss_per_epoch"), os.path.join(args.results_dir, "test_loss.png"),

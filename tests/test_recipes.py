@@ -599,7 +599,9 @@ SHIPPED_CONFIG_RUNS = {
     "hyperdistill_digits.yaml": hyperdistill_runs(10),
     "lft_fewshot_cdfsl.yaml": LFT_RUNS,
     "lm_data_weighting_reverse.yaml": {"plain": ("evograd", {}), "clean_only": ("evograd", {}),
-                                       "mwn_evograd": ("evograd", {}), "mwn_t1t2_fd": ("t1t2_fd", {})},
+                                       "mwn_evograd": ("evograd", {"population": 2, "sigma": "auto",
+                                                                   "temperature": 0.05}),
+                                       "mwn_t1t2_fd": ("t1t2_fd", {})},
     "lft_fewshot_digits.yaml": LFT_RUNS,
     "lft_fewshot_resnet34.yaml": LFT_RUNS,
     "metaxl_generated.yaml": METAXL_RUNS,
@@ -809,3 +811,46 @@ def test_lm_data_weighting_recipe(tmp_path, no_network):
     )
     for plot in ("test_loss.png", "test_accuracy.png", "weighting.png"):
         assert (results / plot).is_file()
+
+
+@pytest.fixture
+def local_causal_lm(tmp_path):
+    """A tiny GPT-2 with a BPE tokenizer trained here, saved with `save_pretrained`, and a folder of text files:
+    the recipe's real loading path (`from_pretrained`, `load_dataset`) without a download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
+    lines = [" ".join(rng.choice(words, 12)) + "." for _ in range(200)]
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "train.txt").write_text("\n".join(lines))
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=64, special_tokens=["<unk>", "<eos>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>")
+    fast.save_pretrained(tmp_path / "model")
+    config = GPT2Config(vocab_size=len(fast), n_positions=16, n_embd=32, n_layer=1, n_head=2, bos_token_id=1,
+                        eos_token_id=1)  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "model")
+    return tmp_path / "model", tmp_path / "text"
+
+
+@pytest.mark.parametrize("lora", ["false", "true"])
+def test_lm_data_weighting_recipe_on_a_local_model_and_text_dataset(tmp_path, local_causal_lm, no_network, lora):
+    """The real path: a causal LM and a text dataset by path, blocks of tokens with a share shuffled, next-token
+    accuracy, optionally LoRA adapters."""
+    recipe = load_recipe("lm_data_weighting")
+    model, text = local_causal_lm
+    report = recipe.main([
+        "--model", str(model), "--dataset", str(text), "--block_size", "8", "--num_train", "48", "--num_meta", "8",
+        "--num_test", "8", "--lora", lora, "--methods", "plain", "mwn_evograd", "--seeds", "0",
+        "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--meta_batch_size", "8",
+        "--results_dir", str(tmp_path / "results"), "--output_dir", str(tmp_path / "runs"), "--disable_tqdm", "true",
+    ])  # fmt: skip
+    runs = {r["method"]: r for r in report["runs"]}
+    assert list(runs) == ["plain", "mwn_evograd"]
+    for run in runs.values():
+        assert np.isfinite(run["test_loss"]) and 0 <= run["test_accuracy"] <= 1
+    assert runs["mwn_evograd"]["meta_steps_skipped"] == 0
+    assert 0 < runs["mwn_evograd"]["mean_weight_corrupted"] < 1
