@@ -30,7 +30,7 @@ class MetaCheckpoints:
         return {
             "meta_module": self.meta_module.state_dict(),
             "meta_optimizer": self.create_meta_optimizer().state_dict(),
-            **self._process_state_dict(),
+            **self._process_state_dict(task_state=False),  # the model and optimizer files hold the main process's
             "statistics": self.meta_statistics.state_dict(),
             "meta_step_position": self.meta_step_position,
             "inner_optimisations": None if self.inner_optimisations is None else self.inner_optimisations.state_dict(),
@@ -65,16 +65,16 @@ class MetaCheckpoints:
                 f"`meta_step_position={saved!r}` to continue it."
             )
 
-    def _process_state_dict(self) -> dict[str, Any]:
+    def _process_state_dict(self, task_state: bool = True) -> dict[str, Any]:
         """What differs between processes: the estimator's state (e.g. the remembered batches of reverse mode and
         HyperDistill, drawn from this process's shard), this process's position in the meta data, and in an online
-        run of several processes its own task's base weights and base optimizer state."""
+        run of several processes (with `task_state`) its own task's base weights and base optimizer state."""
         state = {
             "estimator": self.estimator.state_dict(),
             "meta_data": self.meta_batches.state_dict(),
             "rollout_data": None if self.rollout_batches is None else self.rollout_batches.state_dict(),
         }
-        if self.inner_optimisations is not None and self.args.world_size > 1:
+        if task_state and self.inner_optimisations is not None and self.args.world_size > 1:
             weights = {name: p.detach().clone() for name, p in self.model.named_parameters() if p.requires_grad}
             state["task_weights"], state["task_optimizer"] = weights, self.optimizer.state_dict()
         return state
