@@ -2,10 +2,11 @@
 
     python benchmarks/gpu_report.py outputs/gpu_check            # prints the section, writes report.md beside it
 
-Reads `<folder>/{mwn,lft,bf16,fp16}/results.json` (rows of `benchmarks/step_cost.py`), `<folder>/lm/results.json`
-(the LM data-weighting recipe's report) and, when `gpu_check.sh` calls it, the parts' exit statuses (`--parts`); writes `summary.json` (environment, parts, checks, failed rows) and
-`report.md`. Ratios follow the project's rule: against plain training of the same size in the same run (the faster
-and the smaller of its two plain measurements), and T1-T2 over each method in the same run.
+Reads `<folder>/{mwn,lft,bf16,fp16}/results.json` (rows of `benchmarks/step_cost.py`), `<folder>/lm/results.json` (the
+LM data-weighting recipe's report) and, when `gpu_check.sh` calls it, the parts' exit statuses (`--parts`); writes
+`summary.json` (environment, parts, checks, failed rows) and `report.md`. Ratios follow the project's rule: against
+plain training of the same size in the same run (the faster and the smaller of its two plain measurements), and T1-T2
+over each method in the same run.
 """
 
 from __future__ import annotations

@@ -118,7 +118,8 @@ class MetaObjective:
 
     def train_loss(self, weights: ParamDict, batch: Any) -> torch.Tensor:
         """The training loss: the meta-module's reduction of the per-example losses (the mean for most)."""
-        return self._reduce(self.per_sample(weights, self.training_inputs(batch)))
+        inputs = self.training_inputs(batch)
+        return self._reduce(self.per_sample(weights, inputs), batch=inputs)
 
     def meta_loss(self, weights: ParamDict, batch: Any) -> torch.Tensor:
         """The meta (validation) loss: the mean per-example loss, an attached transform off."""
@@ -130,8 +131,10 @@ class MetaObjective:
         loss weighter's held input."""
         return self.per_sample(weights or {}, self.training_inputs(batch))
 
-    def _reduce(self, losses: torch.Tensor, held: torch.Tensor | None = None) -> torch.Tensor:
-        return self.role.training_loss(losses, self.call_module, held)
+    def _reduce(self, losses: torch.Tensor, held: torch.Tensor | None = None, batch: Any = None) -> torch.Tensor:
+        """The meta-module's training loss of `losses`, inside its `batch_context` of `batch` where one is given."""
+        with self.role.batch_context(batch) if batch is not None else contextlib.nullcontext():
+            return self.role.training_loss(losses, self.call_module, held)
 
     def problem(
         self,
@@ -170,7 +173,7 @@ class MetaObjective:
                 losses = self.per_sample(weights, inputs)
                 if "losses" not in held:
                     held["losses"] = self.held_losses(train_batch, params)
-                return self._reduce(losses, held["losses"])
+                return self._reduce(losses, held["losses"], batch=inputs)
 
         return HypergradientProblem(
             params,

@@ -89,7 +89,7 @@ class PerSampleLossTrainer(Trainer):
         """Per-example losses of the batch, reduced by [`~PerSampleLossTrainer.reduce_loss`]."""
         inputs = self.transform_inputs(inputs, model.training)
         args, kwargs, labels = self._split_inputs(inputs)
-        with self.batch_context(inputs):
+        with self.batch_context(inputs):  # the reduction too (e.g. a weighting by each example's source)
             logits = logits_of(model(*args, **kwargs))
-        loss = self.reduce_loss(self.per_sample_loss(logits, labels), model.training)
+            loss = self.reduce_loss(self.per_sample_loss(logits, labels), model.training)
         return (loss, {"logits": logits}) if return_outputs else loss

@@ -1,6 +1,8 @@
 """Language-model data weighting: fine-tune a causal LM on a mixture whose training examples are partly corrupted,
-with a small clean meta set; compare plain fine-tuning, fine-tuning on the clean part alone, and a per-example loss
-weighter (Meta-Weight-Net) learned by EvoGrad and by `t1t2_fd`.
+with a small clean meta set; compare plain fine-tuning, fine-tuning on the clean part alone, a per-example loss
+weighter (Meta-Weight-Net) and per-source mixture weights (DoReMi-like, `SourceWeights`), each learned by EvoGrad and
+by `t1t2_fd`. The training examples come from `num_sources` sources of graded quality (source k holds a share
+k / (num_sources - 1) of corrupted examples).
 
 The embedded default is a generated task (`reverse`: `01234=43210`) where half the training answers are random
 digits, on a tiny GPT-2 built from a config. The real path takes any causal LM and text dataset by name, optionally
@@ -15,6 +17,7 @@ exact-match accuracy (generated tasks) or next-token accuracy (text), seconds pe
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass, field
@@ -26,6 +29,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, set_seed
 
 from metatrain import MetaTrainingArguments
 from metatrain.cli import parse_config
+from metatrain.data import graded_sources
 from metatrain.data.sequences import SEQUENCE_TASKS, VOCAB, make_sequence_lm_splits
 from metatrain.experiments import (
     METHOD_OPTIONS_HELP,
@@ -37,11 +41,12 @@ from metatrain.experiments import (
     train_and_measure,
 )
 from metatrain.losses import per_sample_causal_lm_loss
-from metatrain.modules import MetaWeightNet
+from metatrain.modules import MetaWeightNet, SourceWeights
 from metatrain.plotting import plot_curves, plot_grouped_bars, plot_weighting_functions
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "lm_data_weighting_reverse.yaml")
-METHODS = {"plain": None, "clean_only": None, "mwn_evograd": "evograd", "mwn_t1t2_fd": "t1t2_fd"}
+METHODS = {"plain": None, "clean_only": None, "mwn_evograd": "evograd", "mwn_t1t2_fd": "t1t2_fd",
+           "mixture_evograd": "evograd", "mixture_t1t2_fd": "t1t2_fd"}  # fmt: skip
 SUMMARY_KEYS = ("test_loss", "test_perplexity", "test_accuracy", "gap_recovered", "seconds_per_step",
                 "meta_step_seconds", "meta_step_memory_mb", "peak_cuda_memory_mb")  # fmt: skip
 
@@ -66,13 +71,24 @@ class LMDataWeightingArguments(GridArguments):
     num_meta: int = field(default=64, metadata={"help": "Clean meta examples."})
     num_test: int = field(default=500, metadata={"help": "Clean held-out test examples."})
     corruption: float = field(default=0.5, metadata={"help": "Share of the training examples corrupted."})
+    num_sources: int = field(
+        default=4,
+        metadata={"help": "Training sources of graded quality (`metatrain.data.graded_sources`), for the mixture "
+                  "methods: source k holds a share k / (num_sources - 1) of the corrupted examples."},
+    )  # fmt: skip
+    source_scale: float = field(
+        default=10.0, metadata={"help": "`SourceWeights(scale=...)`: how fast the meta-optimizer moves the shares."}
+    )
     model: str = field(
         default="tiny_gpt2", metadata={"help": "`tiny_gpt2` (built from a config) or a causal LM's name or path."}
     )
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of every weight."})
     method_options: dict[str, dict[str, Any]] | str | None = field(
         # EvoGrad's lookahead step matched to the learning rate, the step t1t2_fd takes
-        default_factory=lambda: {"mwn_evograd": {"population": 2, "sigma": "auto", "temperature": 0.05}},
+        default_factory=lambda: {
+            method: {"population": 2, "sigma": "auto", "temperature": 0.05}
+            for method in ("mwn_evograd", "mixture_evograd")
+        },
         metadata={"help": METHOD_OPTIONS_HELP},
     )
     results_dir: str = field(default="outputs/lm_data_weighting", metadata={"help": "Where results.json goes."})
@@ -109,15 +125,19 @@ def text_splits(args: LMDataWeightingArguments, tokenizer, seed: int):
 
 
 def load_data(args: LMDataWeightingArguments, seed: int):
-    """The splits and the tokenizer (`None` for a generated task)."""
+    """The splits and the tokenizer (`None` for a generated task); each training example has a `source`."""
     if args.dataset in SEQUENCE_TASKS:
         sizes = dict(num_train=args.num_train, num_meta=args.num_meta, num_test=args.num_test)
         splits = make_sequence_lm_splits(args.dataset, args.length, corruption=args.corruption, seed=seed, **sizes)
-        return splits, None
-    from transformers import AutoTokenizer
+        tokenizer = None
+    else:
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    return text_splits(args, tokenizer, seed), tokenizer
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        splits = text_splits(args, tokenizer, seed)
+    sources = graded_sources(np.asarray(splits["train"]["corrupted"]), args.num_sources, seed)
+    splits["train"] = splits["train"].add_column("source", sources).with_format("torch")
+    return splits, tokenizer
 
 
 def build_model(args: LMDataWeightingArguments, tokenizer) -> torch.nn.Module:
@@ -157,10 +177,16 @@ def run(args: LMDataWeightingArguments, training_args: MetaTrainingArguments, me
     train = splits["train"]
     if method == "clean_only":
         train = train.filter(lambda corrupted: not corrupted, input_columns="corrupted")
+    if not method.startswith("mixture"):  # only the mixture weights read it
+        train = train.remove_columns("source")
+    if method.startswith("mixture"):
+        meta_module = functools.partial(SourceWeights, args.num_sources, scale=args.source_scale)
+    else:
+        meta_module = MetaWeightNet
     trainer = method_trainer(
         method, METHODS, args.method_options, training_args, seed, model=model, train_dataset=train,
         eval_dataset=splits["test"], compute_metrics=exact_match, meta_dataset=splits["meta"],
-        meta_module=MetaWeightNet, per_sample_loss=per_sample_causal_lm_loss,
+        meta_module=meta_module, per_sample_loss=per_sample_causal_lm_loss,
     )  # fmt: skip
     costs = train_and_measure(trainer)
     final = trainer.evaluate()
@@ -172,7 +198,9 @@ def run(args: LMDataWeightingArguments, training_args: MetaTrainingArguments, me
         "test_loss_per_epoch": [h["eval_loss"] for h in history if "eval_loss" in h][:-1] or [final["eval_loss"]],
         **costs,
     }  # fmt: skip
-    if METHODS[method] is not None:  # the learned weights of the clean and the corrupted training examples
+    if method.startswith("mixture"):
+        result.update(learned_shares(trainer.meta_module, splits["train"]))
+    elif METHODS[method] is not None:  # the learned weights of the clean and the corrupted training examples
         result.update(learned_weights(trainer, splits["train"]))
     return result, trainer
 
@@ -199,6 +227,21 @@ def learned_weights(trainer, train) -> dict[str, Any]:
     }
 
 
+@torch.no_grad()
+def learned_shares(weights: SourceWeights, train) -> dict[str, Any]:
+    """The learned share of each source, and the resulting weight of the clean and the corrupted examples."""
+    shares = weights.shares().cpu().numpy()
+    sources = np.asarray(train["source"])
+    corrupted = np.asarray(train["corrupted"], dtype=bool)
+    per_example = len(shares) * shares[sources]
+    return {
+        "source_shares": shares.tolist(),
+        "source_corrupted_share": [float(corrupted[sources == k].mean()) for k in range(len(shares))],
+        "mean_weight_clean": float(per_example[~corrupted].mean()),
+        "mean_weight_corrupted": float(per_example[corrupted].mean()) if corrupted.any() else None,
+    }
+
+
 def gap_recovered(results: list[dict[str, Any]], key: str = "test_loss") -> None:
     """For each seed's weighted runs: `(plain - method) / (plain - clean_only)` of the test loss, the share of the
     gap between plain fine-tuning and fine-tuning on the clean part that the learned weighting recovers."""
@@ -209,6 +252,30 @@ def gap_recovered(results: list[dict[str, Any]], key: str = "test_loss") -> None
         r["gap_recovered"] = None if not gap or METHODS[r["method"]] is None else (plain - r[key]) / gap
 
 
+def plot(results: list[dict[str, Any]], args: LMDataWeightingArguments) -> None:
+    """The recipe's plots, beside `results.json` in `args.results_dir`."""
+    colors = {method: f"C{i}" for i, method in enumerate(METHODS)}
+    title = f"{args.dataset}, {args.corruption:.0%} corrupted"
+    plot_curves(per_method(results, "test_loss_per_epoch"), os.path.join(args.results_dir, "test_loss.png"),
+                "epoch", "held-out clean loss", title, colors)  # fmt: skip
+    bars = {"test accuracy": {m: (float(np.mean(v)), float(np.std(v)))
+                              for m, v in per_method(results, "test_accuracy").items()}}  # fmt: skip
+    plot_grouped_bars(bars, os.path.join(args.results_dir, "test_accuracy.png"), "accuracy",
+                      f"{args.dataset}: held-out accuracy (mean, std over seeds)", colors)  # fmt: skip
+    shares = per_method(results, "source_shares")
+    if shares:  # the learned mixture, per source (mean and std over seeds)
+        corrupted = next(r["source_corrupted_share"] for r in results if "source_corrupted_share" in r)
+        bars = {f"{k}: {c:.0%}": {m: (float(np.mean([s[k] for s in v])), float(np.std([s[k] for s in v])))
+                                  for m, v in shares.items()} for k, c in enumerate(corrupted)}  # fmt: skip
+        plot_grouped_bars(bars, os.path.join(args.results_dir, "source_shares.png"), "learned share",
+                          "Learned share per source (source: its corrupted share)", colors)  # fmt: skip
+    last = {r["method"]: r["weighting_function"] for r in results if "weighting_function" in r}
+    if last:
+        plot_weighting_functions({m: (w["loss"], w["weight"]) for m, w in last.items()},
+                                 os.path.join(args.results_dir, "weighting.png"),
+                                 f"Learned weighting function (seed {args.seeds[-1]})", colors)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict:
     args, training_args = parse_config((LMDataWeightingArguments, MetaTrainingArguments), argv, DEFAULT_CONFIG)
 
@@ -216,20 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
         args, training_args, lambda seed: load_data(args, seed),
         lambda method, seed, data: run(args, training_args, method, seed, data), SUMMARY_KEYS, gap_recovered,
     )  # fmt: skip
-    results = report["runs"]
     if is_main:
-        colors = {method: f"C{i}" for i, method in enumerate(METHODS)}
-        title = f"{args.dataset}, {args.corruption:.0%} corrupted"
-        plot_curves(per_method(results, "test_loss_per_epoch"), os.path.join(args.results_dir, "test_loss.png"),
-                    "epoch", "held-out clean loss", title, colors)  # fmt: skip
-        bars = {"test accuracy": {m: (float(np.mean(v)), float(np.std(v)))
-                                  for m, v in per_method(results, "test_accuracy").items()}}  # fmt: skip
-        plot_grouped_bars(bars, os.path.join(args.results_dir, "test_accuracy.png"), "accuracy",
-                          f"{args.dataset}: held-out accuracy (mean, std over seeds)", colors)  # fmt: skip
-        last = {r["method"]: r["weighting_function"] for r in results if "weighting_function" in r}
-        plot_weighting_functions({m: (w["loss"], w["weight"]) for m, w in last.items()},
-                                 os.path.join(args.results_dir, "weighting.png"),
-                                 f"Learned weighting function (seed {args.seeds[-1]})", colors)  # fmt: skip
+        plot(report["runs"], args)
     return report
 
 

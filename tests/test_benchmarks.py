@@ -193,9 +193,9 @@ def test_gpu_check_parts_record_failures_and_the_report_reads_them(tmp_path):
     text = gpu_report.main([str(tmp_path)])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (tmp_path / "report.md").read_text() == text
-    assert summary["checks"] == {"bf16_evograd_meta_steps_skipped_is_0": True,
-                                 "lm_mwn_evograd_meta_steps_skipped_is_0": True,
-                                 "lm_mwn_t1t2_fd_meta_steps_skipped_is_0": True}  # fmt: skip
+    lm_checks = {f"lm_{kind}_{estimator}_meta_steps_skipped_is_0": True
+                 for kind in ("mwn", "mixture") for estimator in ("evograd", "t1t2_fd")}  # fmt: skip
+    assert summary["checks"] == {"bf16_evograd_meta_steps_skipped_is_0": True, **lm_checks}
     assert summary["lm_data_weighting"]["mwn_evograd"]["test_loss_mean"] > 0
     assert "### LM data weighting under bf16" in text and "| mwn_evograd | 0 |" in text
     assert [r["size"] for r in summary["failed_or_skipped_rows"]] == ["not_a_model"] * 4

@@ -296,3 +296,19 @@ def test_cifar_from_the_hub_maps_columns(monkeypatch, name, repo, label_column):
     example = ds["test"][1]
     assert example["pixel_values"].shape == (3, 32, 32) and example["labels"] == 1
     assert load_image_classification_dataset(name, image_size=16)["train"][0]["pixel_values"].shape == (3, 16, 16)
+
+
+def test_graded_sources_give_each_source_its_share_of_corrupted_examples():
+    from metatrain.data import graded_sources
+
+    corrupted = np.zeros(4000, dtype=bool)
+    corrupted[np.random.default_rng(0).permutation(4000)[:2000]] = True
+    sources = graded_sources(corrupted, 4, seed=1)
+    shares = [corrupted[sources == k].mean() for k in range(4)]
+    np.testing.assert_allclose(shares, [0, 1 / 3, 2 / 3, 1], atol=0.04)
+    assert shares[0] == 0 and shares[3] == 1  # the first source is clean, the last all corrupted
+    np.testing.assert_allclose(np.bincount(sources) / 4000, 0.25, atol=0.03)
+    assert np.array_equal(graded_sources(corrupted, 4, seed=1), sources)
+    assert not graded_sources(corrupted, 1).any()
+    with pytest.raises(ValueError, match="num_sources must be an integer >= 1"):
+        graded_sources(corrupted, 0)

@@ -314,8 +314,12 @@ def test_sharded_setups_the_meta_step_cannot_run_are_refused_naming_the_fix(
 # ------------------------------------------------------------------------------------------------ accelerate configs
 @pytest.mark.parametrize(
     "name, distributed_type, processes, precision",
-    [("single_gpu", "NO", 1, "no"), ("multi_gpu", "MULTI_GPU", 2, "no"), ("bf16", "MULTI_GPU", 2, "bf16"),
-     ("fsdp2", "FSDP", 2, "bf16")],
+    [
+        ("single_gpu", "NO", 1, "no"),
+        ("multi_gpu", "MULTI_GPU", 2, "no"),
+        ("bf16", "MULTI_GPU", 2, "bf16"),
+        ("fsdp2", "FSDP", 2, "bf16"),
+    ],
 )
 def test_accelerate_configs_load(name, distributed_type, processes, precision):
     from accelerate.commands.config.config_args import ClusterConfig

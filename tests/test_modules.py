@@ -402,3 +402,61 @@ def test_detach_feature_wise_transforms_without_the_handle():
     again = attach_feature_wise_transforms(model)  # attaching again after a detach works
     detach_feature_wise_transforms(model, again)
     assert list(model.state_dict()) == keys and forward_hooks(model) == 0
+
+
+# --------------------------------------------------------------------------------------------- source weights
+def test_source_weights_weigh_each_example_by_its_sources_share():
+    from metatrain.modules import SourceWeights
+
+    weights = SourceWeights(3, scale=2.0)
+    with torch.no_grad():
+        weights.logits.copy_(torch.tensor([0.5, -0.2, 0.1]))
+    shares = torch.softmax(2.0 * weights.logits.detach(), dim=0)
+    torch.testing.assert_close(weights.shares().detach(), shares)
+    with weights.batch_context({"source": [0, 2, 2, 1]}):
+        torch.testing.assert_close(weights(torch.ones(4)).detach(), 3 * shares[[0, 2, 2, 1]])
+        with weights.batch_context({"source": torch.tensor([1])}):  # nested: the inner batch, then the outer again
+            torch.testing.assert_close(weights(torch.ones(1)).detach(), 3 * shares[[1]])
+        assert weights(torch.ones(4)).shape == (4,)
+        with pytest.raises(ValueError, match="4 sources for 2 losses"):
+            weights(torch.ones(2))
+    with pytest.raises(ValueError, match="no 'source' column"):
+        weights(torch.ones(4))
+    with weights.batch_context({"source": [0, 3]}), pytest.raises(ValueError, match=r"ids in \[0, 3\), got \[0, 3\]"):
+        weights(torch.ones(2))
+    for bad in ({"num_sources": 0}, {"num_sources": 2, "scale": 0.0}):
+        with pytest.raises(ValueError, match="SourceWeights needs"):
+            SourceWeights(**bad)
+    assert weights.batch_keys == ("source",) and SourceWeights(2, key="domain").batch_keys == ("domain",)
+
+
+def test_source_weights_in_meta_trainer_weigh_the_base_and_the_meta_steps_training_loss(tmp_path):
+    """The base step's loss and the meta step's training loss are the source-weighted means (the batch's `source`
+    column reaches the module though the model never sees it), and the shares learn from the hypergradient."""
+    from helpers import image_dataset, make_args
+
+    from metatrain.losses import per_sample_cross_entropy
+    from metatrain.modules import SourceWeights
+
+    train = image_dataset(64, seed=1)
+    train = train.add_column("source", [i % 3 for i in range(64)]).with_format("torch")
+    weights = SourceWeights(3)
+    with torch.no_grad():
+        weights.logits.copy_(torch.tensor([0.3, 0.0, -0.3]))
+    torch.manual_seed(0)
+    trainer = MetaTrainer(
+        model=nn.Sequential(nn.Flatten(), nn.Linear(64, 3)),
+        args=make_args(tmp_path, hypergradient="t1t2", remove_unused_columns=False),
+        train_dataset=train, meta_dataset=image_dataset(20, seed=2), meta_module=weights,
+    )  # fmt: skip
+    batch = trainer._prepare_inputs(train[:8])
+    model = trainer.model
+    losses = per_sample_cross_entropy(model(batch["pixel_values"]), batch["labels"])
+    expected = weighted_mean(losses, 3 * torch.softmax(weights.logits, 0)[batch["source"]])
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.compute_loss(model, batch), expected)
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        torch.testing.assert_close(trainer.meta_objective().train_loss(params, batch), expected)
+    before = weights.logits.detach().clone()
+    trainer.train()
+    assert trainer.meta_steps_skipped == 0 and not torch.equal(weights.logits.detach(), before)

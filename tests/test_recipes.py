@@ -601,7 +601,10 @@ SHIPPED_CONFIG_RUNS = {
     "lm_data_weighting_reverse.yaml": {"plain": ("evograd", {}), "clean_only": ("evograd", {}),
                                        "mwn_evograd": ("evograd", {"population": 2, "sigma": "auto",
                                                                    "temperature": 0.05}),
-                                       "mwn_t1t2_fd": ("t1t2_fd", {})},
+                                       "mwn_t1t2_fd": ("t1t2_fd", {}),
+                                       "mixture_evograd": ("evograd", {"population": 2, "sigma": "auto",
+                                                                       "temperature": 0.05}),
+                                       "mixture_t1t2_fd": ("t1t2_fd", {})},
     "lft_fewshot_digits.yaml": LFT_RUNS,
     "lft_fewshot_resnet34.yaml": LFT_RUNS,
     "metaxl_generated.yaml": METAXL_RUNS,
@@ -678,9 +681,9 @@ def test_recipe_defaults_match_their_default_configs():
         path = Path(module.DEFAULT_CONFIG)
         runs = SHIPPED_CONFIG_RUNS[path.name]
         expected = {method: options for method, (_, options) in runs.items() if options}
-        evograd = next((method for method in module.METHODS if method.endswith("_evograd")), None)
-        if evograd is not None:  # the other methods' options are in the recipe's run, not its default
-            expected = {evograd: runs[evograd][1]} if runs[evograd][1] else {}
+        evograd = [method for method in module.METHODS if method.endswith("_evograd")]
+        if evograd:  # the other methods' options are in the recipe's run, not its default
+            expected = {method: runs[method][1] for method in evograd if runs[method][1]}
         assert getattr(module, arguments)().method_options == expected
 
 
@@ -800,16 +803,22 @@ def test_lm_data_weighting_recipe(tmp_path, no_network):
     runs = {r["method"]: r for r in report["runs"]}
     assert list(runs) == list(recipe.METHODS)
     plain, clean = runs["plain"]["test_loss"], runs["clean_only"]["test_loss"]
-    for method in ("mwn_evograd", "mwn_t1t2_fd"):
+    for method in ("mwn_evograd", "mwn_t1t2_fd", "mixture_evograd", "mixture_t1t2_fd"):
         run = runs[method]
         assert run["gap_recovered"] == pytest.approx((plain - run["test_loss"]) / (plain - clean))
-        assert 0 < run["mean_weight_clean"] < 1 and 0 < run["mean_weight_corrupted"] < 1
         assert run["meta_steps_skipped"] == 0
+    for method in ("mwn_evograd", "mwn_t1t2_fd"):
+        assert 0 < runs[method]["mean_weight_clean"] < 1 and 0 < runs[method]["mean_weight_corrupted"] < 1
+    for method in ("mixture_evograd", "mixture_t1t2_fd"):  # 4 sources of graded quality, the shares moved
+        run = runs[method]
+        assert len(run["source_shares"]) == 4 and sum(run["source_shares"]) == pytest.approx(1)
+        assert run["source_shares"] != [0.25] * 4
+        assert run["source_corrupted_share"][0] == 0 and run["source_corrupted_share"][-1] == 1
     assert runs["plain"]["gap_recovered"] is None
     assert (
         json.loads((results / "results.json").read_text())["summary"]["mwn_evograd"]["gap_recovered_mean"] is not None
     )
-    for plot in ("test_loss.png", "test_accuracy.png", "weighting.png"):
+    for plot in ("test_loss.png", "test_accuracy.png", "weighting.png", "source_shares.png"):
         assert (results / plot).is_file()
 
 

@@ -14,7 +14,7 @@ from .domains import (
 from .embedded import load_digits_dataset
 from .episodes import EpisodeDataset
 from .images import CIFAR_MEAN, CIFAR_STD, ImageClassificationTransform, load_image_classification_dataset
-from .noise import NOISE_TYPES, corrupt_labels, noise_transition_matrix
+from .noise import NOISE_TYPES, corrupt_labels, graded_sources, noise_transition_matrix
 from .noisy import make_noisy_label_splits
 from .splits import class_balanced_meta_split
 from .tasks import LabelledExamples, Task, TaskDistribution, TaskStream, TaskTests
@@ -41,5 +41,6 @@ __all__ = [
     "load_image_folder_domain",
     "load_image_classification_dataset",
     "make_noisy_label_splits",
+    "graded_sources",
     "noise_transition_matrix",
 ]

@@ -1,4 +1,5 @@
-"""Synthetic label noise as in Meta-Weight-Net: each clean label is redrawn from a row of a transition matrix."""
+"""Synthetic label noise as in Meta-Weight-Net: each clean label is redrawn from a row of a transition matrix; data
+sources of graded quality from which examples are corrupted."""
 
 from __future__ import annotations
 
@@ -97,3 +98,28 @@ def corrupt_labels(
     cdf[:, -1] = 1.0
     noisy = (rng.random(labels.shape[0])[:, None] >= cdf[labels]).sum(axis=1).astype(np.int64)
     return noisy, noisy != labels
+
+
+def graded_sources(corrupted: np.ndarray, num_sources: int, seed: int = 0) -> np.ndarray:
+    """Source ids `[N]` for examples of which `corrupted` are bad, so that sources differ in quality: a clean example
+    goes to source `k` of `S` with probability proportional to `S - 1 - k`, a corrupted one proportional to `k`.
+    With half the examples corrupted, the sources have the same expected size and source `k` a corrupted share of
+    `k / (S - 1)` (source 0 clean, the last all corrupted). One source (`S = 1`) holds every example.
+
+    Args:
+        corrupted (`np.ndarray`): `[N]` booleans.
+        num_sources (`int`): the number of sources `S`.
+        seed (`int`, *optional*, defaults to 0): seed of the assignment.
+    """
+    if isinstance(num_sources, bool) or not isinstance(num_sources, int) or num_sources < 1:
+        raise ValueError(f"num_sources must be an integer >= 1, got {num_sources!r}.")
+    corrupted = np.asarray(corrupted, dtype=bool)
+    if num_sources == 1:
+        return np.zeros(len(corrupted), dtype=np.int64)
+    rank = np.arange(num_sources)
+    clean_p, bad_p = (num_sources - 1 - rank) / rank.sum(), rank / rank.sum()
+    rng = np.random.default_rng(seed)
+    sources = np.empty(len(corrupted), dtype=np.int64)
+    sources[~corrupted] = rng.choice(num_sources, int((~corrupted).sum()), p=clean_p)
+    sources[corrupted] = rng.choice(num_sources, int(corrupted.sum()), p=bad_p)
+    return sources

@@ -18,6 +18,7 @@ from .representation import (
     detach_representation_transform,
 )
 from .rotation import LearnableRotation, rotate_images
+from .source_weights import SourceWeights
 from .warpgrad import WarpLayer, WarpLayers, WarpSite, attach_warp_layers, detach_warp_layers
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "MetaWeightNet",
     "RepresentationTransform",
     "RepresentationTransformNetwork",
+    "SourceWeights",
     "WarpLayer",
     "WarpLayers",
     "WarpSite",
