@@ -9,7 +9,9 @@ the mean of the ranks' sharded estimates and the single-process estimate on an u
 objective being the mean of the ranks' losses, on the same batches and, for EvoGrad, the same noise, gathered from
 the ranks' shards), whether the local shards and their `.grad` came back bit for bit, and, after three steps of
 training (a meta step, then a base step on the weighted loss), the meta-parameters and the gathered base weights,
-with the largest difference of the weights from the same steps without sharding.
+with the largest difference of the weights from the same steps without sharding; MetaTrainer's meta step on a sharded
+model against the unsharded estimate; and four steps of training uninterrupted and resumed from a sharded checkpoint
+after the second.
 """
 
 from __future__ import annotations
@@ -216,6 +218,66 @@ def train(attached: bool) -> dict:
     }
 
 
+def sharded_steps(model, meta, optimizer, meta_optimizer, steps: range) -> None:
+    """EvoGrad meta steps and Adam base steps on each rank's batch, the noise seeded by the step (as MetaTrainer
+    seeds it)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    estimator = create_estimator("evograd", sigma=0.05)
+    for step in steps:
+        obj = objective(model, meta)
+        train_batch, meta_batch = batches(rank)
+        problem = obj.problem(train_batch, meta_batch, LR, params={}, held_losses=obj.held_losses(train_batch))
+        torch.manual_seed(100 + step)
+        for p, g in zip(meta.parameters(), estimate_sharded(estimator, problem, model).grads):
+            dist.all_reduce(g)
+            p.grad = g / world
+        meta_optimizer.step()
+        meta_optimizer.zero_grad()
+        obj = objective(model, meta)
+        obj._reduce(obj.per_sample({}, train_batch), batch=train_batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def resume(output_dir: str) -> dict:
+    """Four steps without interruption, and two, a sharded checkpoint (torch.distributed.checkpoint: the model's and
+    the base optimizer's shards; the replicated meta-module and meta-optimizer), a fresh model and optimizers loaded
+    from it, and two more."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def fresh():
+        model, _, meta, _ = build(attached=False)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        return model, meta, optimizer, torch.optim.Adam(meta.parameters(), lr=1e-2)
+
+    def final(model, meta) -> list[float]:
+        return flat([*(gathered(p.to_local()) for p in model.parameters()), *meta.parameters()]).tolist()
+
+    model, meta, optimizer, meta_optimizer = fresh()
+    sharded_steps(model, meta, optimizer, meta_optimizer, range(4))
+    full = final(model, meta)
+
+    model, meta, optimizer, meta_optimizer = fresh()
+    sharded_steps(model, meta, optimizer, meta_optimizer, range(2))
+    path = os.path.join(output_dir, "checkpoint")
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
+    if dist.get_rank() == 0:
+        torch.save({"meta": meta.state_dict(), "meta_optimizer": meta_optimizer.state_dict()}, path + "_meta.pt")
+    dist.barrier()
+    model, meta, optimizer, meta_optimizer = fresh()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    saved = torch.load(path + "_meta.pt", weights_only=False)
+    meta.load_state_dict(saved["meta"])
+    meta_optimizer.load_state_dict(saved["meta_optimizer"])
+    sharded_steps(model, meta, optimizer, meta_optimizer, range(2, 4))
+    return {"full": full, "resumed": final(model, meta)}
+
+
 def trainer_steps() -> dict:
     """`MetaTrainer`'s meta step on a model sharded after construction (Trainer's own FSDP needs an accelerator):
     two steps of EvoGrad with a Meta-Weight-Net, each hypergradient against the unsharded estimate of the mean of the
@@ -289,6 +351,7 @@ def main() -> None:
             out[f"{name}/{where}"] = compare(name, attached)
         out[f"train/{where}"] = train(attached)
     out["trainer"] = trainer_steps()
+    out["resume"] = resume(output_dir)
     with open(os.path.join(output_dir, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(out, f)
     dist.destroy_process_group()

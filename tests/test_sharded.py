@@ -98,3 +98,12 @@ def test_a_subclass_of_a_supported_estimator_is_refused():
 
     with pytest.raises(ValueError, match=r"\(Mine\) cannot run under FSDP"):
         check_sharded_estimator(Mine())
+
+
+def test_a_run_resumed_from_a_sharded_checkpoint_is_the_same_run(two_ranks):
+    """The sharded meta step keeps no state of its own: the model's and optimizer's shards (saved with
+    torch.distributed.checkpoint), the meta-module and the meta-optimizer continue the run bit for bit on every
+    rank."""
+    for rank in two_ranks:
+        assert rank["resume"]["resumed"] == rank["resume"]["full"]
+    assert two_ranks[0]["resume"]["full"] == two_ranks[1]["resume"]["full"]
