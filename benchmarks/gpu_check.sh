@@ -12,9 +12,9 @@
 #   bf16  MWN width 1 through MetaTrainer, EvoGrad's default (and plain), 200 steps under bf16 autocast:
 #         meta_steps_skipped (must be 0), final loss, meta loss, hypergradient norm
 #   fp16  the same under fp16 (Trainer's loss scaling)
-#   lm    recipes/lm_data_weighting.py under bf16, seed 0, 4 epochs (tiny GPT-2, 50% corrupted answers): plain, clean
-#         only, MWN by EvoGrad and by t1t2_fd; held-out loss, gap recovered, time per step, peak CUDA memory, skipped
-#         meta steps
+#   lm    recipes/lm_data_weighting.py under bf16, seed 0, 3 epochs (tiny GPT-2, 50% corrupted answers): plain, clean
+#         only, Meta-Weight-Net and mixture weights, each by EvoGrad and by t1t2_fd; held-out loss, gap recovered, time
+#         per step, peak CUDA memory, skipped meta steps
 # Then `benchmarks/gpu_report.py` writes summary.json (environment, every part's exit status and time, the checks)
 # and report.md (Markdown tables to paste into docs/benchmarks.md).
 #
@@ -26,7 +26,7 @@
 #   lft   16 configurations, same steps, ~5 s each: ~75 s; rows after 70 s skipped            hard stop 90
 #   bf16  plain, EvoGrad, plain x 200 steps: ~60 s                                           hard stop 70
 #   fp16  the same: ~65 s                                                                    hard stop 70
-#   lm    4 runs x 128 steps of a tiny GPT-2 (not yet measured on a GPU)                     hard stop 45
+#   lm    6 runs x 96 steps of a tiny GPT-2 (not yet measured on a GPU)                      hard stop 45
 #   report (imports torch for the environment) ~10                                          hard stop 20
 # The hard stops and the ~20 s of set-up add up to 480 s; the expected total is about 420 s.
 # Each part can fail or be stopped on its own: results.json is rewritten after every configuration, a failing
@@ -111,7 +111,7 @@ else
     LFT=(--lft_models resnet10t resnet34 --lft_image_size 224 --batch_size 16 --warmup 3 --repeats 15 --threads 8)
     # 10 warm-up + 189 timed + 1 metered = 200 steps
     PREC=(--widths 1 --batch_size 100 --warmup 10 --repeats 189 --logging_steps 20 --threads 8)
-    LM=(--num_train_epochs 4)  # 128 steps per run: the cost per step, not the recipe's result
+    LM=(--num_train_epochs 3)  # 96 steps per run: the cost per step, not the recipe's result
     LM_STOP=$(scaled 45)
     MWN_DEADLINE=$(scaled 145) MWN_STOP=$(scaled 165) LFT_DEADLINE=$(scaled 70) LFT_STOP=$(scaled 90)
     PREC_STOP=$(scaled 70)

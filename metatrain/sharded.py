@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from .estimators import (
@@ -29,8 +30,41 @@ Grads = tuple[torch.Tensor, ...]
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether `model` has weights sharded by `fully_shard` (DTensor parameters)."""
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    """Whether `model` has modules sharded by `fully_shard`."""
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+@contextlib.contextmanager
+def _steady(model: nn.Module) -> Iterator[None]:
+    """FSDP2 set so that what the local shards hold is what every forward inside the block sees, and what a backward
+    inside it reduces is this block's alone: every parameter group reshards after each forward (the root and groups set
+    not to would keep a gathered copy that in-place changes of the shards do not reach), gradients are reduced even
+    within Trainer's `no_sync` (an accumulation micro-step), and every group is resharded on entry and on exit, also
+    when the block raises. The settings are put back after it."""
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if isinstance(model, FSDPModule):  # the root's settings are final once lazily initialised (its first forward)
+        model._get_fsdp_state()._lazy_init()
+    states = list(dict.fromkeys(m._get_fsdp_state() for m in modules))
+    groups = [g for state in states for g in state._fsdp_param_groups]
+    saved_states = [state._auto_reshard_after_forward for state in states]
+    saved_groups = [(g.post_forward_mesh_info, g.reduce_grads, g.all_reduce_grads) for g in groups]
+
+    def reshard() -> None:
+        for m in modules:
+            m.reshard()
+
+    try:
+        for m in modules:
+            m.set_reshard_after_forward(True, recurse=False)
+            m.set_requires_gradient_sync(True, recurse=False)
+        reshard()
+        yield
+    finally:
+        reshard()
+        for state, auto in zip(states, saved_states):
+            state._auto_reshard_after_forward = auto
+        for g, (mesh_info, reduce_grads, all_reduce_grads) in zip(groups, saved_groups):
+            g.post_forward_mesh_info, g.reduce_grads, g.all_reduce_grads = mesh_info, reduce_grads, all_reduce_grads
 
 
 def check_sharded_estimator(estimator: HypergradientEstimator) -> None:
@@ -67,8 +101,16 @@ class LocalShards:
                 f"Trainable weights {unsharded[:4]} are not sharded: under FSDP every trainable weight must be "
                 "sharded by `fully_shard` (meta-parameters, which are not trainable weights, stay replicated)."
             )
-        self.local = {name: p.to_local() for name, p in self.params.items()}
         self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        for name, p in self.params.items():
+            mesh = p.device_mesh
+            if mesh.ndim != 1 or mesh.size() != self.world_size:
+                raise ValueError(
+                    f"Weight {name!r} is sharded over a device mesh of shape {tuple(mesh.shape)}, not over all "
+                    f"{self.world_size} processes in one dimension: the sharded meta step supports plain FSDP2 "
+                    "(no HSDP or 2-D meshes)."
+                )
+        self.local = {name: p.to_local() for name, p in self.params.items()}
 
     @contextlib.contextmanager
     def kept(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -129,10 +171,15 @@ class LocalShards:
         return grads, direct
 
     def all_sum(self, value: torch.Tensor) -> torch.Tensor:
-        """`value` summed over processes."""
+        """`value` summed over processes (on the accelerator where the backend needs it: NCCL with shards offloaded to
+        the CPU), returned where it was."""
         if self.world_size > 1:
+            where = value.device
+            if dist.get_backend() == "nccl" and where.type == "cpu":
+                value = value.to(torch.device("cuda", torch.cuda.current_device()))
             value = value.clone()
             dist.all_reduce(value)
+            value = value.to(where)
         return value
 
     def all_mean(self, value: torch.Tensor) -> torch.Tensor:
@@ -159,13 +206,15 @@ def estimate_sharded(
     process's estimate is the same as an unsharded one on that mean.
     """
     check_sharded_estimator(estimator)
-    shards = LocalShards(model)
-    if isinstance(estimator, EvoGrad):
-        return _evograd(estimator, problem, shards)
-    if isinstance(estimator, T1T2FiniteDifference):
-        return _t1t2_fd(estimator, problem, shards)
-    loss = problem.meta_loss({}, problem.meta_batch)
-    return HypergradientResult(grads_or_zeros(loss, problem.meta_params), loss.detach())
+    with _steady(model):
+        shards = LocalShards(model)
+        if isinstance(estimator, EvoGrad):
+            return _evograd(estimator, problem, shards)
+        if isinstance(estimator, T1T2FiniteDifference):
+            return _t1t2_fd(estimator, problem, shards)
+        with shards.constant():  # the direct term only: no graph through the weights
+            loss = problem.meta_loss({}, problem.meta_batch)
+            return HypergradientResult(grads_or_zeros(loss, problem.meta_params), loss.detach())
 
 
 def _local_dot(grads: dict[str, torch.Tensor], deltas: Iterator[tuple[str, torch.Tensor]]) -> torch.Tensor:
@@ -179,8 +228,8 @@ def _local_dot(grads: dict[str, torch.Tensor], deltas: Iterator[tuple[str, torch
 def _evograd(estimator: EvoGrad, problem: HypergradientProblem, shards: LocalShards) -> HypergradientResult:
     """EvoGrad one copy at a time on the local shards: copy `k`'s training loss (averaged over processes for the
     softmax), `theta*` in place, and `c_k = grad L_meta(theta*) . eps_k` summed over the shards of every process.
-    Memory beyond the weights: one shard-sized copy, the meta loss's graph and `K` gradients w.r.t. the
-    meta-parameters."""
+    Memory beyond the weights: one shard-sized copy, the meta loss's graph and its shard-sized gradient, and `K`
+    gradients w.r.t. the meta-parameters."""
     sigma = estimator.resolve_sigma(problem.lr)
     meta_params, population = problem.meta_params, estimator.population
     seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -196,7 +245,10 @@ def _evograd(estimator: EvoGrad, problem: HypergradientProblem, shards: LocalSha
                 losses.append(loss_k.detach())
                 loss_grads.append(grads_or_zeros(loss_k, meta_params))
             del loss_k
-        weights = estimator._softmax_weights(shards.all_mean(torch.stack(losses)))
+        stacked = torch.stack(losses)  # averaged in float64, then in the precision the unsharded path uses
+        weights = estimator._softmax_weights(
+            shards.all_mean(stacked.double()).to(torch.promote_types(stacked.dtype, torch.float32))
+        )
         shards.load(theta)
         for k, w_k in enumerate(weights.tolist()):
             shards.add(draw.stream(k), alpha=w_k)
@@ -225,7 +277,7 @@ def _t1t2_fd(
     training losses `theta +/- r v` in place."""
     lr, meta_params = estimator._check_lr(problem.lr), problem.meta_params
     with shards.kept() as theta:
-        train_grads, _ = shards.backward(problem.held_train_loss({}), [])
+        train_grads, _ = shards.backward(problem.held_train_loss({}), meta_params)  # their .grad kept as it was
         shards.add(train_grads, alpha=-lr)
         del train_grads
         loss = problem.meta_loss({}, problem.meta_batch)

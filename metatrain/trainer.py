@@ -380,7 +380,9 @@ class MetaTrainer(ConstructionChecks, MetaCheckpoints, OnlineMetaLearning, PerSa
         # the base step's losses of another batch (a joined window) are not this batch's held input
         if base_losses is not None and len(base_losses) != len(self._split_inputs(train_batch)[2]):
             base_losses = None
-        if base_losses is None and self._role.reads_losses and is_sharded(self.model):
+        estimators = (self.estimator, self.reference_estimator)
+        held = self._role.reads_losses and any(e is not None and e.uses_held_train_loss for e in estimators)
+        if base_losses is None and held and is_sharded(self.model):
             base_losses = objective.held_losses(train_batch)  # before the sharded estimator moves the weights
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else self.args.learning_rate
         problem = objective.problem(

@@ -89,8 +89,12 @@ def _options_dict(name: str, value: dict[str, Any] | str | None, example: str) -
 def _fsdp_version(args: TrainingArguments) -> int | None:
     """The FSDP version `args` or `accelerate launch` (its environment) ask for, or `None` without FSDP."""
     if args.fsdp:
-        config = args.fsdp_config if isinstance(args.fsdp_config, dict) else {}
-        return int(config.get("version", 2))  # transformers' default
+        config = args.fsdp_config
+        if isinstance(config, str) and os.path.isfile(config):  # a JSON file, as transformers reads it later
+            with open(config, encoding="utf-8") as f:
+                config = json.load(f)
+        config = config if isinstance(config, dict) else {}
+        return int(config.get("version", config.get("fsdp_version", 2)))  # transformers' default; "fsdp_" prefix
     if _env_flag("ACCELERATE_USE_FSDP"):
         return int(os.environ.get("FSDP_VERSION", "1"))  # accelerate's default
     return None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 
@@ -54,9 +55,11 @@ class Scale(nn.Module):
         return x * self.scale
 
 
-def build(attached: bool) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+def build(attached: bool, layout: str = "layers") -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
     """`(sharded model, unsharded copy, its meta-module, the copy's meta-module)`; the head has 3 rows, so rank 1's
-    shard of it is one row."""
+    shard of it is one row. `layout`: `"layers"` shards each linear layer on its own; `"root_owns_head"` leaves the
+    head to the root (which keeps its weights gathered after a forward); `"no_reshard"` sets the first layer not to
+    reshard after a forward."""
     torch.manual_seed(0)
     layers = [nn.Linear(6, 9), nn.Tanh()] + ([Scale(9)] if attached else []) + [nn.Linear(9, 3)]
     model = nn.Sequential(*layers)
@@ -64,8 +67,14 @@ def build(attached: bool) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
     meta, meta_reference = (model[2], reference[2]) if attached else (MetaWeightNet(hidden_size=8),) * 2
     for module in (meta, meta_reference):
         module.requires_grad_(False)
-    for layer in (model[0], model[-1]):
-        fully_shard(layer)
+    if layout == "layers":
+        fully_shard(model[0])
+        fully_shard(model[-1])
+    elif layout == "root_owns_head":
+        fully_shard(model[0])
+    else:
+        fully_shard(model[0], reshard_after_forward=False)
+        fully_shard(model[-1])
     fully_shard(model, ignored_params=set(meta.parameters()) if attached else None)
     return model, reference, meta, meta_reference
 
@@ -125,10 +134,17 @@ def mean_problem(obj: MetaObjective, rank_batches: list[tuple[dict, dict]], para
     )  # fmt: skip
 
 
-def compare(name: str, attached: bool) -> dict:
+def groups_sync(model: nn.Module) -> list[bool]:
+    return [g.reduce_grads for m in model.modules() if hasattr(m, "_get_fsdp_state")
+            for g in m._get_fsdp_state()._fsdp_param_groups]  # fmt: skip
+
+
+def compare(name: str, attached: bool, layout: str = "layers", no_sync: bool = False) -> dict:
+    """The sharded estimate against the unsharded one; the shards, their `.grad`, what a forward sees after it (the
+    unsharded model's output), and, with `no_sync` (an accumulation micro-step), FSDP's gradient-sync setting kept."""
     kind, options = ESTIMATORS[name]
     rank, world = dist.get_rank(), dist.get_world_size()
-    model, reference, meta, meta_reference = build(attached)
+    model, reference, meta, meta_reference = build(attached, layout)
     train, meta_batch = batches(rank)
     sharded = objective(model, meta)
     shards = LocalShards(model)
@@ -139,7 +155,12 @@ def compare(name: str, attached: bool) -> dict:
     problem = sharded.problem(train, meta_batch, LR, params=shards.params, held_losses=sharded.held_losses(train))
     estimator = create_estimator(kind, **options)
     torch.manual_seed(7)
+    if no_sync:
+        model.set_requires_gradient_sync(False)
     result = estimate_sharded(estimator, problem, model)
+    sync_kept = groups_sync(model) == [not no_sync] * len(groups_sync(model))
+    with torch.no_grad():
+        forward_matches = torch.allclose(model(train[0]), reference(train[0]), atol=1e-6)
     mean = [g.clone() for g in (*result.grads, result.meta_loss)]
     for g in mean:
         dist.all_reduce(g)
@@ -163,7 +184,45 @@ def compare(name: str, attached: bool) -> dict:
         "scale": float(flat(expected.grads).abs().max()),
         "restored": restored,
         "grads_kept": grads_kept,
+        "forward_matches": forward_matches,
+        "sync_kept": sync_kept,
         "meta_loss": [float(mean[-1]), float(expected.meta_loss)],
+    }
+
+
+def interrupted() -> dict:
+    """A training loss that raises at EvoGrad's second copy: the shards, what a forward sees and the weights'
+    `requires_grad` as before the call."""
+    rank = dist.get_rank()
+    model, reference, meta, _ = build(False, "root_owns_head")
+    train, meta_batch = batches(rank)
+    shards = LocalShards(model)
+    before = {n: t.clone() for n, t in shards.local.items()}
+    obj = objective(model, meta)
+    problem = obj.problem(train, meta_batch, LR, params={}, held_losses=obj.held_losses(train))
+    calls = []
+
+    def failing(weights):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return problem.held_train_loss(weights)
+
+    try:
+        failing_problem = dataclasses.replace(problem, held_train_loss=failing)
+        estimate_sharded(create_estimator("evograd", sigma=0.05), failing_problem, model)
+        raised = False
+    except RuntimeError:
+        raised = True
+    restored = all(torch.equal(before[n], t) for n, t in shards.local.items())
+    requires_grad = all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        forward_matches = torch.allclose(model(train[0]), reference(train[0]), atol=1e-6)
+    return {
+        "raised": raised,
+        "restored": restored,
+        "forward_matches": forward_matches,
+        "requires_grad": requires_grad,
     }
 
 
@@ -350,6 +409,12 @@ def main() -> None:
         for name in ESTIMATORS:
             out[f"{name}/{where}"] = compare(name, attached)
         out[f"train/{where}"] = train(attached)
+    for layout in ("root_owns_head", "no_reshard"):
+        for name in ("evograd", "t1t2_fd", "first_order"):
+            out[f"{name}/outside/{layout}"] = compare(name, False, layout)
+    for name in ("evograd", "t1t2_fd"):
+        out[f"{name}/outside/no_sync"] = compare(name, False, no_sync=True)
+    out["interrupted"] = interrupted()
     out["trainer"] = trainer_steps()
     out["resume"] = resume(output_dir)
     with open(os.path.join(output_dir, f"rank{dist.get_rank()}.json"), "w") as f:

@@ -287,6 +287,7 @@ def test_accumulation_with_a_weighting_net_meta_steps_on_the_whole_window(tmp_pa
     [({"deepspeed": {"zero_optimization": {"stage": 2}}}, {}, "does not support DeepSpeed"),
      ({}, {"ACCELERATE_USE_DEEPSPEED": "true"}, "does not support DeepSpeed"),
      ({"fsdp": True, "fsdp_config": {"version": 1}}, {}, "FSDP version 2 only, got version 1"),
+     ({"fsdp": True, "fsdp_config": {"fsdp_version": 1}}, {}, "FSDP version 2 only, got version 1"),
      ({}, {"ACCELERATE_USE_FSDP": "true"}, "FSDP version 2 only, got version 1"),  # accelerate's default
      ({"fsdp": True, "hypergradient": "t1t2"}, {}, r"hypergradient='t1t2' cannot run under FSDP.*'evograd'"),
      ({}, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, None),
@@ -309,6 +310,13 @@ def test_sharded_setups_the_meta_step_cannot_run_are_refused_naming_the_fix(
         MetaTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **options)
     if "DeepSpeed" in message or "version" in message:
         assert SUPPORTED_SETUPS in str(error.value)
+
+
+def test_fsdp1_in_an_fsdp_config_file_is_refused(tmp_path):
+    path = tmp_path / "fsdp.json"
+    path.write_text(json.dumps({"version": 1}))
+    with pytest.raises(ValueError, match="FSDP version 2 only, got version 1"):
+        MetaTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], fsdp=True, fsdp_config=str(path))
 
 
 # ------------------------------------------------------------------------------------------------ accelerate configs
