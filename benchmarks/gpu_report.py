@@ -202,6 +202,11 @@ def _fmt(r: dict[str, Any], key: str) -> str:
     return f"{value:.4g}" if isinstance(value, (int, float)) else ""
 
 
+def _skipped_mark(skipped: int | None) -> str:
+    """The check on a count of skipped meta steps, as a table cell shows it."""
+    return " (ok)" if skipped == 0 else " (**must be 0**)"
+
+
 def precision_table(parts: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
     header = [
         "precision", "method", "steps", "ms / step (median)", "x plain", "peak MB", "x plain", "meta steps skipped",
@@ -219,7 +224,7 @@ def precision_table(parts: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[s
                 continue
 
             skipped = r.get("meta_steps_skipped", 0)
-            mark = "" if r["method"] == "plain" else (" (ok)" if skipped == 0 else " (**must be 0**)")
+            mark = "" if r["method"] == "plain" else _skipped_mark(skipped)
             if r["method"] != "plain":
                 checks[f"{precision}_{r['method']}_meta_steps_skipped_is_0"] = skipped == 0
             lines.append([
@@ -256,7 +261,7 @@ def lm_table(lm: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         lines.append([
             r["method"], r["seed"], _fmt(r, "test_loss"), _fmt(r, "gap_recovered"), _fmt(r, "seconds_per_step"),
             _fmt(r, "meta_step_seconds"), _fmt(r, "peak_cuda_memory_mb"),
-            f"{skipped}{' (ok)' if skipped == 0 else ' (**must be 0**)'}" if weighted else "",
+            f"{skipped}{_skipped_mark(skipped)}" if weighted else "",
         ])  # fmt: skip
     return markdown_table(header, lines), checks
 
